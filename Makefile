@@ -1,0 +1,32 @@
+# Two entry points (see README): `make demo` and `make test`.
+# Both create ./.venv on first use, installing the CPU build of torch first
+# so that pip never pulls the multi-gigabyte CUDA build.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+DATA ?= $(or $(LLBCFL_DATA),./data)
+
+.PHONY: venv demo test lint clean
+
+$(BIN)/llbcfl: pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install --quiet --disable-pip-version-check torch==2.13.0
+	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[dev]'
+	touch $@
+
+venv: $(BIN)/llbcfl
+
+demo: venv
+	$(BIN)/python cli.py data fetch --data-dir $(DATA)
+	$(BIN)/python cli.py simulate --data-dir $(DATA) --rounds 20 \
+		--metrics-out out/demo.json --plot out/demo.png
+
+test: venv
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest -q
+
+lint: venv
+	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+
+clean:
+	rm -rf $(VENV) out .pytest_cache .ruff_cache
