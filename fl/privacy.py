@@ -135,7 +135,6 @@ def _check_rate_and_steps(sample_rate: float, steps: int) -> None:
         raise ValueError(f"steps must be >= 1, got {steps}")
 
 
-@functools.lru_cache(maxsize=1024)
 def calibrate_gaussian(
     *,
     epsilon: float,
@@ -152,6 +151,16 @@ def calibrate_gaussian(
     search costs about a second and every round asks the same question.
     """
     _check_rate_and_steps(sample_rate, steps)
+    return _cached_noise_multiplier(
+        float(epsilon), float(delta), float(sample_rate), int(steps), float(epsilon_tolerance)
+    )
+
+
+# Positional and normalised arguments, so that equal questions share one entry.
+@functools.lru_cache(maxsize=1024)
+def _cached_noise_multiplier(
+    epsilon: float, delta: float, sample_rate: float, steps: int, epsilon_tolerance: float
+) -> float:
     return float(
         get_noise_multiplier(
             target_epsilon=epsilon,
