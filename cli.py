@@ -1,0 +1,215 @@
+"""LL-BCFL command line: ``python cli.py --help`` or the ``llbcfl`` script."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+
+from fl.aggregation import AGGREGATIONS
+from fl.config import SELECTIONS, RunConfig
+from fl.data import DataError, resolve_data_root
+from fl.models import MODEL_NAMES
+from fl.partition import DISTRIBUTIONS
+
+DEFAULTS = RunConfig()
+
+
+def _run_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """The federated-run options shared by ``simulate`` (and later ``network up``)."""
+    options = [
+        click.option(
+            "--dataset", type=click.Choice(["mnist"]), default=DEFAULTS.dataset, show_default=True
+        ),
+        click.option(
+            "--data-dir",
+            type=click.Path(file_okay=False),
+            default=None,
+            help="MNIST root holding MNIST/raw/ [default: $LLBCFL_DATA, else ./data]",
+        ),
+        click.option(
+            "--clients",
+            "-K",
+            type=int,
+            default=DEFAULTS.clients,
+            show_default=True,
+            help="number of clients K",
+        ),
+        click.option(
+            "--frac",
+            "-C",
+            type=float,
+            default=DEFAULTS.frac,
+            show_default=True,
+            help="fraction of clients selected per round",
+        ),
+        click.option("--rounds", "-T", type=int, default=DEFAULTS.rounds, show_default=True),
+        click.option(
+            "--dist",
+            type=click.Choice(DISTRIBUTIONS),
+            default=DEFAULTS.dist,
+            show_default=True,
+            help="data partition: iid, noniid (2 label shards per client), dirichlet",
+        ),
+        click.option(
+            "--alpha",
+            type=float,
+            default=DEFAULTS.alpha,
+            show_default=True,
+            help="Dirichlet concentration for --dist dirichlet",
+        ),
+        click.option(
+            "--model", type=click.Choice(MODEL_NAMES), default=DEFAULTS.model, show_default=True
+        ),
+        click.option(
+            "--local-epochs", "-E", type=int, default=DEFAULTS.local_epochs, show_default=True
+        ),
+        click.option(
+            "--batch-size", "-B", type=int, default=DEFAULTS.batch_size, show_default=True
+        ),
+        click.option("--lr", type=float, default=DEFAULTS.lr, show_default=True),
+        click.option("--momentum", type=float, default=DEFAULTS.momentum, show_default=True),
+        click.option("--seed", type=int, default=DEFAULTS.seed, show_default=True),
+        click.option(
+            "--aggregation",
+            type=click.Choice(AGGREGATIONS),
+            default=DEFAULTS.aggregation,
+            show_default=True,
+        ),
+        click.option(
+            "--selection",
+            type=click.Choice(SELECTIONS),
+            default=DEFAULTS.selection,
+            show_default=True,
+        ),
+        click.option(
+            "--val-size",
+            type=int,
+            default=DEFAULTS.val_size,
+            show_default=True,
+            help="test images held by the miners for validation",
+        ),
+        click.option(
+            "--test-size",
+            type=int,
+            default=DEFAULTS.test_size,
+            show_default=True,
+            help="test images used to report accuracy",
+        ),
+        click.option(
+            "--train-size",
+            type=int,
+            default=DEFAULTS.train_size,
+            show_default=True,
+            help="training images shared among the clients",
+        ),
+        click.option(
+            "--threads",
+            type=int,
+            default=DEFAULTS.threads,
+            show_default=True,
+            help="torch threads per process (results are identical only for equal counts)",
+        ),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def _config(kwargs: dict[str, Any]) -> RunConfig:
+    try:
+        return RunConfig(**kwargs)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from exc
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def main() -> None:
+    """LL-BCFL: blockchain-assisted federated learning with local differential privacy."""
+
+
+@main.group()
+def data() -> None:
+    """Manage the MNIST files."""
+
+
+@data.command("fetch")
+@click.option(
+    "--data-dir",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="where to put MNIST/raw/ [default: $LLBCFL_DATA, else ./data]",
+)
+def data_fetch(data_dir: str | None) -> None:
+    """Download the four MNIST files (or verify the ones present) and check their MD5."""
+    from node.datafetch import fetch_mnist
+
+    try:
+        fetch_mnist(resolve_data_root(data_dir))
+    except DataError as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
+@main.command()
+@_run_options
+@click.option(
+    "--metrics-out",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="write the metrics JSON here",
+)
+@click.option(
+    "--plot",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="write an accuracy-vs-round PNG here",
+)
+@click.option("--quiet", is_flag=True, help="no progress bar")
+def simulate(metrics_out: str | None, plot: str | None, quiet: bool, **kwargs: Any) -> None:
+    """Run the whole federated loop in one process."""
+    from node.runner import run_simulate
+
+    config = _config(kwargs)
+    try:
+        doc = run_simulate(
+            config,
+            metrics_out=Path(metrics_out) if metrics_out else None,
+            plot=Path(plot) if plot else None,
+            progress=not quiet,
+        )
+    except DataError as exc:
+        raise click.ClickException(str(exc)) from exc
+    except KeyboardInterrupt:
+        click.echo("interrupted; completed rounds were written", err=True)
+        sys.exit(130)
+    click.echo(
+        f"final accuracy {doc['final_accuracy']:.4f}, best {doc['best_accuracy']:.4f}, "
+        f"{doc['total_seconds']:.1f} s"
+    )
+
+
+@main.command()
+@click.argument("metrics", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
+@click.option("--out", type=click.Path(dir_okay=False), required=True, help="PNG to write")
+@click.option("--title", default=None, help="figure title")
+@click.option("--label", "labels", multiple=True, help="legend label per file, in order")
+def plot(metrics: tuple[str, ...], out: str, title: str | None, labels: tuple[str, ...]) -> None:
+    """Overlay accuracy-vs-round curves of saved runs (METRICS are JSON files)."""
+    from node.plotting import plot_runs
+    from node.runner import read_metrics
+
+    if labels and len(labels) != len(metrics):
+        raise click.UsageError(f"{len(labels)} --label given for {len(metrics)} files")
+    try:
+        docs = [read_metrics(Path(m)) for m in metrics]
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from exc
+    plot_runs(docs, Path(out), title=title, labels=labels or None)
+    click.echo(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,78 @@
+"""Front-end glue for ``simulate``: load data, show progress, write results.
+
+Metrics are written atomically (temp file + rename), and an interrupted run
+(Ctrl-C) still writes the rounds it completed, marked ``"interrupted": true``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from fl.config import RunConfig
+from fl.data import load_mnist, resolve_data_root
+from fl.simulator import RoundRecord, metrics_document, simulate_rounds
+from node.plotting import plot_runs
+
+
+def write_json_atomic(path: Path, doc: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w") as fh:
+            json.dump(doc, fh, indent=1)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def read_metrics(path: Path) -> dict[str, Any]:
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path}: not a readable metrics file ({exc})") from exc
+    if not isinstance(doc, dict) or not isinstance(doc.get("rounds"), list):
+        raise ValueError(f"{path}: not a metrics file (no 'rounds' list)")
+    return doc
+
+
+def run_simulate(
+    config: RunConfig, *, metrics_out: Path | None, plot: Path | None, progress: bool = True
+) -> dict[str, Any]:
+    torch.set_num_threads(config.threads)
+    root = resolve_data_root(config.data_dir)
+    splits = load_mnist(
+        root, train_size=config.train_size, val_size=config.val_size, test_size=config.test_size
+    )
+    start = time.perf_counter()
+    records: list[RoundRecord] = []
+    bar = tqdm(total=config.rounds, desc="simulate", unit="round", disable=not progress)
+    interrupted = False
+    try:
+        for record in simulate_rounds(config, splits, clock=time.perf_counter):
+            records.append(record)
+            bar.set_postfix(acc=f"{record.accuracy:.4f}", sec=f"{record.seconds:.1f}")
+            bar.update(1)
+    except KeyboardInterrupt:
+        interrupted = True
+    finally:
+        bar.close()
+    extra = {"interrupted": True} if interrupted else None
+    doc = metrics_document(config, records, total_seconds=time.perf_counter() - start, extra=extra)
+    if metrics_out is not None:
+        write_json_atomic(metrics_out, doc)
+    if plot is not None and records:
+        plot_runs([doc], plot)
+    if interrupted:
+        raise KeyboardInterrupt
+    return doc

@@ -1,0 +1,61 @@
+import pytest
+import torch
+
+from fl.aggregation import aggregate, coordinate_median, fedavg, krum, trimmed_mean
+
+U = torch.tensor([[1.0, 10.0], [2.0, 20.0], [4.0, -40.0]])
+
+
+def test_fedavg_weights_by_sample_count():
+    # (1*1 + 2*1 + 4*2) / 4 = 2.75 ; (10 + 20 - 80) / 4 = -12.5
+    assert fedavg(U, [1, 1, 2]).tolist() == [2.75, -12.5]
+
+
+def test_fedavg_rejects_bad_weights():
+    with pytest.raises(ValueError, match="one non-negative weight per update"):
+        fedavg(U, [1, 1])
+    with pytest.raises(ValueError):
+        fedavg(U, [0, 0, 0])
+
+
+def test_median_odd_count():
+    assert coordinate_median(U).tolist() == [2.0, 10.0]
+
+
+def test_median_even_count_averages_middle_values():
+    u = torch.tensor([[1.0], [3.0], [10.0], [100.0]])
+    assert coordinate_median(u).tolist() == [6.5]
+
+
+def test_trimmed_mean_drops_extremes():
+    u = torch.tensor([[-100.0], [1.0], [2.0], [3.0], [4.0], [5.0], [6.0], [7.0], [8.0], [1000.0]])
+    # beta=0.1 of 10 drops one from each end: mean(1..8) = 4.5
+    assert trimmed_mean(u, beta=0.1).tolist() == [4.5]
+
+
+def test_trimmed_mean_rejects_bad_fraction():
+    with pytest.raises(ValueError, match=r"\[0, 0.5\)"):
+        trimmed_mean(U, beta=0.5)
+
+
+def test_krum_picks_the_update_closest_to_its_neighbours():
+    # Four clustered updates and one far outlier; f=1 scores over n-f-2 = 2 neighbours.
+    u = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [50.0, 50.0], [0.5, 0.5]])
+    assert krum(u, f=1).tolist() == [0.5, 0.5]
+
+
+def test_multi_krum_averages_best_m():
+    u = torch.tensor([[0.0], [0.1], [0.2], [9.0], [10.0]])
+    # f=1 -> 2 neighbours. Scores: 0.05, 0.02, 0.05, ... ; best two are 0.1 then 0.0 (stable)
+    assert krum(u, f=1, m=2).tolist() == pytest.approx([0.05])
+
+
+def test_krum_needs_enough_updates():
+    with pytest.raises(ValueError, match="at least 5 updates"):
+        krum(U, f=1)
+
+
+def test_aggregate_dispatches_and_rejects_unknown():
+    assert aggregate("median", U, weights=[1, 1, 1]).tolist() == [2.0, 10.0]
+    with pytest.raises(ValueError, match="unknown aggregation 'mean'"):
+        aggregate("mean", U, weights=[1, 1, 1])
