@@ -481,7 +481,7 @@ class Simulation:
         faults: bool = True,
         byzantine: int | None = None,
         behaviours: tuple[str, ...] | None = None,
-        byzantine_ids: list[int] | None = None,
+        assign: dict[int, str] | None = None,
         wire: bool = True,
         fast: bool = False,
         store_dir: Path | None = None,
@@ -511,7 +511,7 @@ class Simulation:
         self._max_delay = 0
         self._client_clock = 0
         self.instances: list[Instance] = []
-        self._setup(byzantine=byzantine, behaviours=behaviours, byzantine_ids=byzantine_ids)
+        self._setup(byzantine=byzantine, behaviours=behaviours, assign=assign or {})
 
     # ------------------------------------------------------------- set-up
 
@@ -551,7 +551,7 @@ class Simulation:
         *,
         byzantine: int | None,
         behaviours: tuple[str, ...] | None,
-        byzantine_ids: list[int] | None,
+        assign: dict[int, str],
     ) -> None:
         rng = self.rng
         n, f = self.n, self.f
@@ -561,15 +561,16 @@ class Simulation:
             self._drop = rng.choice((0.0, 0.01, 0.05, 0.1))
             self._dup = rng.choice((0.0, 0.02, 0.05))
             self._max_delay = rng.choice((0, 1, 2, 3))
-        if byzantine is not None:
+        if assign:
+            count = 0
+        elif byzantine is not None:
             count = byzantine
         elif behaviours:
             count = 1
         else:
             count = rng.randint(0, f) if self.faults else 0
-        members = sorted(byzantine_ids or rng.sample(range(n), count))
-        count = len(members)
-        if count > f:
+        members = sorted(rng.sample(range(n), count))
+        if count > f and not assign:
             # Over the threshold: collude around the first primary.
             members = sorted({0, *rng.sample(range(1, n), count - 1)})
             collusion = Collusion(members=members, sim=self, rng=random.Random(rng.random()))
@@ -577,8 +578,8 @@ class Simulation:
                 self.instances[m].honest = False
                 self.instances[m].adversary = collusion  # type: ignore[assignment]
         else:
-            for m in members:
-                behaviour = rng.choice(behaviours or BEHAVIOURS)
+            chosen = {m: rng.choice(behaviours or BEHAVIOURS) for m in members} | assign
+            for m, behaviour in sorted(chosen.items()):
                 inst = self.instances[m]
                 inst.honest = False
                 if behaviour == "twins":

@@ -1,0 +1,138 @@
+"""SQLite block store: append discipline, durable reopen, recovery to a verified prefix."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from consensus.store import BlockStore, MemoryBlockStore, StoreError
+
+from .chain_fixtures import N, keyring, make_chain
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "memory"])
+def test_append_read_and_head(tmp_path: Path, kind: str) -> None:
+    keys = keyring()
+    chain = make_chain(5, keys)
+    store = (
+        BlockStore(tmp_path / "c.db", verify=keys.verify, n=N) if kind == "sqlite" else MemoryBlockStore()
+    )
+    for block in chain:
+        store.append(block)
+    assert store.height() == 5
+    assert store.head() is not None and store.head().digest == chain[-1].digest  # type: ignore[union-attr]
+    assert [b.height for b in store.read_range(2, 4)] == [2, 3]
+    store.close()
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "memory"])
+def test_append_refuses_block_that_does_not_extend_head(tmp_path: Path, kind: str) -> None:
+    keys = keyring()
+    chain = make_chain(3, keys)
+    store = (
+        BlockStore(tmp_path / "c.db", verify=keys.verify, n=N) if kind == "sqlite" else MemoryBlockStore()
+    )
+    store.append(chain[0])
+    with pytest.raises(StoreError):
+        store.append(chain[2])
+    store.close()
+
+
+def test_reopen_restores_chain_and_view(tmp_path: Path) -> None:
+    keys = keyring()
+    store = BlockStore(tmp_path / "c.db", verify=keys.verify, n=N)
+    for block in make_chain(4, keys):
+        store.append(block)
+    store.save_view(7)
+    store.close()
+    reopened = BlockStore(tmp_path / "c.db", verify=keys.verify, n=N)
+    assert (reopened.height(), reopened.load_view(), reopened.verdict.ok) == (4, 7, True)
+    reopened.close()
+
+
+def test_reopen_truncates_to_verified_prefix_after_corruption(tmp_path: Path) -> None:
+    keys = keyring()
+    store = BlockStore(tmp_path / "c.db", verify=keys.verify, n=N)
+    for block in make_chain(6, keys):
+        store.append(block)
+    store.close()
+    with sqlite3.connect(tmp_path / "c.db") as db:
+        (data,) = db.execute("SELECT data FROM blocks WHERE height = 4").fetchone()
+        flipped = bytes([data[0] ^ 1]) + data[1:]
+        db.execute("UPDATE blocks SET data = ? WHERE height = 4", (flipped,))
+    reopened = BlockStore(tmp_path / "c.db", verify=keys.verify, n=N)
+    assert reopened.verdict.first_bad_height == 4
+    assert reopened.height() == 3
+    reopened.close()
+
+
+_WRITER = textwrap.dedent(
+    """
+    import sys
+    sys.path.insert(0, {root!r})
+    sys.path.insert(0, {tests!r})
+    from chain_fixtures import N, keyring, make_chain
+    from consensus.store import BlockStore
+    keys = keyring()
+    store = BlockStore({path!r}, verify=keys.verify, n=N)
+    for block in make_chain(400, keys):
+        store.append(block)
+        if block.height == 20:
+            print("ready", flush=True)
+    print("done", flush=True)
+    """
+)
+
+
+def test_store_survives_sigkill_mid_append(tmp_path: Path) -> None:
+    # Prepare: a child process appends blocks durably; we kill it mid-stream.
+    path = tmp_path / "c.db"
+    script = _WRITER.format(root=str(ROOT), tests=str(Path(__file__).parent), path=str(path))
+    child = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    # Execute
+    assert child.stdout is not None and child.stdout.readline().strip() == "ready"
+    os.kill(child.pid, signal.SIGKILL)
+    child.wait()
+    keys = keyring()
+    reopened = BlockStore(path, verify=keys.verify, n=N)
+    # Assert: whatever was durable is a verified prefix of the chain.
+    assert reopened.verdict.ok
+    assert reopened.height() >= 20
+    expected = make_chain(reopened.height(), keys)
+    assert [b.digest for b in reopened.read_range(1, reopened.height() + 1)] == [
+        b.digest for b in expected
+    ]
+    reopened.close()
+
+
+def test_store_reopens_to_verified_prefix_after_wal_truncation(tmp_path: Path) -> None:
+    # Prepare: blocks live only in the WAL (no checkpoint), then the WAL is cut.
+    keys = keyring()
+    path = tmp_path / "c.db"
+    store = BlockStore(path, verify=keys.verify, n=N)
+    store._db().execute("PRAGMA wal_autocheckpoint=0")
+    for block in make_chain(30, keys):
+        store.append(block)
+    wal = Path(str(path) + "-wal")
+    size = wal.stat().st_size
+    # Copy the files aside as a crashed process would leave them (no clean close).
+    crashed = tmp_path / "crashed.db"
+    crashed.write_bytes(path.read_bytes())
+    Path(str(crashed) + "-wal").write_bytes(wal.read_bytes()[: size * 2 // 3])
+    store.close()
+    # Execute
+    reopened = BlockStore(crashed, verify=keys.verify, n=N)
+    # Assert
+    assert reopened.verdict.ok
+    assert 0 < reopened.height() < 30
+    assert reopened.read_range(1, 2)[0].digest == make_chain(1, keys)[0].digest
+    reopened.close()
