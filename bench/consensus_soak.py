@@ -29,7 +29,11 @@ from consensus.sim import Simulation  # noqa: E402
 
 
 def soak(args: argparse.Namespace) -> dict[str, object]:
-    seeds = [args.seed] if args.seed is not None else range(args.first_seed, args.first_seed + args.seeds)
+    seeds = (
+        [args.seed]
+        if args.seed is not None
+        else range(args.first_seed, args.first_seed + args.seeds)
+    )
     started = time.perf_counter()
     committed = violations = liveness = 0
     failing: list[str] = []

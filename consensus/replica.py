@@ -77,6 +77,8 @@ FETCH_BATCH: Final = 32
 # few messages behind still counts votes that overtook the missing commit.
 VOTE_WINDOW: Final = 2
 MAX_PENDING: Final = 100_000
+# VIEW-CHANGEs kept per sender (the highest views), bounding memory under spam.
+VIEW_MEMORY: Final = 4
 
 
 class ChainReader(Protocol):
@@ -154,6 +156,7 @@ class Replica:
         "_vc_deadline",
         "_vc_resend",
         "_verify",
+        "_own_view_changes",
         "_view_changes",
         "_voted",
         "_work_deadline",
@@ -217,7 +220,10 @@ class Replica:
         self._voted: set[tuple[int, int, int]] = set()  # (view, height, message kind)
         self._validated: dict[bytes, bool] = {}
         self._prepared: PreparedCertificate | None = None
-        self._view_changes: dict[int, ViewChange] = {}
+        # VIEW-CHANGEs by (view, sender): a sender that moved on to a higher
+        # view still counts towards the quorum of the lower one (C&L keep all).
+        self._view_changes: dict[tuple[int, int], ViewChange] = {}
+        self._own_view_changes: dict[int, ViewChange] = {}
         self._new_view: NewView | None = None
         self._reissued: set[bytes] = set()
         self._backoff = 0
@@ -274,8 +280,8 @@ class Replica:
                 self._start_view_change(self.view + 1)
             elif now >= self._vc_resend:
                 # VIEW-CHANGE messages may be lost; resending is C&L's remedy.
-                own = self._view_changes.get(self.id)
-                if own is not None and own.new_view == self.view:
+                own = self._own_view_changes.get(self.view)
+                if own is not None:
                     self._send(BROADCAST, own)
                 self._vc_resend = now + self._timeout
         if self._fetch_wanted and now - self._last_fetch >= 2:
@@ -629,7 +635,10 @@ class Replica:
                 sender=self.id,
             )
         )
-        self._view_changes[self.id] = view_change  # type: ignore[assignment]
+        self._view_changes[(new_view, self.id)] = view_change  # type: ignore[assignment]
+        self._own_view_changes[new_view] = view_change  # type: ignore[assignment]
+        for old in [v for v in self._own_view_changes if v < new_view - VIEW_MEMORY]:
+            del self._own_view_changes[old]
         self._send(BROADCAST, view_change)
         self._after_view_change_vote()
 
@@ -641,38 +650,54 @@ class Replica:
         self._validated.clear()
 
     def _on_view_change(self, message: ViewChange) -> None:
-        if message.new_view < self.view:
+        view = message.new_view
+        if view < self.view or (view == self.view and self.active):
+            self._help_straggler(message)
             return
-        if message.new_view == self.view and self.active:
-            # A straggler still asks for the view we are in: hand it the NEW-VIEW.
-            if self._new_view is not None:
-                self._send(message.sender, self._new_view)
-            return
-        previous = self._view_changes.get(message.sender)
-        if previous is not None and previous.new_view > message.new_view:
+        key = (view, message.sender)
+        if key in self._view_changes:
             return
         if not message.is_valid(verify=self._verify, n=self.n, f=self.f):
             return
-        self._view_changes[message.sender] = message
+        self._view_changes[key] = message
+        views = sorted(v for v, sender in self._view_changes if sender == message.sender)
+        for old in views[:-VIEW_MEMORY]:
+            del self._view_changes[(old, message.sender)]
         if message.checkpoint_height > self.height:
             self._hint_behind(message.sender)
         self._join_if_f_plus_one()
         self._after_view_change_vote()
 
+    def _help_straggler(self, message: ViewChange) -> None:
+        """Retransmit what a replica stuck in a lower view change is missing.
+
+        C&L's implementation retransmits lost VIEW-CHANGE and NEW-VIEW messages
+        on demand; without it, a replica whose copy was dropped can wait forever.
+        """
+        new_view = self._new_view
+        if new_view is not None and new_view.view >= message.new_view:
+            self._send(message.sender, new_view)
+            return
+        own = self._own_view_changes.get(message.new_view)
+        if own is not None:
+            self._send(message.sender, own)
+        latest = self._own_view_changes.get(self.view)
+        if latest is not None and latest is not own:
+            self._send(message.sender, latest)
+
     def _join_if_f_plus_one(self) -> None:
         """C&L liveness rule: f+1 replicas asking for higher views cannot all be faulty."""
-        higher = [
-            vc.new_view
-            for sender, vc in self._view_changes.items()
-            if sender != self.id and vc.new_view > self.view
-        ]
-        if len(higher) >= self.f + 1:
-            higher.sort()
-            self._start_view_change(higher[-(self.f + 1)])
+        highest: dict[int, int] = {}
+        for view, sender in self._view_changes:
+            if sender != self.id and view > self.view:
+                highest[sender] = max(view, highest.get(sender, 0))
+        if len(highest) >= self.f + 1:
+            views = sorted(highest.values())
+            self._start_view_change(views[-(self.f + 1)])
 
     def _collected_view_changes(self) -> list[ViewChange]:
         return sorted(
-            (vc for vc in self._view_changes.values() if vc.new_view == self.view),
+            (vc for (view, _), vc in self._view_changes.items() if view == self.view),
             key=lambda vc: vc.sender,
         )
 
@@ -771,7 +796,7 @@ class Replica:
         self._work_deadline = None
         self._drop_votes_below(new_view.view)
         self._view_changes = {
-            sender: vc for sender, vc in self._view_changes.items() if vc.new_view > new_view.view
+            key: vc for key, vc in self._view_changes.items() if key[0] > new_view.view
         }
         self._reissued = {pre.digest for pre in new_view.pre_prepares}
         checkpoint = max(vc.checkpoint_height for vc in new_view.view_changes)

@@ -107,7 +107,9 @@ class BlockStore:
 
     def _recover(self, *, verify: Verify, n: int) -> ChainVerdict:
         db = self._db()
-        rows = db.execute("SELECT height, CAST(data AS BLOB) FROM blocks ORDER BY height").fetchall()
+        rows = db.execute(
+            "SELECT height, CAST(data AS BLOB) FROM blocks ORDER BY height"
+        ).fetchall()
         blocks: list[Block] = []
         decode_failure: int | None = None
         for height, data in rows:

@@ -43,7 +43,9 @@ def _messages() -> list[Message]:
     prepares = [
         Prepare(view=0, height=1, digest=block.digest, sender=i, signature=b"p") for i in (1, 2)
     ]
-    cert = CommitCertificate(view=0, height=1, digest=block.digest, signatures=[(0, b"a"), (1, b"b"), (2, b"c")])
+    cert = CommitCertificate(
+        view=0, height=1, digest=block.digest, signatures=[(0, b"a"), (1, b"b"), (2, b"c")]
+    )
     vc = ViewChange(
         new_view=1,
         checkpoint_height=1,
@@ -89,7 +91,9 @@ def test_block_round_trips_with_certificate() -> None:
 
 def test_block_digest_is_pinned() -> None:
     # A change here changes every chain on disk: it must be deliberate.
-    assert _block().digest.hex() == "4614685e15600565720355f2faf55669acdde8ddd60aeb02f2ec44dce7eaf8c7"
+    assert (
+        _block().digest.hex() == "4614685e15600565720355f2faf55669acdde8ddd60aeb02f2ec44dce7eaf8c7"
+    )
 
 
 def test_request_batch_round_trips_in_order() -> None:

@@ -24,7 +24,9 @@ def test_append_read_and_head(tmp_path: Path, kind: str) -> None:
     keys = keyring()
     chain = make_chain(5, keys)
     store = (
-        BlockStore(tmp_path / "c.db", verify=keys.verify, n=N) if kind == "sqlite" else MemoryBlockStore()
+        BlockStore(tmp_path / "c.db", verify=keys.verify, n=N)
+        if kind == "sqlite"
+        else MemoryBlockStore()
     )
     for block in chain:
         store.append(block)
@@ -39,7 +41,9 @@ def test_append_refuses_block_that_does_not_extend_head(tmp_path: Path, kind: st
     keys = keyring()
     chain = make_chain(3, keys)
     store = (
-        BlockStore(tmp_path / "c.db", verify=keys.verify, n=N) if kind == "sqlite" else MemoryBlockStore()
+        BlockStore(tmp_path / "c.db", verify=keys.verify, n=N)
+        if kind == "sqlite"
+        else MemoryBlockStore()
     )
     store.append(chain[0])
     with pytest.raises(StoreError):
