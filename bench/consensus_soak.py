@@ -25,7 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from consensus.sim import Simulation  # noqa: E402
+from consensus.sim import Simulation
 
 
 def soak(args: argparse.Namespace) -> dict[str, object]:

@@ -259,7 +259,10 @@ class ChainVerdict:
         return self.first_bad_height is None
 
     def __repr__(self) -> str:
-        return f"ChainVerdict(verified={self.verified}, first_bad_height={self.first_bad_height}, reason={self.reason!r})"
+        return (
+            f"ChainVerdict(verified={self.verified}, "
+            f"first_bad_height={self.first_bad_height}, reason={self.reason!r})"
+        )
 
 
 def check_block(block: Block, *, previous_hash: bytes, height: int, verify: Verify, n: int) -> str:

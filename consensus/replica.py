@@ -143,6 +143,7 @@ class Replica:
         "_out_committed",
         "_out_messages",
         "_out_view",
+        "_own_view_changes",
         "_pending",
         "_pre_prepare",
         "_prepared",
@@ -156,7 +157,6 @@ class Replica:
         "_vc_deadline",
         "_vc_resend",
         "_verify",
-        "_own_view_changes",
         "_view_changes",
         "_voted",
         "_work_deadline",
@@ -436,9 +436,9 @@ class Replica:
 
     def _on_forward(self, message: Forward) -> None:
         request = message.request
-        if request.timestamp > self.last_timestamp.get(request.client, -1):
-            if len(self._pending) < MAX_PENDING:
-                self._pending.setdefault(request.key, request)
+        fresh = request.timestamp > self.last_timestamp.get(request.client, -1)
+        if fresh and len(self._pending) < MAX_PENDING:
+            self._pending.setdefault(request.key, request)
 
     def _progress(self) -> None:
         """Drive the one block in flight as far as the collected votes allow."""

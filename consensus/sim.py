@@ -31,7 +31,6 @@ from typing import Final
 
 from consensus.ledger import (
     Block,
-    BlockHeader,
     CommitCertificate,
     Request,
     decode_batch,
@@ -403,7 +402,7 @@ class Collusion:
     a violation, which proves the checker can fail.
     """
 
-    __slots__ = ("members", "rng", "sim", "sides")
+    __slots__ = ("members", "rng", "sides", "sim")
 
     def __init__(self, *, members: list[int], sim: Simulation, rng: random.Random) -> None:
         self.members = members
@@ -446,7 +445,7 @@ class Collusion:
         alt = PrePrepare(view=pre.view, height=pre.height, block=alt_block, sender=pre.sender)
         alt.signature = keys.signer(pre.sender)(alt.signed)
         out: list[tuple[int | None, Message]] = []
-        for side, proposal in zip(self.sides, (pre, alt)):
+        for side, proposal in zip(self.sides, (pre, alt), strict=False):
             for target in side:
                 out.append((target, proposal))
                 for member in self.members:
