@@ -188,7 +188,7 @@ class Block:
     __slots__ = ("certificate", "header", "payload")
 
     def __init__(
-        self, header: BlockHeader, payload: bytes, certificate: CommitCertificate | None = None
+        self, header: BlockHeader, payload: bytes, *, certificate: CommitCertificate | None = None
     ) -> None:
         self.header = header
         self.payload = payload
@@ -209,7 +209,7 @@ class Block:
         return decode_batch(self.payload)
 
     def with_certificate(self, certificate: CommitCertificate) -> Block:
-        return Block(self.header, self.payload, certificate)
+        return Block(self.header, self.payload, certificate=certificate)
 
     def encode(self) -> bytes:
         cert = self.certificate
@@ -221,7 +221,7 @@ class Block:
         header = BlockHeader.read(reader)
         payload = reader.blob()
         certificate = CommitCertificate.read(reader) if reader.flag() else None
-        return cls(header, payload, certificate)
+        return cls(header, payload, certificate=certificate)
 
     @classmethod
     def decode(cls, data: bytes) -> Block:

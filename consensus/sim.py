@@ -301,7 +301,13 @@ class Adversary:
         if behaviour == "invalid_proposal":
             return [(None, alt)]
         first, second = self._halves(me)
-        return [(i, pre) for i in first] + [(i, alt) for i in second]
+        out: list[tuple[int | None, Message]] = []
+        for side, proposal in ((first, pre), (second, alt)):
+            # Back each side's block with a COMMIT of our own: a double vote.
+            commit = Commit(view=pre.view, height=pre.height, digest=proposal.digest, sender=me)
+            self._sign(me, commit)
+            out.extend((i, m) for i in side for m in (proposal, commit))
+        return out
 
     def _bad_new_view(self, me: int, nv: NewView) -> NewView:
         if nv.pre_prepares:

@@ -18,7 +18,7 @@ def test_tampered_payload_is_named_by_height() -> None:
     keys = keyring()
     chain = make_chain(5, keys)
     bad = chain[2]
-    chain[2] = Block(bad.header, bad.payload + b"x", bad.certificate)
+    chain[2] = Block(bad.header, bad.payload + b"x", certificate=bad.certificate)
     verdict = verify_chain(chain, verify=keys.verify, n=N, f=1)
     assert (verdict.first_bad_height, verdict.verified) == (3, 2)
     assert "payload" in verdict.reason
