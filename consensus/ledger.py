@@ -185,7 +185,7 @@ class CommitCertificate:
 
 
 class Block:
-    __slots__ = ("certificate", "header", "payload")
+    __slots__ = ("_requests", "certificate", "digest", "header", "height", "payload")
 
     def __init__(
         self, header: BlockHeader, payload: bytes, *, certificate: CommitCertificate | None = None
@@ -193,23 +193,24 @@ class Block:
         self.header = header
         self.payload = payload
         self.certificate = certificate
-
-    @property
-    def height(self) -> int:
-        return self.header.height
-
-    @property
-    def digest(self) -> bytes:
-        return self.header.digest
+        # Plain attributes, not properties: read on every vote in the hot path.
+        self.digest = header.digest
+        self.height = header.height
+        self._requests: list[Request] | None = None
 
     def payload_matches(self) -> bool:
         return hashlib.sha256(self.payload).digest() == self.header.payload_digest
 
     def requests(self) -> list[Request]:
-        return decode_batch(self.payload)
+        """The decoded request batch (decoded once; raises MalformedMessage)."""
+        if self._requests is None:
+            self._requests = decode_batch(self.payload)
+        return self._requests
 
     def with_certificate(self, certificate: CommitCertificate) -> Block:
-        return Block(self.header, self.payload, certificate=certificate)
+        block = Block(self.header, self.payload, certificate=certificate)
+        block._requests = self._requests
+        return block
 
     def encode(self) -> bytes:
         cert = self.certificate

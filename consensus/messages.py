@@ -74,7 +74,7 @@ class Message:
 
 
 class PrePrepare(Message):
-    __slots__ = ("block", "height", "view")
+    __slots__ = ("block", "digest", "height", "view")
     KIND: ClassVar[int] = 1
     TAG: ClassVar[bytes] = domain_tag("PRE-PREPARE")
 
@@ -84,16 +84,13 @@ class PrePrepare(Message):
         self.view = view
         self.height = height
         self.block = block
+        self.digest = block.digest
         self.sender = sender
         self.signature = signature
         # The header digest binds the payload (the header holds its SHA-256).
         self.signed = vote_bytes(
             self.TAG, view=view, height=height, digest=block.digest, sender=sender
         )
-
-    @property
-    def digest(self) -> bytes:
-        return self.block.digest
 
     def body(self) -> bytes:
         return (

@@ -49,7 +49,6 @@ from consensus.ledger import (
     Request,
     Verify,
     check_block,
-    decode_batch,
     encode_batch,
     max_faulty,
     quorum_size,
@@ -151,6 +150,8 @@ class Replica:
         "_reissued",
         "_sign",
         "_stable_floor",
+        "_stage",
+        "_staged",
         "_timeout",
         "_validate",
         "_validated",
@@ -214,6 +215,8 @@ class Replica:
         self.last_timestamp: dict[str, int] = {}
         self._pending: dict[tuple[str, int], Request] = {}
         self._pre_prepare: PrePrepare | None = None
+        self._staged: PrePrepare | None = None
+        self._stage = 0
         self._future_pre_prepares: dict[tuple[int, int], PrePrepare] = {}
         self._prepares: dict[tuple[int, int], dict[int, Prepare]] = {}
         self._commits: dict[tuple[int, int], dict[int, Commit]] = {}
@@ -450,10 +453,19 @@ class Replica:
                     self._maybe_propose()
                     return
                 self._pre_prepare = pre
-            if not self._vote_prepare(pre):
-                return
-            if not self._vote_commit(pre):
-                return
+            # Stage of this PRE-PREPARE: 0 new, 1 PREPARE sent, 2 prepared and
+            # COMMIT sent. Remembering it keeps each message O(1) in the hot path.
+            if self._staged is not pre:
+                self._staged = pre
+                self._stage = 0
+            if self._stage == 0:
+                if not self._vote_prepare(pre):
+                    return
+                self._stage = 1
+            if self._stage == 1:
+                if not self._vote_commit(pre):
+                    return
+                self._stage = 2
             if not self._commit_if_quorum(pre):
                 return
 
@@ -476,7 +488,7 @@ class Replica:
         )
         if ok:
             try:
-                decode_batch(block.payload)
+                block.requests()
             except MalformedMessage:
                 ok = False
         if ok and header.proposer != self.id:
@@ -541,7 +553,7 @@ class Replica:
         executed = []
         last = self.last_timestamp
         pending = self._pending
-        for request in decode_batch(block.payload):
+        for request in block.requests():
             if request.timestamp > last.get(request.client, -1):
                 last[request.client] = request.timestamp
                 executed.append(request)
@@ -840,7 +852,7 @@ class Replica:
             if reason:
                 break
             try:
-                decode_batch(block.payload)
+                block.requests()
             except MalformedMessage:
                 break
             # A certified block was validated by at least f+1 honest replicas.

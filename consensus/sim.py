@@ -471,7 +471,7 @@ class Collusion:
 
 def simulated_validate(block: Block) -> bool:
     """The simulator's application check: no request may carry INVALID."""
-    return all(request.operation != INVALID_OPERATION for request in decode_batch(block.payload))
+    return all(request.operation != INVALID_OPERATION for request in block.requests())
 
 
 class Simulation:
