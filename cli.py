@@ -10,10 +10,13 @@ from typing import Any
 import click
 
 from fl.aggregation import AGGREGATIONS
+from fl.attacks import ATTACKS
 from fl.config import SELECTIONS, RunConfig
 from fl.data import DataError, resolve_data_root
 from fl.models import MODEL_NAMES
 from fl.partition import DISTRIBUTIONS
+from fl.privacy import MECHANISMS
+from fl.validation import RULES
 
 DEFAULTS = RunConfig()
 
@@ -65,7 +68,12 @@ def _run_options(fn: Callable[..., Any]) -> Callable[..., Any]:
             "--model", type=click.Choice(MODEL_NAMES), default=DEFAULTS.model, show_default=True
         ),
         click.option(
-            "--local-epochs", "-E", type=int, default=DEFAULTS.local_epochs, show_default=True
+            "--local-epochs",
+            "-E",
+            type=float,
+            default=DEFAULTS.local_epochs,
+            show_default=True,
+            help="local epochs per round (fractions train on part of an epoch)",
         ),
         click.option(
             "--batch-size", "-B", type=int, default=DEFAULTS.batch_size, show_default=True
@@ -80,10 +88,121 @@ def _run_options(fn: Callable[..., Any]) -> Callable[..., Any]:
             show_default=True,
         ),
         click.option(
+            "--server-momentum",
+            type=float,
+            default=DEFAULTS.server_momentum,
+            show_default=True,
+            help="server momentum b of FedAvgM (0: plain FedAvg)",
+        ),
+        click.option(
             "--selection",
             type=click.Choice(SELECTIONS),
             default=DEFAULTS.selection,
             show_default=True,
+            help="weighted: reputation gate then score-weighted draw; paper: top-N; "
+            "random: uniform (the FedAvg control)",
+        ),
+        click.option(
+            "--dp",
+            type=click.Choice(MECHANISMS),
+            default=DEFAULTS.dp,
+            show_default=True,
+            help="local DP mechanism applied on each client during training",
+        ),
+        click.option(
+            "--epsilon",
+            type=float,
+            default=DEFAULTS.epsilon,
+            show_default=True,
+            help="each client's total privacy budget over the run",
+        ),
+        click.option(
+            "--delta",
+            type=float,
+            default=DEFAULTS.delta,
+            show_default=True,
+            help="DP delta (gaussian only)",
+        ),
+        click.option(
+            "--clip",
+            type=float,
+            default=DEFAULTS.clip,
+            show_default=True,
+            help="per-sample gradient norm bound (L2 for gaussian, L1 for laplace)",
+        ),
+        click.option(
+            "--dp-participations",
+            type=int,
+            default=None,
+            help="rounds a client may join; noise is calibrated for this many "
+            "[default: 1.1 x rounds x frac]",
+        ),
+        click.option(
+            "--validation/--no-validation",
+            default=DEFAULTS.validation,
+            show_default=True,
+            help="miners' checks and Algorithm 2 (off: accept every update)",
+        ),
+        click.option(
+            "--val-rule",
+            type=click.Choice(RULES),
+            default=DEFAULTS.val_rule,
+            show_default=True,
+            help="relative: reject below round median - k*MAD; absolute: the paper's threshold",
+        ),
+        click.option(
+            "--val-k",
+            type=float,
+            default=DEFAULTS.val_k,
+            show_default=True,
+            help="MAD multiplier of the relative rule",
+        ),
+        click.option(
+            "--val-threshold",
+            type=float,
+            default=DEFAULTS.val_threshold,
+            show_default=True,
+            help="minimum validation accuracy of the absolute rule",
+        ),
+        click.option(
+            "--norm-bound",
+            type=float,
+            default=None,
+            help="reject updates whose L2 norm exceeds this [default: no absolute bound]",
+        ),
+        click.option(
+            "--reputation/--no-reputation",
+            default=DEFAULTS.reputation,
+            show_default=True,
+            help="subjective-logic reputation in selection",
+        ),
+        click.option(
+            "--rep-threshold",
+            type=float,
+            default=DEFAULTS.rep_threshold,
+            show_default=True,
+            help="reputation a client needs to be eligible (weighted selection)",
+        ),
+        click.option(
+            "--freshness",
+            type=float,
+            default=DEFAULTS.freshness,
+            show_default=True,
+            help="per-round decay z of old evidence",
+        ),
+        click.option(
+            "--malicious",
+            type=float,
+            default=DEFAULTS.malicious,
+            show_default=True,
+            help="fraction of clients that attack",
+        ),
+        click.option(
+            "--attack",
+            type=click.Choice(ATTACKS),
+            default=DEFAULTS.attack,
+            show_default=True,
+            help="what malicious clients do",
         ),
         click.option(
             "--val-size",

@@ -28,7 +28,9 @@ RUNS = {
 TARGET = 0.97
 
 
-def _run(name: str, spec: dict, data_dir: str | None, out_dir: str, seed: int) -> dict:
+def _run(
+    name: str, spec: dict, data_dir: str | None, out_dir: str, seed: int, server_momentum: float
+) -> dict:
     import torch
 
     from fl.config import RunConfig
@@ -46,6 +48,11 @@ def _run(name: str, spec: dict, data_dir: str | None, out_dir: str, seed: int) -
         lr=0.01,
         momentum=0.5,
         seed=seed,
+        # Plain FedAvg: uniform sampling, every update accepted.
+        selection="random",
+        validation=False,
+        reputation=False,
+        server_momentum=server_momentum,
         **{k: v for k, v in spec.items() if k != "stop_at"},
     )
     splits = load_mnist(resolve_data_root(data_dir))
@@ -73,17 +80,20 @@ def main() -> None:
     parser.add_argument("--out-dir", default="out/bench/fedavg")
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--server-momentum", type=float, default=0.0)
     parser.add_argument("--only", nargs="*", choices=list(RUNS), default=list(RUNS))
     args = parser.parse_args()
     Path(args.out_dir).mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     with ProcessPoolExecutor(max_workers=args.jobs) as pool:
         futures = {
-            n: pool.submit(_run, n, RUNS[n], args.data_dir, args.out_dir, args.seed)
+            n: pool.submit(
+                _run, n, RUNS[n], args.data_dir, args.out_dir, args.seed, args.server_momentum
+            )
             for n in args.only
         }
         docs = {n: f.result() for n, f in futures.items()}
-    result: dict = {"seed": args.seed}
+    result: dict = {"seed": args.seed, "server_momentum": args.server_momentum}
     for name, doc in docs.items():
         acc = [r["accuracy"] for r in doc["rounds"]]
         entry = {

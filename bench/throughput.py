@@ -1,4 +1,4 @@
-"""Local-training throughput: the simulator's ``local_update`` vs a bare PyTorch loop.
+"""Local-training throughput: the simulator's ``ClientState.participate`` vs a bare PyTorch loop.
 
 Both train the same architecture on the same 600-sample shard with the same
 batch size and optimiser, interleaved (A, B, A, B, ...) in one process so
@@ -23,8 +23,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fl.config import RunConfig
 from fl.models import build_model
-from fl.rounds import ClientData, local_update
+from fl.privacy import PrivacyAccountant
+from fl.rounds import ClientState, declared_summary, dp_config
 from fl.training import TrainConfig
 from fl.weights import get_weights
 
@@ -73,14 +75,24 @@ def main() -> None:
     cfg = TrainConfig(epochs=1, batch_size=args.batch_size, lr=0.01, momentum=0.5)
     ours = build_model("cnn", generator=torch.Generator().manual_seed(0))
     global_weights = get_weights(ours)
-    data = ClientData("client-000", x, y)
+    run_cfg = RunConfig(batch_size=args.batch_size, lr=0.01, momentum=0.5)
+    dp = dp_config(run_cfg)
+    client = ClientState(
+        "client-000",
+        x,
+        y,
+        declared_summary("client-000", y, attack=None, config=run_cfg),
+        None,
+        PrivacyAccountant(dp),
+        plan=None,  # type: ignore[arg-type]
+    )
     bare = BareCNN()
     bare.load_state_dict(global_weights)
     shuffled = torch.randperm(args.samples, generator=g)
     bx, by = x[shuffled], y[shuffled]
 
     def run_ours(i: int) -> None:
-        local_update(ours, global_weights, data, round=i, seed=0, train=cfg)
+        client.participate(ours, global_weights, round=i, config=run_cfg)
 
     def run_bare(i: int) -> None:
         bare.load_state_dict(global_weights)

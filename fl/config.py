@@ -6,14 +6,18 @@ configuration and both front ends validate it the same way.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from fl.aggregation import AGGREGATIONS
+from fl.attacks import ATTACKS
 from fl.models import MODEL_NAMES
 from fl.partition import DISTRIBUTIONS
+from fl.privacy import MECHANISMS
+from fl.validation import RULES
 
-SELECTIONS: tuple[str, ...] = ("random",)
+SELECTIONS: tuple[str, ...] = ("weighted", "paper", "random")
 
 
 @dataclass(frozen=True)
@@ -26,13 +30,32 @@ class RunConfig:
     dist: str = "iid"
     alpha: float = 0.5
     model: str = "cnn"
-    local_epochs: int = 1
+    local_epochs: float = 1.0
     batch_size: int = 10
     lr: float = 0.01
     momentum: float = 0.5
     seed: int = 0
     aggregation: str = "fedavg"
-    selection: str = "random"
+    server_momentum: float = 0.0
+    selection: str = "weighted"
+    # Local differential privacy (DESIGN.md section 5).
+    dp: str = "none"
+    epsilon: float = 10.0
+    delta: float = 1e-5
+    clip: float = 1.0
+    dp_participations: int | None = None
+    # Trust (DESIGN.md section 6).
+    validation: bool = True
+    val_rule: str = "relative"
+    val_k: float = 3.0
+    val_threshold: float = 0.5
+    norm_bound: float | None = None
+    reputation: bool = True
+    rep_threshold: float = 0.4
+    freshness: float = 0.9
+    # Attacks for the robustness experiments.
+    malicious: float = 0.0
+    attack: str = "labelflip"
     train_size: int = 60_000
     val_size: int = 1_000
     test_size: int = 9_000
@@ -58,19 +81,38 @@ class RunConfig:
             ("--model", self.model, MODEL_NAMES),
             ("--aggregation", self.aggregation, AGGREGATIONS),
             ("--selection", self.selection, SELECTIONS),
+            ("--dp", self.dp, MECHANISMS),
+            ("--val-rule", self.val_rule, RULES),
+            ("--attack", self.attack, ATTACKS),
         ):
             if value not in allowed:
                 yield f"{name} must be one of {', '.join(allowed)}, got {value!r}"
         if self.alpha <= 0:
             yield f"--alpha must be positive, got {self.alpha}"
-        if self.local_epochs < 1:
-            yield f"--local-epochs must be >= 1, got {self.local_epochs}"
+        if not (self.local_epochs > 0 and math.isfinite(self.local_epochs)):
+            yield f"--local-epochs must be positive, got {self.local_epochs}"
         if self.batch_size < 1:
             yield f"--batch-size must be >= 1, got {self.batch_size}"
         if not self.lr > 0:
             yield f"--lr must be positive, got {self.lr}"
         if not 0 <= self.momentum < 1:
             yield f"--momentum must be in [0, 1), got {self.momentum}"
+        if self.dp != "none" and not (self.epsilon > 0 and math.isfinite(self.epsilon)):
+            yield f"--epsilon must be a positive number, got {self.epsilon}"
+        if not 0 < self.delta < 1:
+            yield f"--delta must be in (0, 1), got {self.delta}"
+        if not self.clip > 0:
+            yield f"--clip must be positive, got {self.clip}"
+        if self.dp_participations is not None and self.dp_participations < 1:
+            yield f"--dp-participations must be >= 1, got {self.dp_participations}"
+        if not 0 <= self.malicious < 1:
+            yield f"--malicious must be in [0, 1), got {self.malicious}"
+        if not 0 < self.freshness <= 1:
+            yield f"--freshness must be in (0, 1], got {self.freshness}"
+        if not 0 <= self.rep_threshold <= 1:
+            yield f"--rep-threshold must be in [0, 1], got {self.rep_threshold}"
+        if not 0 <= self.server_momentum < 1:
+            yield f"--server-momentum must be in [0, 1), got {self.server_momentum}"
         if self.threads < 1:
             yield f"--threads must be >= 1, got {self.threads}"
         if self.clients > self.train_size:
@@ -79,6 +121,14 @@ class RunConfig:
     @property
     def clients_per_round(self) -> int:
         return max(1, round(self.frac * self.clients))
+
+    @property
+    def participations_budget(self) -> int:
+        """Rounds a client may join: as set, else the expected count plus 10% slack."""
+        if self.dp_participations is not None:
+            return self.dp_participations
+        expected = self.rounds * self.clients_per_round / self.clients
+        return max(1, math.ceil(1.1 * expected))
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

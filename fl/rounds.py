@@ -1,10 +1,10 @@
 """One federated round, as steps the simulator and the network nodes share.
 
-- ``select_round`` (server): which clients take part in round r.
-- ``local_update`` (client): train the global model on the client's shard and
-  return the update (new weights minus global weights).
-- ``aggregate_round`` (server): combine the accepted updates into the next
-  global model.
+- ``select_round`` (server): Algorithm 1 (or uniform sampling, the control).
+- ``ClientState.participate`` (client): check the privacy budget, train (with
+  DP when configured), account the spend, and return the update.
+- ``validate_round`` (miners): hard checks plus Algorithm 2.
+- ``aggregate_round`` (server): combine the accepted updates.
 
 Every random draw is derived from the run seed and what is being done
 (``fl.seeds``), so results do not depend on process layout or order.
@@ -12,20 +12,26 @@ Every random draw is derived from the run seed and what is being done
 
 from __future__ import annotations
 
+import hashlib
 from collections import OrderedDict
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from fl.aggregation import aggregate
+from fl.attacks import choose_malicious, poison_labels, poison_update
 from fl.config import RunConfig
-from fl.data import Split
+from fl.data import NUM_CLASSES, Split
 from fl.models import FLModel
-from fl.partition import ShardSummary, partition, summarize
+from fl.partition import partition
+from fl.privacy import DPConfig, PrivacyAccountant, StepPlan, plan_participation
+from fl.reputation import ReputationParams
 from fl.seeds import numpy_generator, torch_generator
-from fl.training import TrainConfig, train_local
+from fl.selection import DataSummary, SelectionParams, select_clients, self_assessment
+from fl.training import TrainConfig, train_local, train_local_dp
+from fl.validation import ValidationParams, Verdict, validate_updates
 from fl.weights import Weights, flatten, set_weights, unflatten
 
 
@@ -33,49 +39,41 @@ def client_id(index: int) -> str:
     return f"client-{index:03d}"
 
 
-@dataclass(frozen=True)
-class ClientData:
-    """A client's private shard (views into the training tensors)."""
-
-    client: str
-    x: torch.Tensor
-    y: torch.Tensor
-
-    @property
-    def n_samples(self) -> int:
-        return int(self.y.shape[0])
-
-    def summary(self) -> ShardSummary:
-        return summarize(self.y.numpy())
+def train_config(config: RunConfig) -> TrainConfig:
+    return TrainConfig(
+        epochs=config.local_epochs,
+        batch_size=config.batch_size,
+        lr=config.lr,
+        momentum=config.momentum,
+    )
 
 
-@dataclass(frozen=True)
-class Federation:
-    """Every client's shard, partitioned deterministically from the run seed."""
+def dp_config(config: RunConfig) -> DPConfig:
+    return DPConfig(
+        mechanism=config.dp,  # type: ignore[arg-type]
+        epsilon=config.epsilon,
+        delta=config.delta,
+        clip=config.clip,
+        max_participations=config.participations_budget,
+    )
 
-    clients: OrderedDict[str, ClientData]
 
-    @classmethod
-    def create(cls, config: RunConfig, train: Split) -> Federation:
-        shards = partition(
-            dist=config.dist,  # type: ignore[arg-type]
-            labels=train.y.numpy(),
-            num_clients=config.clients,
-            rng=numpy_generator(config.seed, "partition"),
-            alpha=config.alpha,
-        )
-        clients: OrderedDict[str, ClientData] = OrderedDict()
-        for i, idx in enumerate(shards):
-            index = torch.from_numpy(idx)
-            clients[client_id(i)] = ClientData(client_id(i), train.x[index], train.y[index])
-        return cls(clients)
+def validation_params(config: RunConfig) -> ValidationParams:
+    return ValidationParams(
+        rule=config.val_rule,  # type: ignore[arg-type]
+        mad_k=config.val_k,
+        min_accuracy=config.val_threshold,
+        norm_bound=config.norm_bound,
+    )
 
-    def client(self, cid: str) -> ClientData:
-        return self.clients[cid]
 
-    @property
-    def ids(self) -> list[str]:
-        return list(self.clients)
+def reputation_params(config: RunConfig) -> ReputationParams:
+    return ReputationParams(z=config.freshness, threshold=config.rep_threshold)
+
+
+def nominal_max_samples(config: RunConfig) -> int:
+    """The data size that scores 1.0 in self-assessment: twice an equal share."""
+    return max(1, 2 * config.train_size // config.clients)
 
 
 @dataclass(frozen=True)
@@ -87,46 +85,217 @@ class ClientUpdate:
     train_loss: float
 
 
-def select_round(config: RunConfig, federation: Federation, rnd: int) -> list[str]:
-    """Uniform sampling of ``frac * clients`` clients (the FedAvg control)."""
-    ids = federation.ids
-    rng = numpy_generator(config.seed, "select", rnd)
-    chosen = rng.choice(len(ids), size=config.clients_per_round, replace=False)
-    return sorted(ids[i] for i in np.sort(chosen))
+@dataclass
+class ClientState:
+    """One client: its private shard, declared summary, behaviour and privacy accountant."""
+
+    client: str
+    x: torch.Tensor
+    y: torch.Tensor
+    summary: DataSummary
+    attack: str | None
+    accountant: PrivacyAccountant
+    plan: StepPlan = field(repr=False)
+
+    @property
+    def n_samples(self) -> int:
+        return int(self.y.shape[0])
+
+    def declines(self) -> bool:
+        """True when one more participation would exceed the privacy budget."""
+        p = self.plan
+        return self.accountant.would_exceed(
+            sample_rate=p.sample_rate,
+            steps=p.steps,
+            noise_multiplier_or_eps0=p.noise_multiplier_or_eps0,
+        )
+
+    def participate(
+        self,
+        model: FLModel,
+        global_weights: Weights,
+        *,
+        round: int,
+        config: RunConfig,
+    ) -> ClientUpdate | None:
+        """Train on the global model and return the update (None: sends nothing).
+
+        The privacy spend is recorded before the update is returned, so a
+        crash after sending can never under-count it.
+        """
+        if self.attack == "silent":
+            return None
+        set_weights(model, global_weights)
+        gen = torch_generator(config.seed, "train", round, self.client)
+        y = self.y if self.attack is None else poison_labels(self.attack, self.y, generator=gen)
+        if config.dp == "none":
+            stats = train_local(model, self.x, y, config=train_config(config), generator=gen)
+        else:
+            stats = train_local_dp(
+                model,
+                self.x,
+                y,
+                config=train_config(config),
+                dp=self.accountant.config,
+                plan=self.plan,
+                generator=gen,
+            )
+            p = self.plan
+            self.accountant.record_participation(
+                sample_rate=p.sample_rate,
+                steps=p.steps,
+                noise_multiplier_or_eps0=p.noise_multiplier_or_eps0,
+            )
+        delta = OrderedDict(
+            (name, param.detach() - global_weights[name])
+            for name, param in model.named_parameters()
+        )
+        if self.attack is not None:
+            delta = poison_update(self.attack, delta, generator=gen)
+        return ClientUpdate(self.client, round, delta, self.summary.n_samples, stats.mean_loss)
 
 
-def local_update(
+@dataclass
+class Federation:
+    """Every client, partitioned deterministically from the run seed."""
+
+    clients: OrderedDict[str, ClientState]
+    malicious: list[str]
+
+    @classmethod
+    def create(cls, config: RunConfig, train: Split) -> Federation:
+        shards = partition(
+            dist=config.dist,  # type: ignore[arg-type]
+            labels=train.y.numpy(),
+            num_clients=config.clients,
+            rng=numpy_generator(config.seed, "partition"),
+            alpha=config.alpha,
+        )
+        ids = [client_id(i) for i in range(len(shards))]
+        malicious = choose_malicious(
+            ids, fraction=config.malicious, rng=numpy_generator(config.seed, "malicious")
+        )
+        dp = dp_config(config)
+        clients: OrderedDict[str, ClientState] = OrderedDict()
+        for cid, idx in zip(ids, shards, strict=True):
+            index = torch.from_numpy(idx)
+            x, y = train.x[index], train.y[index]
+            attack = config.attack if cid in malicious else None
+            summary = declared_summary(cid, y, attack=attack, config=config)
+            plan = plan_participation(
+                dp,
+                n_samples=len(idx),
+                batch_size=config.batch_size,
+                local_epochs=config.local_epochs,
+            )
+            clients[cid] = ClientState(cid, x, y, summary, attack, PrivacyAccountant(dp), plan)
+        return cls(clients, malicious)
+
+    def client(self, cid: str) -> ClientState:
+        return self.clients[cid]
+
+    @property
+    def ids(self) -> list[str]:
+        return list(self.clients)
+
+    def self_scores(self, config: RunConfig) -> dict[str, float]:
+        return {
+            cid: self_assessment(
+                c.summary, max_samples=nominal_max_samples(config), num_classes=NUM_CLASSES
+            )
+            for cid, c in self.clients.items()
+        }
+
+
+def declared_summary(
+    cid: str, y: torch.Tensor, *, attack: str | None, config: RunConfig
+) -> DataSummary:
+    """What the client registers; a liar claims the most data, perfect quality, every class."""
+    if attack == "lie":
+        return DataSummary(cid, nominal_max_samples(config), tuple(range(NUM_CLASSES)), 1.0)
+    classes = tuple(int(c) for c in torch.unique(y).tolist())
+    # Quality: the share of records whose label is a valid class (1.0 for MNIST shards).
+    valid = float(((y >= 0) & (y < NUM_CLASSES)).float().mean()) if len(y) else 0.0
+    return DataSummary(cid, len(y), classes, valid)
+
+
+def selection_seed(config: RunConfig, rnd: int) -> bytes:
+    """The simulator's stand-in for the previous block hash."""
+    return hashlib.sha256(
+        b"LLBCFL/sim-seed/v1" + config.seed.to_bytes(8, "big", signed=True) + rnd.to_bytes(8, "big")
+    ).digest()
+
+
+def select_round(
+    config: RunConfig,
+    *,
+    rnd: int,
+    self_scores: Mapping[str, float],
+    reputations: Mapping[str, float] | None,
+    declined: Collection[str],
+    seed: bytes,
+) -> list[str]:
+    """The clients selected for round ``rnd`` (sorted ids)."""
+    n = config.clients_per_round
+    if config.selection == "random":
+        eligible = sorted(c for c in self_scores if c not in declined)
+        rng = np.random.default_rng(int.from_bytes(hashlib.sha256(seed).digest()[:8], "big"))
+        chosen = rng.choice(len(eligible), size=min(n, len(eligible)), replace=False)
+        return sorted(eligible[i] for i in chosen)
+    params = SelectionParams(n=n, mode=config.selection, threshold=config.rep_threshold)  # type: ignore[arg-type]
+    return select_clients(
+        round=rnd,
+        self_scores=self_scores,
+        reputations=reputations if rnd > 1 else None,
+        declined=declined,
+        params=params,
+        seed=seed,
+    )
+
+
+def validate_round(
+    config: RunConfig,
+    *,
     model: FLModel,
     global_weights: Weights,
-    data: ClientData,
-    *,
-    round: int,
-    seed: int,
-    train: TrainConfig,
-) -> ClientUpdate:
-    """Train ``model`` (reset to the global weights) on the client's shard."""
-    set_weights(model, global_weights)
-    generator = torch_generator(seed, "train", round, data.client)
-    stats = train_local(model, data.x, data.y, config=train, generator=generator)
-    delta = OrderedDict(
-        (name, param.detach() - global_weights[name]) for name, param in model.named_parameters()
-    )
-    return ClientUpdate(
-        client=data.client,
-        round=round,
-        delta=delta,
-        n_samples=data.n_samples,
-        train_loss=stats.mean_loss,
+    updates: Sequence[ClientUpdate],
+    validation: Split,
+) -> dict[str, Verdict]:
+    """Verdicts for the round; with ``--no-validation`` every update is accepted."""
+    if not config.validation:
+        return {u.client: Verdict(u.client, True, "accepted: validation disabled") for u in updates}
+    return validate_updates(
+        model=model,
+        global_weights=global_weights,
+        updates=[(u.client, u.delta) for u in updates],
+        x_val=validation.x,
+        y_val=validation.y,
+        params=validation_params(config),
     )
 
 
 def aggregate_round(
-    config: RunConfig, global_weights: Weights, updates: Sequence[ClientUpdate]
-) -> OrderedDict[str, torch.Tensor]:
-    """Apply the aggregate of ``updates`` (in client-id order) to the global weights."""
-    if not updates:
-        return OrderedDict((k, v.clone()) for k, v in global_weights.items())
-    ordered = sorted(updates, key=lambda u: u.client)
-    stacked = torch.stack([flatten(u.delta) for u in ordered])
-    combined = aggregate(config.aggregation, stacked, weights=[u.n_samples for u in ordered])
-    return unflatten(flatten(global_weights) + combined, global_weights)
+    config: RunConfig,
+    global_weights: Weights,
+    updates: Sequence[ClientUpdate],
+    *,
+    velocity: torch.Tensor | None = None,
+) -> tuple[OrderedDict[str, torch.Tensor], torch.Tensor | None]:
+    """Apply the aggregate of ``updates`` (in client-id order) to the global weights.
+
+    With ``--server-momentum b`` > 0 the server keeps a velocity
+    ``v <- b * v + aggregate`` and steps ``global += v`` (FedAvgM, Hsu et al.
+    2019), which damps the round-to-round swings of non-IID selections.
+    Returns the new weights and the new velocity (None without momentum).
+    """
+    flat = flatten(global_weights)
+    if updates:
+        ordered = sorted(updates, key=lambda u: u.client)
+        stacked = torch.stack([flatten(u.delta) for u in ordered])
+        step = aggregate(config.aggregation, stacked, weights=[u.n_samples for u in ordered])
+    else:
+        step = torch.zeros_like(flat)
+    if config.server_momentum > 0:
+        velocity = step if velocity is None else config.server_momentum * velocity + step
+        step = velocity
+    return unflatten(flat + step, global_weights), velocity

@@ -12,12 +12,22 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
 from fl.config import RunConfig
 from fl.data import MnistSplits
 from fl.models import build_model
-from fl.rounds import Federation, aggregate_round, local_update, select_round
+from fl.reputation import ReputationBook
+from fl.rounds import (
+    Federation,
+    aggregate_round,
+    reputation_params,
+    select_round,
+    selection_seed,
+    validate_round,
+)
 from fl.seeds import torch_generator
-from fl.training import TrainConfig, evaluate
+from fl.training import evaluate
 from fl.weights import get_weights, set_weights
 
 
@@ -53,12 +63,13 @@ def metrics_document(
     rounds: list[RoundRecord],
     *,
     total_seconds: float,
+    malicious_clients: list[str],
     extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The metrics file schema shared by ``simulate`` and ``network up``."""
     accuracies = [r.accuracy for r in rounds]
     doc: dict[str, Any] = {
-        "config": config.to_dict(),
+        "config": {**config.to_dict(), "malicious_clients": malicious_clients},
         "rounds": [r.to_dict() for r in rounds],
         "final_accuracy": accuracies[-1] if accuracies else None,
         "best_accuracy": max(accuracies) if accuracies else None,
@@ -69,44 +80,74 @@ def metrics_document(
 
 
 def simulate_rounds(
-    config: RunConfig, splits: MnistSplits, *, clock: Callable[[], float]
+    config: RunConfig,
+    splits: MnistSplits,
+    *,
+    clock: Callable[[], float],
+    federation: Federation | None = None,
 ) -> Iterator[RoundRecord]:
     """Yield one record per round; the caller decides when to stop."""
-    federation = Federation.create(config, splits.train)
+    federation = federation or Federation.create(config, splits.train)
     model = build_model(config.model, generator=torch_generator(config.seed, "init"))
     global_weights = get_weights(model)
-    train_cfg = TrainConfig(
-        epochs=config.local_epochs,
-        batch_size=config.batch_size,
-        lr=config.lr,
-        momentum=config.momentum,
-    )
+    book = ReputationBook(reputation_params(config))
+    self_scores = federation.self_scores(config)
+    velocity: torch.Tensor | None = None
     for rnd in range(1, config.rounds + 1):
         t0 = clock()
-        selected = select_round(config, federation, rnd)
-        updates = [
-            local_update(
-                model,
-                global_weights,
-                federation.client(cid),
-                round=rnd,
-                seed=config.seed,
-                train=train_cfg,
-            )
+        declined = sorted(cid for cid, c in federation.clients.items() if c.declines())
+        reputations = book.scores(rnd - 1, clients=federation.ids) if config.reputation else None
+        selected = select_round(
+            config,
+            rnd=rnd,
+            self_scores=self_scores,
+            reputations=reputations,
+            declined=declined,
+            seed=selection_seed(config, rnd),
+        )
+        sent = [
+            u
             for cid in selected
+            if (
+                u := federation.client(cid).participate(
+                    model, global_weights, round=rnd, config=config
+                )
+            )
+            is not None
         ]
-        global_weights = aggregate_round(config, global_weights, updates)
+        verdicts = validate_round(
+            config,
+            model=model,
+            global_weights=global_weights,
+            updates=sent,
+            validation=splits.validation,
+        )
+        accepted = [u for u in sent if verdicts[u.client].accepted]
+        rejected = {cid: v.reason for cid, v in sorted(verdicts.items()) if not v.accepted}
+        silent = sorted(set(selected) - {u.client for u in sent})
+        if config.reputation:
+            book.record_round(rnd, [u.client for u in accepted], list(rejected), silent)
+        global_weights, velocity = aggregate_round(
+            config, global_weights, accepted, velocity=velocity
+        )
         set_weights(model, global_weights)
         loss, acc = evaluate(model, splits.test.x, splits.test.y)
+        spent = [c.accountant.spent_epsilon() for c in federation.clients.values()]
+        extra: dict[str, Any] = {"declined": declined, "silent": silent}
+        if config.reputation:
+            extra["reputation"] = {
+                k: round(v, 6) for k, v in book.scores(rnd, clients=federation.ids).items()
+            }
         yield RoundRecord(
             round=rnd,
             accuracy=acc,
             loss=loss,
             selected=selected,
-            accepted=[u.client for u in updates],
-            rejected={},
-            epsilon_spent_max=None,
+            accepted=sorted(u.client for u in accepted),
+            rejected=rejected,
+            epsilon_spent_max=max(spent) if config.dp != "none" else None,
             seconds=clock() - t0,
+            extra=extra,
         )
 
 
@@ -119,9 +160,12 @@ def run_simulation(
 ) -> dict[str, Any]:
     """Run every round (or until ``until(record)`` is true); return the metrics document."""
     start = clock()
+    federation = Federation.create(config, splits.train)
     records: list[RoundRecord] = []
-    for record in simulate_rounds(config, splits, clock=clock):
+    for record in simulate_rounds(config, splits, clock=clock, federation=federation):
         records.append(record)
         if until is not None and until(record):
             break
-    return metrics_document(config, records, total_seconds=clock() - start)
+    return metrics_document(
+        config, records, total_seconds=clock() - start, malicious_clients=federation.malicious
+    )

@@ -11,20 +11,22 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.func import functional_call, grad, vmap
 
 from fl.models import FLModel
+from fl.privacy import DPConfig, StepPlan, local_steps, private_gradient
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    epochs: int = 1
+    epochs: float = 1.0
     batch_size: int = 10
     lr: float = 0.01
     momentum: float = 0.5
 
     def __post_init__(self) -> None:
-        if self.epochs < 1:
-            raise ValueError(f"local epochs must be >= 1, got {self.epochs}")
+        if not self.epochs > 0:
+            raise ValueError(f"local epochs must be positive, got {self.epochs}")
         if self.batch_size < 1:
             raise ValueError(f"batch size must be >= 1, got {self.batch_size}")
         if not self.lr > 0:
@@ -52,10 +54,13 @@ def train_local(
     model.train()
     optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum)
     n = int(y.shape[0])
-    total, steps = torch.zeros(()), 0
-    for _ in range(config.epochs):
+    budget = local_steps(n_samples=n, batch_size=config.batch_size, local_epochs=config.epochs)
+    total, steps, samples = torch.zeros(()), 0, 0
+    while steps < budget:
         order = torch.randperm(n, generator=generator)
         for start in range(0, n, config.batch_size):
+            if steps == budget:
+                break
             idx = order[start : start + config.batch_size]
             masks = model.sample_masks(len(idx), generator) if model.mask_shapes else None
             loss = F.cross_entropy(model(x[idx], masks), y[idx])
@@ -64,9 +69,8 @@ def train_local(
             optimizer.step()
             total += loss.detach()
             steps += 1
-    return TrainStats(
-        mean_loss=float(total) / max(steps, 1), steps=steps, samples=n * config.epochs
-    )
+            samples += len(idx)
+    return TrainStats(mean_loss=float(total) / max(steps, 1), steps=steps, samples=samples)
 
 
 @torch.no_grad()
@@ -83,3 +87,75 @@ def evaluate(
         correct += int((logits.argmax(dim=1) == target).sum())
     n = max(int(y.shape[0]), 1)
     return loss_sum / n, correct / n
+
+
+def train_local_dp(
+    model: FLModel,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    config: TrainConfig,
+    dp: DPConfig,
+    plan: StepPlan,
+    generator: torch.Generator,
+) -> TrainStats:
+    """DP-SGD on (x, y) in place (Abadi et al. 2016), ``plan.steps`` steps.
+
+    Each step Poisson-samples the records at rate ``plan.sample_rate`` (the
+    accounting in ``fl.privacy`` assumes exactly that), takes per-sample
+    gradients with ``torch.func`` (``vmap`` over ``grad`` of a
+    ``functional_call``: no model wrapping, and the dropout masks are plain
+    inputs, so they are sliced per example like the data), and hands them to
+    ``private_gradient`` for clipping, noise and averaging.  Momentum acts on
+    the privatised gradient, which is post-processing.
+    """
+    model.train()
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    names = list(params)
+    shapes = [params[k].shape for k in names]
+
+    def sample_loss(
+        p: dict[str, torch.Tensor], xi: torch.Tensor, yi: torch.Tensor, *masks: torch.Tensor
+    ):
+        batch_masks = [m.unsqueeze(0) for m in masks] if masks else None
+        logits = functional_call(model, p, (xi.unsqueeze(0), batch_masks))
+        loss = F.cross_entropy(logits, yi.unsqueeze(0))
+        return loss, loss.detach()
+
+    n_masks = len(model.mask_shapes)
+    per_sample = vmap(grad(sample_loss, has_aux=True), in_dims=(None, 0, 0, *([0] * n_masks)))
+    n = int(y.shape[0])
+    width = sum(p.numel() for p in params.values())
+    velocity = torch.zeros(width)
+    flat_params = torch.cat([params[k].reshape(-1) for k in names])
+    total, steps, samples = 0.0, 0, 0
+    for _ in range(plan.steps):
+        chosen = torch.nonzero(torch.rand(n, generator=generator) < plan.sample_rate).squeeze(1)
+        if len(chosen):
+            masks = model.sample_masks(len(chosen), generator) if n_masks else []
+            grads, losses = per_sample(params, x[chosen], y[chosen], *masks)
+            flat = torch.cat([grads[k].reshape(len(chosen), -1) for k in names], dim=1)
+            total += float(losses.mean())
+            samples += len(chosen)
+        else:
+            flat = torch.zeros(0, width)
+        noisy = private_gradient(flat, config=dp, plan=plan, n_samples=n, generator=generator)
+        velocity = config.momentum * velocity + noisy
+        flat_params = flat_params - config.lr * velocity
+        params = _unflatten_params(flat_params, names, shapes)
+        steps += 1
+    with torch.no_grad():
+        for name, value in params.items():
+            model.get_parameter(name).copy_(value)
+    return TrainStats(mean_loss=total / max(steps, 1), steps=steps, samples=samples)
+
+
+def _unflatten_params(
+    flat: torch.Tensor, names: list[str], shapes: list[torch.Size]
+) -> dict[str, torch.Tensor]:
+    out, offset = {}, 0
+    for name, shape in zip(names, shapes, strict=True):
+        size = shape.numel()
+        out[name] = flat[offset : offset + size].view(shape)
+        offset += size
+    return out

@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 from fl.config import RunConfig
 from fl.data import load_mnist, resolve_data_root
+from fl.rounds import Federation
 from fl.simulator import RoundRecord, metrics_document, simulate_rounds
 from node.plotting import plot_runs
 
@@ -55,11 +56,14 @@ def run_simulate(
         root, train_size=config.train_size, val_size=config.val_size, test_size=config.test_size
     )
     start = time.perf_counter()
+    federation = Federation.create(config, splits.train)
     records: list[RoundRecord] = []
     bar = tqdm(total=config.rounds, desc="simulate", unit="round", disable=not progress)
     interrupted = False
     try:
-        for record in simulate_rounds(config, splits, clock=time.perf_counter):
+        for record in simulate_rounds(
+            config, splits, clock=time.perf_counter, federation=federation
+        ):
             records.append(record)
             bar.set_postfix(acc=f"{record.accuracy:.4f}", sec=f"{record.seconds:.1f}")
             bar.update(1)
@@ -68,7 +72,13 @@ def run_simulate(
     finally:
         bar.close()
     extra = {"interrupted": True} if interrupted else None
-    doc = metrics_document(config, records, total_seconds=time.perf_counter() - start, extra=extra)
+    doc = metrics_document(
+        config,
+        records,
+        total_seconds=time.perf_counter() - start,
+        malicious_clients=federation.malicious,
+        extra=extra,
+    )
     if metrics_out is not None:
         write_json_atomic(metrics_out, doc)
     if plot is not None and records:

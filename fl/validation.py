@@ -1,0 +1,160 @@
+"""Validation of client updates: hard checks, then Algorithm 2 of Wu & Kang.
+
+Hard checks (any failure rejects, with the reason): the update has exactly
+the model's tensor names, each with the model's shape and dtype; every value
+is finite; its L2 norm is within the absolute bound (if set) and within
+``norm_factor`` times the round's median norm (a boosted update stands out
+even when DP noise makes every norm large).
+
+Algorithm 2 scores each surviving update by the accuracy of
+``global + update`` on the miners' validation set.  Because local DP noise
+lowers every update's accuracy, the paper's absolute threshold rejects
+honest clients; the default ``relative`` rule compares each update with the
+others of the same round and rejects those below
+``median - k * max(MAD, mad_floor)`` (median absolute deviation; the floor
+stops a round of near-identical scores from rejecting tiny differences).
+``absolute`` is the paper's rule: reject below ``min_accuracy``.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from fl.models import FLModel
+from fl.training import evaluate
+from fl.weights import Weights, set_weights
+
+Rule = Literal["relative", "absolute"]
+RULES: tuple[str, ...] = ("relative", "absolute")
+
+
+@dataclass(frozen=True)
+class ValidationParams:
+    rule: Rule = "relative"
+    mad_k: float = 3.0
+    mad_floor: float = 0.02
+    min_accuracy: float = 0.5
+    norm_bound: float | None = None
+    norm_factor: float = 3.0
+
+    def __post_init__(self) -> None:
+        if self.rule not in RULES:
+            raise ValueError(
+                f"validation rule must be one of {', '.join(RULES)}, got {self.rule!r}"
+            )
+        if not self.mad_k > 0 or not self.mad_floor >= 0 or not self.norm_factor > 1:
+            raise ValueError("need mad_k > 0, mad_floor >= 0 and norm_factor > 1")
+        if not 0 <= self.min_accuracy <= 1:
+            raise ValueError(f"min accuracy must be in [0, 1], got {self.min_accuracy}")
+        if self.norm_bound is not None and not self.norm_bound > 0:
+            raise ValueError(f"norm bound must be positive, got {self.norm_bound}")
+
+
+@dataclass(frozen=True)
+class Verdict:
+    client: str
+    accepted: bool
+    reason: str
+    accuracy: float | None = None
+    norm: float | None = None
+
+
+def update_norm(delta: Weights) -> float:
+    return math.sqrt(sum(float(t.double().pow(2).sum()) for t in delta.values()))
+
+
+def structural_problem(delta: Mapping[str, torch.Tensor], reference: Weights) -> str | None:
+    """The first hard-check failure of names, shapes, dtypes and finiteness, or None."""
+    missing = [k for k in reference if k not in delta]
+    extra = [k for k in delta if k not in reference]
+    if missing or extra:
+        return f"tensor names differ from the model (missing {missing}, unexpected {extra})"
+    for name, ref in reference.items():
+        t = delta[name]
+        if tuple(t.shape) != tuple(ref.shape):
+            return f"{name}: shape {tuple(t.shape)} != model shape {tuple(ref.shape)}"
+        if t.dtype != ref.dtype:
+            return f"{name}: dtype {t.dtype} != model dtype {ref.dtype}"
+        if not bool(torch.isfinite(t).all()):
+            return f"{name}: contains NaN or infinite values"
+    return None
+
+
+def judge_accuracies(
+    accuracies: Mapping[str, float], params: ValidationParams
+) -> dict[str, Verdict]:
+    """Algorithm 2's decision over the validation accuracies of one round."""
+    if not accuracies:
+        return {}
+    verdicts: dict[str, Verdict] = {}
+    if params.rule == "absolute":
+        for cid, acc in accuracies.items():
+            ok = acc >= params.min_accuracy
+            relation = ">=" if ok else "<"
+            reason = f"validation accuracy {acc:.4f} {relation} threshold {params.min_accuracy:.4f}"
+            verdicts[cid] = Verdict(cid, ok, reason, acc)
+        return verdicts
+    values = sorted(accuracies.values())
+    med = statistics.median(values)
+    mad = statistics.median(abs(v - med) for v in values)
+    cut = med - params.mad_k * max(mad, params.mad_floor)
+    for cid, acc in accuracies.items():
+        ok = acc >= cut
+        relation = ">=" if ok else "<"
+        reason = (
+            f"validation accuracy {acc:.4f} {relation} round median {med:.4f} "
+            f"- {params.mad_k:g}*MAD = {cut:.4f}"
+        )
+        verdicts[cid] = Verdict(cid, ok, reason, acc)
+    return verdicts
+
+
+def validate_updates(
+    *,
+    model: FLModel,
+    global_weights: Weights,
+    updates: Sequence[tuple[str, Mapping[str, torch.Tensor]]],
+    x_val: torch.Tensor,
+    y_val: torch.Tensor,
+    params: ValidationParams,
+) -> dict[str, Verdict]:
+    """Verdict for every ``(client, delta)`` of one round; ``model`` is scratch space."""
+    verdicts: dict[str, Verdict] = {}
+    norms: dict[str, float] = {}
+    for cid, delta in updates:
+        problem = structural_problem(delta, global_weights)
+        if problem is not None:
+            verdicts[cid] = Verdict(cid, False, f"malformed: {problem}")
+            continue
+        norm = update_norm(delta)
+        if params.norm_bound is not None and norm > params.norm_bound:
+            verdicts[cid] = Verdict(
+                cid, False, f"update norm {norm:.3f} exceeds bound {params.norm_bound:g}", norm=norm
+            )
+            continue
+        norms[cid] = norm
+    if norms:
+        median_norm = statistics.median(sorted(norms.values()))
+        for cid, norm in list(norms.items()):
+            if median_norm > 0 and norm > params.norm_factor * median_norm:
+                reason = (
+                    f"update norm {norm:.3f} > {params.norm_factor:g} x "
+                    f"round median {median_norm:.3f}"
+                )
+                verdicts[cid] = Verdict(cid, False, reason, norm=norm)
+                del norms[cid]
+    accuracies: dict[str, float] = {}
+    deltas = dict(updates)
+    for cid in norms:
+        candidate = {k: global_weights[k] + deltas[cid][k] for k in global_weights}
+        set_weights(model, candidate)
+        _, accuracies[cid] = evaluate(model, x_val, y_val)
+    for cid, verdict in judge_accuracies(accuracies, params).items():
+        verdicts[cid] = Verdict(cid, verdict.accepted, verdict.reason, verdict.accuracy, norms[cid])
+    return verdicts

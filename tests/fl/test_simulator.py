@@ -1,0 +1,75 @@
+"""The simulator wiring: select -> train (DP) -> validate -> reputation -> aggregate."""
+
+import itertools
+
+import pytest
+
+from fl.attacks import ATTACKS
+from fl.config import RunConfig
+from fl.simulator import run_simulation, simulate_rounds
+from tests.fl.synthetic import synthetic_splits
+
+SPLITS = synthetic_splits()
+BASE = dict(clients=10, frac=1.0, train_size=2_000, model="mlp", lr=0.1, batch_size=10, seed=3)
+
+
+def run(**overrides):
+    counter = itertools.count()
+    return run_simulation(RunConfig(**{**BASE, **overrides}), SPLITS, clock=lambda: next(counter))
+
+
+@pytest.mark.parametrize("attack", ATTACKS)
+def test_every_attack_is_rejected_and_then_excluded(attack):
+    # Prepare / Execute: 3 of 10 clients attack; everyone is selected in round 1
+    doc = run(rounds=2, malicious=0.3, attack=attack)
+    bad = set(doc["config"]["malicious_clients"])
+    first, second = doc["rounds"]
+    # Assert: round 1 rejects (or records as silent) exactly the attackers
+    caught = set(first["rejected"]) | set(first["silent"])
+    assert len(bad) == 3
+    assert caught == bad
+    assert set(first["accepted"]) == set(first["selected"]) - bad
+    # ... and round 2 no longer selects them (reputation below the threshold)
+    assert not bad & set(second["selected"])
+    assert all(first["reputation"][c] < 0.4 for c in bad)
+
+
+def test_without_validation_attackers_are_accepted():
+    doc = run(rounds=1, malicious=0.3, attack="labelflip", validation=False, reputation=False)
+    assert set(doc["config"]["malicious_clients"]) <= set(doc["rounds"][0]["accepted"])
+
+
+def test_runs_are_deterministic_for_a_seed():
+    a, b = run(rounds=2, dp="gaussian", epsilon=5.0), run(rounds=2, dp="gaussian", epsilon=5.0)
+    strip = lambda d: [{k: v for k, v in r.items() if k != "seconds"} for r in d["rounds"]]  # noqa: E731
+    assert strip(a) == strip(b)
+
+
+def test_clients_decline_when_their_budget_is_spent():
+    # Prepare: budget for exactly one participation
+    config = RunConfig(
+        **{**BASE, "rounds": 2, "dp": "gaussian", "epsilon": 2.0, "dp_participations": 1}
+    )
+    counter = itertools.count()
+    # Execute
+    first, second = list(simulate_rounds(config, SPLITS, clock=lambda: next(counter)))
+    # Assert
+    assert len(first.selected) == 10 and first.extra["declined"] == []
+    assert 1.9 <= first.epsilon_spent_max <= 2.0
+    assert second.selected == [] and len(second.extra["declined"]) == 10
+    assert second.epsilon_spent_max == first.epsilon_spent_max
+
+
+@pytest.mark.parametrize("dp", ["gaussian", "laplace"])
+def test_spent_epsilon_never_exceeds_the_budget(dp):
+    doc = run(rounds=4, frac=0.5, dp=dp, epsilon=3.0, dp_participations=2)
+    spent = [r["epsilon_spent_max"] for r in doc["rounds"]]
+    assert max(spent) <= 3.0
+    assert spent == sorted(spent)
+
+
+def test_paper_selection_picks_top_self_assessment_first_round():
+    # A liar claims the largest, cleanest, most complete data set, so top-N picks it.
+    doc = run(rounds=1, frac=0.2, malicious=0.1, attack="lie", selection="paper")
+    liar = doc["config"]["malicious_clients"][0]
+    assert liar in doc["rounds"][0]["selected"]

@@ -1,0 +1,108 @@
+from collections import OrderedDict
+
+import pytest
+import torch
+
+from fl.models import build_model
+from fl.validation import (
+    ValidationParams,
+    judge_accuracies,
+    structural_problem,
+    update_norm,
+    validate_updates,
+)
+from fl.weights import get_weights
+from tests.fl.synthetic import synthetic_split
+
+REF = OrderedDict(w=torch.zeros(2, 3), b=torch.zeros(3))
+
+
+def test_structurally_sound_update_passes():
+    assert structural_problem(OrderedDict(w=torch.ones(2, 3), b=torch.ones(3)), REF) is None
+
+
+@pytest.mark.parametrize(
+    ("delta", "reason"),
+    [
+        (OrderedDict(w=torch.ones(2, 3)), "missing ['b']"),
+        (OrderedDict(w=torch.ones(2, 3), b=torch.ones(3), x=torch.ones(1)), "unexpected ['x']"),
+        (OrderedDict(w=torch.ones(3, 2), b=torch.ones(3)), "w: shape (3, 2) != model shape (2, 3)"),
+        (OrderedDict(w=torch.ones(2, 3, dtype=torch.float64), b=torch.ones(3)), "w: dtype"),
+        (
+            OrderedDict(w=torch.ones(2, 3), b=torch.tensor([1.0, float("nan"), 0.0])),
+            "b: contains NaN",
+        ),
+        (OrderedDict(w=torch.ones(2, 3), b=torch.tensor([1.0, float("inf"), 0.0])), "infinite"),
+    ],
+)
+def test_structural_problems_are_named(delta, reason):
+    assert reason in structural_problem(delta, REF)
+
+
+def test_update_norm():
+    assert update_norm(OrderedDict(a=torch.tensor([3.0]), b=torch.tensor([4.0]))) == 5.0
+
+
+def test_relative_rule_rejects_the_outlier_only():
+    # Prepare: median 0.90, MAD 0.01 -> floor 0.02 applies -> cut 0.90 - 3*0.02 = 0.84
+    acc = {"a": 0.90, "b": 0.91, "c": 0.89, "d": 0.88, "e": 0.10}
+    # Execute
+    verdicts = judge_accuracies(acc, ValidationParams())
+    # Assert
+    assert [c for c, v in verdicts.items() if not v.accepted] == ["e"]
+    assert "0.1000 < round median 0.8900 - 3*MAD = 0.8300" in verdicts["e"].reason
+
+
+def test_relative_rule_keeps_a_noisy_but_consistent_round():
+    acc = {"a": 0.62, "b": 0.55, "c": 0.58, "d": 0.60, "e": 0.51}
+    assert all(v.accepted for v in judge_accuracies(acc, ValidationParams()).values())
+
+
+def test_absolute_rule_is_the_papers_threshold():
+    acc = {"a": 0.62, "b": 0.40}
+    verdicts = judge_accuracies(acc, ValidationParams(rule="absolute", min_accuracy=0.5))
+    assert (verdicts["a"].accepted, verdicts["b"].accepted) == (True, False)
+    assert verdicts["b"].reason == "validation accuracy 0.4000 < threshold 0.5000"
+
+
+def test_validate_updates_rejects_boosted_and_nan_before_scoring():
+    # Prepare
+    model = build_model("mlp", generator=torch.Generator().manual_seed(0))
+    gw = get_weights(model)
+    g = torch.Generator().manual_seed(1)
+    honest = [
+        (f"h{i}", OrderedDict((k, 0.01 * torch.randn(v.shape, generator=g)) for k, v in gw.items()))
+        for i in range(4)
+    ]
+    boosted = ("boost", OrderedDict((k, 10 * v) for k, v in honest[0][1].items()))
+    nan = ("nan", OrderedDict((k, torch.full_like(v, float("nan"))) for k, v in gw.items()))
+    val = synthetic_split(100, seed=0)
+    # Execute
+    verdicts = validate_updates(
+        model=model,
+        global_weights=gw,
+        updates=[*honest, boosted, nan],
+        x_val=val.x,
+        y_val=val.y,
+        params=ValidationParams(),
+    )
+    # Assert
+    assert verdicts["nan"].reason.startswith("malformed: ")
+    assert "x round median" in verdicts["boost"].reason
+    assert all(verdicts[f"h{i}"].accuracy is not None for i in range(4))
+
+
+def test_absolute_norm_bound():
+    model = build_model("mlp", generator=torch.Generator().manual_seed(0))
+    gw = get_weights(model)
+    big = OrderedDict((k, torch.ones_like(v)) for k, v in gw.items())
+    val = synthetic_split(20, seed=0)
+    verdicts = validate_updates(
+        model=model,
+        global_weights=gw,
+        updates=[("c", big)],
+        x_val=val.x,
+        y_val=val.y,
+        params=ValidationParams(norm_bound=1.0),
+    )
+    assert "exceeds bound 1" in verdicts["c"].reason
