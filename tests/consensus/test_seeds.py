@@ -6,6 +6,8 @@ REGRESSION_SEEDS with the replay command it printed.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from consensus.sim import Simulation
@@ -43,7 +45,7 @@ def test_regression_seed(replicas: int, seed: int, blocks: int) -> None:
     assert result.ok, f"{result.violations or result.liveness_failure}; replay: {result.replay}"
 
 
-def test_sqlite_store_under_crash_restart(tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_sqlite_store_under_crash_restart(tmp_path: Path) -> None:
     sim = Simulation(n=4, seed=17, blocks=40, store_dir=tmp_path)
     sim.crash(2)
     while min(sim.honest_heights()[:2]) < 15:
