@@ -589,16 +589,9 @@ class Replica:
             return  # still fetching decided blocks
         if (self.view, height, PrePrepare.KIND) in self._voted:
             return
-        batch = self._take_batch()
-        if not batch:
+        block = self._valid_block(height, self._take_batch())
+        if block is None:
             return
-        block = Block.propose(
-            height=height,
-            previous_hash=self.head_hash,
-            view=self.view,
-            proposer=self.id,
-            payload=encode_batch(batch),
-        )
         pre = self._signed(PrePrepare(view=self.view, height=height, block=block, sender=self.id))
         self._voted.add((self.view, height, PrePrepare.KIND))
         self._validated[block.digest] = True
@@ -606,6 +599,36 @@ class Replica:
         self._send(BROADCAST, pre)
         # The primary's PRE-PREPARE stands for its own PREPARE; its COMMIT
         # follows once 2f backups prepared, via _progress.
+
+    def _block_of(self, height: int, batch: list[Request]) -> Block:
+        return Block.propose(
+            height=height,
+            previous_hash=self.head_hash,
+            view=self.view,
+            proposer=self.id,
+            payload=encode_batch(batch),
+        )
+
+    def _valid_block(self, height: int, batch: list[Request]) -> Block | None:
+        """The block to propose, after the application's own check.
+
+        An honest primary must not propose what its backups will reject, or
+        every view would fail on the same request: requests that fail on
+        their own are dropped from the pool.
+        """
+        if not batch:
+            return None
+        block = self._block_of(height, batch)
+        if self._validate(block):
+            return block
+        kept = []
+        for request in batch:
+            if self._validate(self._block_of(height, [request])):
+                kept.append(request)
+            else:
+                del self._pending[request.key]
+        block = self._block_of(height, kept)
+        return block if kept and self._validate(block) else None
 
     def _take_batch(self) -> list[Request]:
         last = self.last_timestamp
@@ -823,6 +846,13 @@ class Replica:
                 self._future_pre_prepares[(pre.view, pre.height)] = pre
         if self._pre_prepare is not None and self.is_primary:
             self._voted.add((self.view, self._pre_prepare.height, PrePrepare.KIND))
+        if not self.is_primary and self._may_vote():
+            # The new primary may never have seen what we hold (C&L have the
+            # client retransmit); relay it rather than time out again.
+            for count, request in enumerate(self._pending.values()):
+                if count >= self._max_batch:
+                    break
+                self._send(self.primary, self._signed(Forward(request=request, sender=self.id)))
 
     # -------------------------------------------------------- state transfer
 

@@ -134,9 +134,10 @@ class SafetyChecker:
                 f"agreement: replica {replica_id} committed {digest.hex()[:12]} at height "
                 f"{height}, another honest replica committed {known.hex()[:12]}"
             )
-        if digest not in self.validated and digest not in self.proposed:
+        if digest not in self.proposed or digest not in self.validated:
             self.violations.append(
-                f"validity: block {digest.hex()[:12]} at height {height} was never validated"
+                f"validity: block {digest.hex()[:12]} at height {height} was never "
+                "proposed, or never passed validation at an honest replica"
             )
 
     def on_view(self, replica_id: int, view: int) -> None:
@@ -677,11 +678,10 @@ class Simulation:
         messages = ready.messages
         if inst.adversary is not None:
             messages = inst.adversary.outgoing(inst, messages)
-        elif inst.honest:
-            for _, message in messages:
-                if type(message) is PrePrepare:
-                    self.checker.proposed.add(message.block.digest)  # type: ignore[attr-defined]
+        proposed = self.checker.proposed
         for dest, message in messages:
+            if type(message) is PrePrepare:
+                proposed.add(message.digest)  # type: ignore[attr-defined]
             self._send(inst, dest, message)
         replica.advance()
 

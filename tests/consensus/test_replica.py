@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from consensus.ledger import Request
+from consensus.ledger import GENESIS_HASH, Block, Request, encode_batch
 from consensus.messages import Commit, Forward, NewView, Prepare, PrePrepare, ViewChange
 from consensus.replica import Replica
 from consensus.sim import FakeKeyring, Simulation
@@ -157,15 +157,35 @@ def test_view_change_after_primary_crash() -> None:
 
 
 def test_view_change_after_invalid_proposal() -> None:
-    # Prepare: the application rejects operation b"bad".
+    # Prepare: the application rejects operation b"bad"; a faulty primary proposes it.
     cluster = Cluster(4, validate=lambda block: b"bad" not in block.payload)
+    block = Block.propose(
+        height=1,
+        previous_hash=GENESIS_HASH,
+        view=0,
+        proposer=0,
+        payload=encode_batch([Request("mallory", 1, b"bad", b"")]),
+    )
+    pre = PrePrepare(view=0, height=1, block=block, sender=0)
+    pre.signature = cluster.keys.signer(0)(pre.signed)
     # Execute
-    cluster.submit(Request("mallory", 1, b"bad", b""), to=[0])
+    for backup in (1, 2, 3):
+        cluster.replicas[backup].step(pre)
+        cluster.collect(backup)
     cluster.deliver()
-    # Assert: backups refused to PREPARE and asked for view 1.
-    assert cluster.heights() == [0, 0, 0, 0]
+    # Assert: backups refused to PREPARE and moved to view 1.
+    assert not any(isinstance(m, Prepare) for _, _, m in cluster.sent)
     assert {src for src, _, m in cluster.sent if isinstance(m, ViewChange)} >= {1, 2, 3}
-    assert all(r.view == 1 for r in cluster.replicas)
+    assert all(r.view == 1 and r.active for r in cluster.replicas[1:])
+
+
+def test_honest_primary_drops_requests_its_application_rejects() -> None:
+    cluster = Cluster(4, validate=lambda block: b"bad" not in block.payload)
+    cluster.submit(Request("mallory", 1, b"bad", b""), to=[0])
+    cluster.submit(request(1))
+    cluster.deliver()
+    assert cluster.heights() == [1, 1, 1, 1]
+    assert [r.operation for r in cluster.executed[0]] == [b"op-1"]
 
 
 def test_replica_joins_view_change_when_f_plus_one_ask() -> None:
