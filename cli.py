@@ -95,6 +95,13 @@ def _run_options(fn: Callable[..., Any]) -> Callable[..., Any]:
             help="server momentum b of FedAvgM (0: plain FedAvg)",
         ),
         click.option(
+            "--server-lr",
+            type=float,
+            default=DEFAULTS.server_lr,
+            show_default=True,
+            help="server step size applied to the aggregate (FedAvgM)",
+        ),
+        click.option(
             "--selection",
             type=click.Choice(SELECTIONS),
             default=DEFAULTS.selection,
@@ -136,6 +143,14 @@ def _run_options(fn: Callable[..., Any]) -> Callable[..., Any]:
             default=None,
             help="rounds a client may join; noise is calibrated for this many "
             "[default: 1.1 x rounds x frac]",
+        ),
+        click.option(
+            "--dp-subspace",
+            type=int,
+            default=DEFAULTS.dp_subspace,
+            show_default=True,
+            help="clip and noise per-sample gradients in a random public subspace of this "
+            "dimension (0: full parameter space); makes --dp laplace usable",
         ),
         click.option(
             "--validation/--no-validation",

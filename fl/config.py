@@ -37,6 +37,7 @@ class RunConfig:
     seed: int = 0
     aggregation: str = "fedavg"
     server_momentum: float = 0.0
+    server_lr: float = 1.0
     selection: str = "weighted"
     # Local differential privacy (DESIGN.md section 5).
     dp: str = "none"
@@ -44,6 +45,7 @@ class RunConfig:
     delta: float = 1e-5
     clip: float = 1.0
     dp_participations: int | None = None
+    dp_subspace: int = 0
     # Trust (DESIGN.md section 6).
     validation: bool = True
     val_rule: str = "relative"
@@ -105,6 +107,8 @@ class RunConfig:
             yield f"--clip must be positive, got {self.clip}"
         if self.dp_participations is not None and self.dp_participations < 1:
             yield f"--dp-participations must be >= 1, got {self.dp_participations}"
+        if self.dp_subspace < 0:
+            yield f"--dp-subspace must be >= 0, got {self.dp_subspace}"
         if not 0 <= self.malicious < 1:
             yield f"--malicious must be in [0, 1), got {self.malicious}"
         if not 0 < self.freshness <= 1:
@@ -113,6 +117,8 @@ class RunConfig:
             yield f"--rep-threshold must be in [0, 1], got {self.rep_threshold}"
         if not 0 <= self.server_momentum < 1:
             yield f"--server-momentum must be in [0, 1), got {self.server_momentum}"
+        if not self.server_lr > 0:
+            yield f"--server-lr must be positive, got {self.server_lr}"
         if self.threads < 1:
             yield f"--threads must be >= 1, got {self.threads}"
         if self.clients > self.train_size:

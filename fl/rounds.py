@@ -24,13 +24,13 @@ from fl.aggregation import aggregate
 from fl.attacks import choose_malicious, poison_labels, poison_update
 from fl.config import RunConfig
 from fl.data import NUM_CLASSES, Split
-from fl.models import FLModel
+from fl.models import FLModel, build_model, count_parameters
 from fl.partition import partition
 from fl.privacy import DPConfig, PrivacyAccountant, StepPlan, plan_participation
 from fl.reputation import ReputationParams
 from fl.seeds import numpy_generator, torch_generator
 from fl.selection import DataSummary, SelectionParams, select_clients, self_assessment
-from fl.training import TrainConfig, train_local, train_local_dp
+from fl.training import TrainConfig, subspace_projection, train_local, train_local_dp
 from fl.validation import ValidationParams, Verdict, validate_updates
 from fl.weights import Weights, flatten, set_weights, unflatten
 
@@ -96,6 +96,7 @@ class ClientState:
     attack: str | None
     accountant: PrivacyAccountant
     plan: StepPlan = field(repr=False)
+    projection: torch.Tensor | None = field(default=None, repr=False)
 
     @property
     def n_samples(self) -> int:
@@ -139,6 +140,7 @@ class ClientState:
                 dp=self.accountant.config,
                 plan=self.plan,
                 generator=gen,
+                projection=self.projection,
             )
             p = self.plan
             self.accountant.record_participation(
@@ -176,6 +178,7 @@ class Federation:
             ids, fraction=config.malicious, rng=numpy_generator(config.seed, "malicious")
         )
         dp = dp_config(config)
+        projection = public_projection(config)
         clients: OrderedDict[str, ClientState] = OrderedDict()
         for cid, idx in zip(ids, shards, strict=True):
             index = torch.from_numpy(idx)
@@ -188,7 +191,9 @@ class Federation:
                 batch_size=config.batch_size,
                 local_epochs=config.local_epochs,
             )
-            clients[cid] = ClientState(cid, x, y, summary, attack, PrivacyAccountant(dp), plan)
+            clients[cid] = ClientState(
+                cid, x, y, summary, attack, PrivacyAccountant(dp), plan, projection
+            )
         return cls(clients, malicious)
 
     def client(self, cid: str) -> ClientState:
@@ -205,6 +210,16 @@ class Federation:
             )
             for cid, c in self.clients.items()
         }
+
+
+def public_projection(config: RunConfig) -> torch.Tensor | None:
+    """The run's shared random subspace for ``--dp-subspace`` (derived from the seed, public)."""
+    if config.dp == "none" or config.dp_subspace == 0:
+        return None
+    params = count_parameters(build_model(config.model, generator=torch.Generator()))
+    return subspace_projection(
+        params=params, dim=config.dp_subspace, generator=torch_generator(config.seed, "subspace")
+    )
 
 
 def declared_summary(
@@ -284,8 +299,9 @@ def aggregate_round(
     """Apply the aggregate of ``updates`` (in client-id order) to the global weights.
 
     With ``--server-momentum b`` > 0 the server keeps a velocity
-    ``v <- b * v + aggregate`` and steps ``global += v`` (FedAvgM, Hsu et al.
-    2019), which damps the round-to-round swings of non-IID selections.
+    ``v <- b * v + aggregate`` and steps ``global += server_lr * v`` (FedAvgM,
+    Hsu et al. 2019); ``server_lr = 1 - b`` makes the step an exponential
+    average of recent rounds, which damps the swings of non-IID selections.
     Returns the new weights and the new velocity (None without momentum).
     """
     flat = flatten(global_weights)
@@ -298,4 +314,6 @@ def aggregate_round(
     if config.server_momentum > 0:
         velocity = step if velocity is None else config.server_momentum * velocity + step
         step = velocity
+    if config.server_lr != 1.0:
+        step = config.server_lr * step
     return unflatten(flat + step, global_weights), velocity

@@ -98,8 +98,18 @@ def train_local_dp(
     dp: DPConfig,
     plan: StepPlan,
     generator: torch.Generator,
+    projection: torch.Tensor | None = None,
 ) -> TrainStats:
     """DP-SGD on (x, y) in place (Abadi et al. 2016), ``plan.steps`` steps.
+
+    With ``projection`` (a public ``[params, r]`` matrix, see
+    ``subspace_projection``) each per-sample gradient is first projected to
+    ``r`` dimensions, clipped and noised there, and the noisy step is mapped
+    back: training in a random subspace (Li et al. 2018, "Measuring the
+    Intrinsic Dimension of Objective Landscapes").  Noise then grows with
+    ``r`` instead of the parameter count, which is what makes the Laplace
+    mechanism (L1 clipping) usable at all.  The projection does not depend
+    on the data, so the privacy analysis is unchanged.
 
     Each step Poisson-samples the records at rate ``plan.sample_rate`` (the
     accounting in ``fl.privacy`` assumes exactly that), takes per-sample
@@ -139,7 +149,11 @@ def train_local_dp(
             samples += len(chosen)
         else:
             flat = torch.zeros(0, width)
+        if projection is not None:
+            flat = flat @ projection
         noisy = private_gradient(flat, config=dp, plan=plan, n_samples=n, generator=generator)
+        if projection is not None:
+            noisy = projection @ noisy
         velocity = config.momentum * velocity + noisy
         flat_params = flat_params - config.lr * velocity
         params = _unflatten_params(flat_params, names, shapes)
@@ -159,3 +173,8 @@ def _unflatten_params(
         out[name] = flat[offset : offset + size].view(shape)
         offset += size
     return out
+
+
+def subspace_projection(*, params: int, dim: int, generator: torch.Generator) -> torch.Tensor:
+    """A ``[params, dim]`` Gaussian matrix, entries N(0, 1/params): near-orthonormal columns."""
+    return torch.randn(params, dim, generator=generator) / params**0.5

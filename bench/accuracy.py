@@ -1,0 +1,327 @@
+"""The algorithms' accuracy targets (issue: privacy and trust), one command.
+
+Runs every configuration below as its own simulator process, ``--jobs`` at a
+time, writes each run's metrics JSON and the plots to ``--out-dir``, prints
+one JSON summary, and (with ``--report``) writes the markdown tables.
+
+Groups:
+  reference  non-IID (2 shards), K=100, 20 clients/round, 100 rounds, delta=1e-5:
+             no DP, Gaussian and Laplace over a range of epsilons
+  paper      K=100, 10 clients/round, 100 rounds: Gaussian epsilon=10, IID and non-IID
+  attacks    IID, 10 clients/round, 30% malicious (labelflip, noise, scale), no DP and
+             Gaussian epsilon=10, defended (validation + reputation) and plain FedAvg
+
+    python bench/accuracy.py --data-dir ../shared/datasets --jobs 2 --report docs/RESULTS.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+# Hyper-parameters per mechanism (clients' local training; chosen on seed 0 by
+# short runs, see docs/RESULTS.md). No DP keeps the paper's B=10, lr=0.01.
+NO_DP: dict[str, Any] = {"batch_size": 10, "lr": 0.01, "momentum": 0.5, "local_epochs": 1.0}
+GAUSSIAN: dict[str, Any] = {
+    "dp": "gaussian",
+    "batch_size": 60,
+    "lr": 1.0,
+    "momentum": 0.5,
+    "local_epochs": 0.5,
+    "clip": 1.0,
+}
+LAPLACE: dict[str, Any] = {
+    "dp": "laplace",
+    "batch_size": 600,
+    "lr": 1.0,
+    "momentum": 0.0,
+    "local_epochs": 1.0,
+    "clip": 1.0,
+    "server_momentum": 0.9,
+}
+PLAIN = {"selection": "random", "validation": False, "reputation": False}
+GAUSS_EPS = (1, 2, 5, 10, 20, 30, 50)
+LAPLACE_EPS = (1, 2, 5, 10, 20, 50, 100)
+ATTACKS = ("labelflip", "noise", "scale")
+ATTACK_ROUNDS = 50
+# Published by a widely used open DP-FL implementation (same CNN, non-IID, 20/round).
+REFERENCE = {
+    "none": {0: 90.1},
+    "gaussian": {10: 82.1, 20: 86.5, 30: 86.7},
+    "laplace": {10: 19.0, 50: 35.6, 100: 35.1},
+}
+
+
+def runs() -> dict[str, dict[str, Any]]:
+    ref = {"dist": "noniid", "frac": 0.2, "rounds": 100}
+    out: dict[str, dict[str, Any]] = {"ref_nodp": {**ref, **NO_DP}}
+    for eps in GAUSS_EPS:
+        out[f"ref_gauss_{eps}"] = {**ref, **GAUSSIAN, "epsilon": float(eps)}
+    for eps in LAPLACE_EPS:
+        out[f"ref_laplace_{eps}"] = {**ref, **LAPLACE, "epsilon": float(eps)}
+    paper = {"frac": 0.1, "rounds": 100}
+    out["paper_gauss_10_iid"] = {**paper, **GAUSSIAN, "dist": "iid", "epsilon": 10.0}
+    out["paper_gauss_10_noniid"] = {**paper, **GAUSSIAN, "dist": "noniid", "epsilon": 10.0}
+    atk = {"dist": "iid", "frac": 0.1, "rounds": ATTACK_ROUNDS}
+    for mech, hyper in (("nodp", NO_DP), ("gauss", {**GAUSSIAN, "epsilon": 10.0})):
+        out[f"atk_{mech}_honest"] = {**atk, **hyper}
+        out[f"atk_{mech}_honest_plain"] = {**atk, **hyper, **PLAIN}
+        for attack in ATTACKS:
+            bad = {"malicious": 0.3, "attack": attack}
+            out[f"atk_{mech}_{attack}"] = {**atk, **hyper, **bad}
+            out[f"atk_{mech}_{attack}_plain"] = {**atk, **hyper, **bad, **PLAIN}
+    return out
+
+
+def _run(name: str, spec: dict[str, Any], data_dir: str | None, out_dir: str, seed: int) -> dict:
+    import torch
+
+    from fl.config import RunConfig
+    from fl.data import load_mnist, resolve_data_root
+    from fl.simulator import run_simulation
+    from node.runner import write_json_atomic
+
+    torch.set_num_threads(1)
+    cfg = RunConfig(data_dir=data_dir, clients=100, seed=seed, delta=1e-5, **spec)
+    splits = load_mnist(resolve_data_root(data_dir))
+    doc = run_simulation(cfg, splits, clock=time.perf_counter)
+    write_json_atomic(Path(out_dir) / f"{name}.json", doc)
+    return doc
+
+
+def mean_last(doc: dict, n: int = 5) -> float:
+    acc = [r["accuracy"] for r in doc["rounds"]]
+    return sum(acc[-n:]) / len(acc[-n:])
+
+
+def trust_stats(doc: dict, threshold: float) -> dict[str, Any]:
+    """Rounds from first selection until below the threshold; honest rejection rate."""
+    bad = set(doc["config"]["malicious_clients"])
+    first_selected: dict[str, int] = {}
+    below: dict[str, int] = {}
+    honest_sent = honest_rejected = 0
+    for r in doc["rounds"]:
+        for cid in r["selected"]:
+            first_selected.setdefault(cid, r["round"])
+        for cid in r["accepted"]:
+            honest_sent += cid not in bad
+        for cid in r["rejected"]:
+            honest_sent += cid not in bad
+            honest_rejected += cid not in bad
+        for cid, rep in r.get("reputation", {}).items():
+            if cid in bad and cid in first_selected and rep < threshold:
+                below.setdefault(cid, r["round"])
+    lags = [below[c] - first_selected[c] + 1 for c in bad if c in first_selected and c in below]
+    never = sorted(c for c in bad if c in first_selected and c not in below)
+    return {
+        "malicious_selected": len(first_selected.keys() & bad),
+        "max_rounds_to_below_threshold": max(lags) if lags else None,
+        "malicious_never_below": never,
+        "honest_updates": honest_sent,
+        "honest_rejected": honest_rejected,
+        "honest_rejected_rate": honest_rejected / honest_sent if honest_sent else 0.0,
+    }
+
+
+def summarize(docs: dict[str, dict]) -> dict[str, Any]:
+    s: dict[str, Any] = {"final_accuracy": {}, "mean_last5": {}, "seconds_per_round": {}}
+    for name, doc in sorted(docs.items()):
+        s["final_accuracy"][name] = round(doc["final_accuracy"], 4)
+        s["mean_last5"][name] = round(mean_last(doc), 4)
+        s["seconds_per_round"][name] = round(doc["total_seconds"] / len(doc["rounds"]), 3)
+    threshold = 0.4
+    s["trust"] = {
+        n: trust_stats(d, threshold)
+        for n, d in sorted(docs.items())
+        if n.startswith("atk_") and not n.endswith("_plain")
+    }
+    sec = s["seconds_per_round"]
+    if "ref_nodp" in sec and "ref_gauss_10" in sec:
+        s["dp_overhead_ratio"] = {
+            "gaussian_vs_none": round(sec["ref_gauss_10"] / sec["ref_nodp"], 3),
+            "laplace_vs_none": round(sec.get("ref_laplace_10", float("nan")) / sec["ref_nodp"], 3),
+        }
+    return s
+
+
+def plots(docs: dict[str, dict], out_dir: Path) -> None:
+    from node.plotting import plot_runs
+
+    def group(prefix: str, names: list[str], title: str, fname: str) -> None:
+        chosen = [n for n in names if n in docs]
+        if chosen:
+            plot_runs([docs[n] for n in chosen], out_dir / fname, title=title, labels=chosen)
+
+    group(
+        "ref",
+        ["ref_nodp", *[f"ref_gauss_{e}" for e in GAUSS_EPS]],
+        "non-IID, 20/round: Gaussian",
+        "ref_gaussian.png",
+    )
+    group(
+        "ref",
+        ["ref_nodp", *[f"ref_laplace_{e}" for e in LAPLACE_EPS]],
+        "non-IID, 20/round: Laplace",
+        "ref_laplace.png",
+    )
+    group(
+        "paper",
+        ["paper_gauss_10_iid", "paper_gauss_10_noniid"],
+        "10/round, Gaussian eps=10",
+        "paper_gaussian.png",
+    )
+    for mech in ("nodp", "gauss"):
+        names = [f"atk_{mech}_honest"]
+        for a in ATTACKS:
+            names += [f"atk_{mech}_{a}", f"atk_{mech}_{a}_plain"]
+        group("atk", names, f"30% malicious, IID ({mech})", f"attacks_{mech}.png")
+
+
+def report(summary: dict[str, Any], path: Path, command: str) -> None:
+    fa, ml = summary["final_accuracy"], summary["mean_last5"]
+    pct = lambda x: f"{100 * x:.1f}"  # noqa: E731
+    lines = [
+        "<!-- generated by bench/accuracy.py; numbers are test accuracy (%) on 9,000 "
+        "MNIST test images -->",
+        "",
+        f"Command: `{command}`",
+        "",
+    ]
+    lines += [
+        "### Reference setting: non-IID (2 shards), K=100, 20 clients/round, 100 rounds, "
+        "delta=1e-5",
+        "",
+        "| mechanism | epsilon | final | mean of last 5 | reference | margin |",
+        "|---|---|---|---|---|---|",
+    ]
+    if "ref_nodp" in fa:
+        lines.append(
+            f"| none | - | {pct(fa['ref_nodp'])} | {pct(ml['ref_nodp'])} | 90.1 | "
+            f"{100 * fa['ref_nodp'] - 90.1:+.1f} |"
+        )
+    for mech, eps_list in (("gaussian", GAUSS_EPS), ("laplace", LAPLACE_EPS)):
+        key = "gauss" if mech == "gaussian" else "laplace"
+        for eps in eps_list:
+            n = f"ref_{key}_{eps}"
+            if n in fa:
+                ref = REFERENCE[mech].get(eps)
+                margin = f"{100 * fa[n] - ref:+.1f}" if ref is not None else ""
+                lines.append(
+                    f"| {mech} | {eps} | {pct(fa[n])} | {pct(ml[n])} | "
+                    f"{ref if ref is not None else ''} | {margin} |"
+                )
+    lines += [
+        "",
+        "### Paper setting: K=100, 10 clients/round, 100 rounds, Gaussian epsilon=10",
+        "",
+        "| partition | final | mean of last 5 |",
+        "|---|---|---|",
+    ]
+    for dist in ("iid", "noniid"):
+        n = f"paper_gauss_10_{dist}"
+        if n in fa:
+            lines.append(f"| {dist} | {pct(fa[n])} | {pct(ml[n])} |")
+    lines += [
+        "",
+        f"### 30% malicious clients, IID, 10 clients/round, {ATTACK_ROUNDS} rounds",
+        "",
+        "| DP | attack | defended | plain FedAvg | honest (defended) | honest (plain) | "
+        "rounds to below threshold (max) | honest updates rejected |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for mech in ("nodp", "gauss"):
+        honest = fa.get(f"atk_{mech}_honest")
+        honest_plain = fa.get(f"atk_{mech}_honest_plain")
+        for a in ATTACKS:
+            d, p = fa.get(f"atk_{mech}_{a}"), fa.get(f"atk_{mech}_{a}_plain")
+            t = summary["trust"].get(f"atk_{mech}_{a}", {})
+            if d is None:
+                continue
+            lines.append(
+                f"| {'none' if mech == 'nodp' else 'gaussian eps=10'} | {a} | {pct(d)} | "
+                f"{pct(p) if p is not None else ''} | {pct(honest) if honest else ''} | "
+                f"{pct(honest_plain) if honest_plain else ''} | "
+                f"{t.get('max_rounds_to_below_threshold')} | "
+                f"{t.get('honest_rejected', 0)}/{t.get('honest_updates', 0)} "
+                f"({100 * t.get('honest_rejected_rate', 0):.1f}%) |"
+            )
+    if "dp_overhead_ratio" in summary:
+        sec = summary["seconds_per_round"]
+        lines += [
+            "",
+            "### Seconds per round (reference setting, 20 clients/round)",
+            "",
+            f"- no DP: {sec['ref_nodp']:.2f} s; Gaussian: {sec['ref_gauss_10']:.2f} s; "
+            f"Laplace: {sec.get('ref_laplace_10', float('nan')):.2f} s",
+            f"- DP overhead ratio: Gaussian {summary['dp_overhead_ratio']['gaussian_vs_none']}x, "
+            f"Laplace {summary['dp_overhead_ratio']['laplace_vs_none']}x",
+        ]
+    lines += ["", f"Total wall time: {summary.get('total_seconds', 0) / 60:.1f} min", ""]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--data-dir", default=None)
+    parser.add_argument("--out-dir", default="out/bench/accuracy")
+    parser.add_argument("--jobs", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--only", nargs="*", default=None, help="run names (prefix match)")
+    parser.add_argument("--report", default=None, help="write markdown tables here")
+    parser.add_argument(
+        "--summarize-only",
+        action="store_true",
+        help="no runs: summarize the metrics already in --out-dir",
+    )
+    args = parser.parse_args()
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    todo = {
+        n: s
+        for n, s in runs().items()
+        if args.only is None or any(n.startswith(p) for p in args.only)
+    }
+    start = time.perf_counter()
+    docs: dict[str, dict] = {}
+    if not args.summarize_only:
+        # Longest runs first so the pool finishes together.
+        order = sorted(todo, key=lambda n: -todo[n]["rounds"] * todo[n].get("frac", 0.1))
+        with ProcessPoolExecutor(max_workers=args.jobs) as pool:
+            futures = {
+                pool.submit(_run, n, todo[n], args.data_dir, str(out_dir), args.seed): n
+                for n in order
+            }
+            for i, fut in enumerate(as_completed(futures), 1):
+                name = futures[fut]
+                docs[name] = fut.result()
+                print(
+                    f"[{i}/{len(futures)}] {name}: final {docs[name]['final_accuracy']:.4f} "
+                    f"({time.perf_counter() - start:.0f} s)",
+                    file=sys.stderr,
+                    flush=True,
+                )
+    for name in todo:
+        path = out_dir / f"{name}.json"
+        if name not in docs and path.exists():
+            docs[name] = json.loads(path.read_text())
+    summary = summarize(docs)
+    summary["total_seconds"] = round(time.perf_counter() - start, 1)
+    summary["seed"] = args.seed
+    plots(docs, out_dir)
+    if args.report:
+        report(summary, Path(args.report), " ".join(["python", *sys.argv]))
+    print(json.dumps(summary, indent=1))
+
+
+if __name__ == "__main__":
+    main()
