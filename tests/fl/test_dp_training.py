@@ -3,7 +3,7 @@ import torch.nn.functional as F
 
 from fl.models import build_model
 from fl.privacy import DPConfig, StepPlan, clip_per_sample, noisy_sum
-from fl.training import TrainConfig, evaluate, train_local_dp
+from fl.training import TrainConfig, evaluate, subspace_projection, train_local_dp
 from tests.fl.synthetic import synthetic_split
 
 
@@ -81,3 +81,32 @@ def test_dp_training_is_deterministic_and_leaves_global_rng_alone():
         results.append(torch.cat([p.detach().reshape(-1) for p in model.parameters()]))
     assert torch.equal(results[0], results[1])
     assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_subspace_training_moves_only_within_the_public_subspace():
+    # Prepare
+    data = synthetic_split(40, seed=3)
+    model = build_model("mlp", generator=torch.Generator().manual_seed(0))
+    before = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    proj = subspace_projection(
+        params=before.numel(), dim=8, generator=torch.Generator().manual_seed(5)
+    )
+    dp = DPConfig("laplace", epsilon=10.0, clip=1.0, max_participations=1)
+    plan = StepPlan(sample_rate=1.0, steps=2, noise_multiplier_or_eps0=5.0, noise_scale=0.2)
+    # Execute
+    train_local_dp(
+        model,
+        data.x,
+        data.y,
+        config=TrainConfig(lr=0.5, momentum=0.5),
+        dp=dp,
+        plan=plan,
+        generator=torch.Generator().manual_seed(6),
+        projection=proj,
+    )
+    # Assert: the change is P @ c for some c (least-squares residual ~ 0), and not zero
+    change = torch.cat([p.detach().reshape(-1) for p in model.parameters()]) - before
+    coef = torch.linalg.lstsq(proj.double(), change.double().unsqueeze(1)).solution
+    residual = change.double() - (proj.double() @ coef).squeeze(1)
+    assert change.norm() > 1e-3
+    assert residual.norm() < 1e-3 * change.norm()  # float32 rounding of the weights
