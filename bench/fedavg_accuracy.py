@@ -29,7 +29,13 @@ TARGET = 0.97
 
 
 def _run(
-    name: str, spec: dict, data_dir: str | None, out_dir: str, seed: int, server_momentum: float
+    name: str,
+    spec: dict,
+    data_dir: str | None,
+    out_dir: str,
+    seed: int,
+    server_momentum: float,
+    server_lr: float,
 ) -> dict:
     import torch
 
@@ -53,6 +59,7 @@ def _run(
         validation=False,
         reputation=False,
         server_momentum=server_momentum,
+        server_lr=server_lr,
         **{k: v for k, v in spec.items() if k != "stop_at"},
     )
     splits = load_mnist(resolve_data_root(data_dir))
@@ -81,6 +88,7 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--server-momentum", type=float, default=0.0)
+    parser.add_argument("--server-lr", type=float, default=1.0)
     parser.add_argument("--only", nargs="*", choices=list(RUNS), default=list(RUNS))
     args = parser.parse_args()
     Path(args.out_dir).mkdir(parents=True, exist_ok=True)
@@ -88,12 +96,23 @@ def main() -> None:
     with ProcessPoolExecutor(max_workers=args.jobs) as pool:
         futures = {
             n: pool.submit(
-                _run, n, RUNS[n], args.data_dir, args.out_dir, args.seed, args.server_momentum
+                _run,
+                n,
+                RUNS[n],
+                args.data_dir,
+                args.out_dir,
+                args.seed,
+                args.server_momentum,
+                args.server_lr,
             )
             for n in args.only
         }
         docs = {n: f.result() for n, f in futures.items()}
-    result: dict = {"seed": args.seed, "server_momentum": args.server_momentum}
+    result: dict = {
+        "seed": args.seed,
+        "server_momentum": args.server_momentum,
+        "server_lr": args.server_lr,
+    }
     for name, doc in docs.items():
         acc = [r["accuracy"] for r in doc["rounds"]]
         entry = {
