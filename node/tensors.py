@@ -1,0 +1,433 @@
+"""Tensor streams: state dicts to protobuf messages and back, with a receiver's checks.
+
+A model or an update travels as one :class:`~proto.llbcfl_pb2.TensorStreamPart`
+stream: a header (round, sender, base digest, sample count, the tensors'
+names, dtypes and shapes, total size), chunks of at most 1 MiB that slice
+the concatenated raw little-endian bytes of the tensors in name order, and a
+trailer with the digest and the sender's signed claim. Protobuf types stop
+here: callers get ``name -> torch.Tensor`` mappings (``fl.weights.Weights``).
+
+The digest (:func:`weights_digest`) is SHA-256 over canonical bytes
+(DESIGN.md section 4): a tag and the tensor count, then for each tensor in
+name order its name, dtype, shape and raw bytes, each length-prefixed. The
+claim the sender signs binds round, sender id, base digest, digest and
+sample count (:func:`claim_bytes`), in an envelope of kind ``update``
+(clients) or ``model`` (the server).
+
+:class:`TensorStreamReceiver` checks, in this order, and raises
+:class:`UpdateRejected` with the gRPC status a servicer should return:
+
+==========================================================  ===================
+header: declared size within the limit, chunk size bound     RESOURCE_EXHAUSTED
+header: names, dtypes, shapes, total = the expected model;   INVALID_ARGUMENT
+order of parts; contiguous chunks; nothing past the total;
+complete data; trailer digest = recomputed digest
+claim signature: known signer, right kind                    UNAUTHENTICATED
+signer's role, signer = header's sender                      PERMISSION_DENIED
+values finite (attributable: ``sender`` is set)              INVALID_ARGUMENT
+==========================================================  ===================
+
+Nothing is allocated before the declared size passed the limit; decoding
+is ``numpy.frombuffer`` views of one buffer, with no per-element Python work.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections import OrderedDict
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Final
+
+import grpc
+import numpy as np
+import torch
+
+from consensus.canonical import pack_blob, pack_text, pack_u32, pack_u64
+from fl.weights import Weights
+from node.identity import AuthError, Identity, verify_envelope
+from proto import llbcfl_pb2 as pb
+
+if TYPE_CHECKING:
+    from node.genesis import Membership, NodeInfo
+
+CHUNK_BYTES: Final = 1 << 20
+UPDATE_KIND: Final = "update"
+MODEL_KIND: Final = "model"
+# Who may sign a stream of each kind.
+SIGNER_ROLES: Final = {UPDATE_KIND: ("client",), MODEL_KIND: ("server",)}
+_DIGEST_TAG: Final = b"LLBCFL/tensors/v1\x00"
+
+ModelSpec = Mapping[str, tuple[str, tuple[int, ...]]]
+"""What a receiver expects: tensor name -> (dtype name, shape)."""
+
+_DTYPES: Final[dict[str, torch.dtype]] = {
+    "float16": torch.float16,
+    "float32": torch.float32,
+    "float64": torch.float64,
+    "int8": torch.int8,
+    "int16": torch.int16,
+    "int32": torch.int32,
+    "int64": torch.int64,
+    "uint8": torch.uint8,
+    "bool": torch.bool,
+}
+_DTYPE_NAMES: Final = {dtype: name for name, dtype in _DTYPES.items()}
+# Little-endian numpy dtypes: the wire byte order whatever the host's.
+_NUMPY: Final = {name: np.dtype(name).newbyteorder("<") for name in _DTYPES}
+
+
+class UpdateRejected(Exception):
+    """A tensor stream that must not be accepted.
+
+    ``code`` is the gRPC status to answer with; ``sender`` is the node id of
+    the verified signer when the rejection is attributable to it (e.g.
+    non-finite values in a correctly signed update), else ``None``.
+    """
+
+    def __init__(self, code: grpc.StatusCode, reason: str, *, sender: str | None = None) -> None:
+        super().__init__(f"{code.name}: {reason}")
+        self.code = code
+        self.reason = reason
+        self.sender = sender
+
+
+def _dtype_name(tensor: torch.Tensor) -> str:
+    name = _DTYPE_NAMES.get(tensor.dtype)
+    if name is None:
+        raise ValueError(f"unsupported tensor dtype {tensor.dtype}")
+    return name
+
+
+def model_spec(weights: Weights) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """The :data:`ModelSpec` of ``weights`` (e.g. a freshly built model's)."""
+    return {name: (_dtype_name(t), tuple(t.shape)) for name, t in weights.items()}
+
+
+def _nbytes(dtype: str, shape: tuple[int, ...]) -> int:
+    return math.prod(shape) * _NUMPY[dtype].itemsize
+
+
+def _raw(tensor: torch.Tensor) -> bytes:
+    array = tensor.detach().cpu().contiguous().numpy()
+    return array.astype(array.dtype.newbyteorder("<"), copy=False).tobytes()
+
+
+def _tensor_record(name: str, dtype: str, shape: tuple[int, ...], nbytes: int) -> bytes:
+    dims = b"".join(pack_u64(d) for d in shape)
+    return pack_text(name) + pack_text(dtype) + pack_u32(len(shape)) + dims + pack_u64(nbytes)
+
+
+def _digest(records: Iterable[tuple[str, str, tuple[int, ...], bytes | memoryview]]) -> bytes:
+    """SHA-256 over the canonical bytes of tensors given in name order."""
+    items = list(records)
+    hasher = hashlib.sha256(_DIGEST_TAG + pack_u32(len(items)))
+    for name, dtype, shape, raw in items:
+        hasher.update(_tensor_record(name, dtype, shape, len(raw)))
+        hasher.update(raw)
+    return hasher.digest()
+
+
+def weights_digest(weights: Weights) -> bytes:
+    """The canonical digest of ``weights``: the same for any insertion order."""
+    return _digest(
+        (name, _dtype_name(weights[name]), tuple(weights[name].shape), _raw(weights[name]))
+        for name in sorted(weights)
+    )
+
+
+def claim_bytes(
+    *, round: int, sender_id: str, base_digest: bytes, digest: bytes, num_samples: int
+) -> bytes:
+    """Canonical bytes of the claim a sender signs at the end of a tensor stream."""
+    return (
+        pack_u64(round)
+        + pack_text(sender_id)
+        + pack_blob(base_digest)
+        + pack_blob(digest)
+        + pack_u64(num_samples)
+    )
+
+
+def _parts(
+    header: pb.TensorStreamHeader, data: bytes, trailer: pb.TensorStreamTrailer, chunk_bytes: int
+) -> Iterator[pb.TensorStreamPart]:
+    if not 1 <= chunk_bytes <= CHUNK_BYTES:
+        raise ValueError(f"chunk_bytes must be in [1, {CHUNK_BYTES}], got {chunk_bytes}")
+    yield pb.TensorStreamPart(header=header)
+    for offset in range(0, len(data), chunk_bytes):
+        chunk = pb.TensorChunk(offset=offset, data=data[offset : offset + chunk_bytes])
+        yield pb.TensorStreamPart(chunk=chunk)
+    yield pb.TensorStreamPart(trailer=trailer)
+
+
+def tensor_stream(
+    weights: Weights,
+    *,
+    identity: Identity,
+    kind: str,
+    round: int,
+    base_digest: bytes = b"",
+    num_samples: int = 0,
+    chunk_bytes: int = CHUNK_BYTES,
+) -> Iterator[pb.TensorStreamPart]:
+    """The stream that sends ``weights`` as ``identity``: header, chunks, signed trailer."""
+    names = sorted(weights)
+    specs = [(name, _dtype_name(weights[name]), tuple(weights[name].shape)) for name in names]
+    raws = [_raw(weights[name]) for name in names]
+    digest = _digest((*spec, raw) for spec, raw in zip(specs, raws, strict=True))
+    header = pb.TensorStreamHeader(
+        round=round,
+        sender_id=identity.node_id,
+        base_digest=base_digest,
+        num_samples=num_samples,
+        tensors=[pb.TensorSpec(name=n, dtype=d, shape=s) for n, d, s in specs],
+        total_bytes=sum(len(raw) for raw in raws),
+    )
+    claim = claim_bytes(
+        round=round,
+        sender_id=identity.node_id,
+        base_digest=base_digest,
+        digest=digest,
+        num_samples=num_samples,
+    )
+    trailer = pb.TensorStreamTrailer(digest=digest, claim=identity.sign(kind, claim))
+    return _parts(header, b"".join(raws), trailer, chunk_bytes)
+
+
+@dataclass(frozen=True, eq=False)
+class ReceivedTensors:
+    """A stream that passed every check."""
+
+    header: pb.TensorStreamHeader
+    weights: OrderedDict[str, torch.Tensor]  # in the expected model's order
+    digest: bytes
+    claim: pb.Envelope
+    sender: NodeInfo
+
+    @property
+    def round(self) -> int:
+        return self.header.round
+
+    @property
+    def num_samples(self) -> int:
+        return self.header.num_samples
+
+    @property
+    def base_digest(self) -> bytes:
+        return self.header.base_digest
+
+
+def relay_stream(
+    received: ReceivedTensors, *, chunk_bytes: int = CHUNK_BYTES
+) -> Iterator[pb.TensorStreamPart]:
+    """The same stream again, with the original sender's claim (miners serve FetchUpdate)."""
+    names = [spec.name for spec in received.header.tensors]
+    data = b"".join(_raw(received.weights[name]) for name in names)
+    trailer = pb.TensorStreamTrailer(digest=received.digest, claim=received.claim)
+    return _parts(received.header, data, trailer, chunk_bytes)
+
+
+def _invalid(reason: str, *, sender: str | None = None) -> UpdateRejected:
+    return UpdateRejected(grpc.StatusCode.INVALID_ARGUMENT, reason, sender=sender)
+
+
+_AUTH_CODES: Final = {
+    "unknown-signer": grpc.StatusCode.UNAUTHENTICATED,
+    "bad-signature": grpc.StatusCode.UNAUTHENTICATED,
+    "wrong-kind": grpc.StatusCode.UNAUTHENTICATED,
+    "wrong-role": grpc.StatusCode.PERMISSION_DENIED,
+}
+
+
+class TensorStreamReceiver:
+    """Checks and reassembles one tensor stream, fed one part at a time.
+
+    Use with any iterator, e.g. in a servicer::
+
+        receiver = TensorStreamReceiver(expected=spec, max_total_bytes=limit)
+        async for part in request_iterator:
+            receiver.add(part)
+        received = receiver.finish(membership=membership, kind=UPDATE_KIND)
+    """
+
+    def __init__(
+        self, *, expected: ModelSpec, max_total_bytes: int, max_chunk_bytes: int = CHUNK_BYTES
+    ) -> None:
+        for name, (dtype, _shape) in expected.items():
+            if dtype not in _DTYPES:
+                raise ValueError(f"expected tensor {name} has unsupported dtype {dtype!r}")
+        self._names = sorted(expected)
+        self._expected = expected
+        self._max_total = max_total_bytes
+        self._max_chunk = max_chunk_bytes
+        self.header: pb.TensorStreamHeader | None = None
+        self._trailer: pb.TensorStreamTrailer | None = None
+        self._buffer = bytearray()
+        self._received = 0
+
+    def add(self, part: pb.TensorStreamPart) -> None:
+        which = part.WhichOneof("part")
+        if self._trailer is not None:
+            raise _invalid(f"{which or 'empty message'} after the trailer")
+        if which == "header":
+            self._add_header(part.header)
+        elif self.header is None:
+            raise _invalid(f"stream starts with a {which or 'empty message'}, not a header")
+        elif which == "chunk":
+            self._add_chunk(part.chunk)
+        elif which == "trailer":
+            self._trailer = part.trailer
+        else:
+            raise _invalid("empty stream message")
+
+    def _add_header(self, header: pb.TensorStreamHeader) -> None:
+        if self.header is not None:
+            raise _invalid("second header")
+        if header.total_bytes > self._max_total:
+            raise UpdateRejected(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"stream declares {header.total_bytes} bytes, the limit is {self._max_total}",
+            )
+        declared = [spec.name for spec in header.tensors]
+        if declared != self._names:
+            missing = sorted(set(self._names) - set(declared))
+            extra = sorted(set(declared) - set(self._names))
+            raise _invalid(
+                f"tensor names differ from the model (missing {missing}, unexpected {extra}, "
+                "or not listed once each in name order)"
+            )
+        for spec in header.tensors:
+            want_dtype, want_shape = self._expected[spec.name]
+            got = (spec.dtype, tuple(spec.shape))
+            if got != (want_dtype, tuple(want_shape)):
+                raise _invalid(
+                    f"tensor {spec.name}: expected {want_dtype} {list(want_shape)}, "
+                    f"got {spec.dtype} {list(spec.shape)}"
+                )
+        total = sum(_nbytes(*self._expected[name]) for name in self._names)
+        if header.total_bytes != total:
+            raise _invalid(f"stream declares {header.total_bytes} bytes, the tensors need {total}")
+        if not header.sender_id:
+            raise _invalid("header lacks the sender id")
+        self.header = header
+        self._buffer = bytearray(total)
+
+    def _add_chunk(self, chunk: pb.TensorChunk) -> None:
+        size = len(chunk.data)
+        if size > self._max_chunk:
+            raise UpdateRejected(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"chunk of {size} bytes, the limit is {self._max_chunk}",
+            )
+        if size == 0:
+            raise _invalid("empty chunk")
+        if chunk.offset != self._received:
+            raise _invalid(f"chunk at offset {chunk.offset}, expected {self._received}")
+        end = self._received + size
+        if end > len(self._buffer):
+            raise _invalid(f"data past the declared {len(self._buffer)} bytes")
+        self._buffer[self._received : end] = chunk.data
+        self._received = end
+
+    def finish(self, *, membership: Membership, kind: str) -> ReceivedTensors:
+        """Complete the checks (data, digest, claim, values); the decoded tensors."""
+        if kind not in SIGNER_ROLES:
+            raise ValueError(f"kind must be one of {', '.join(SIGNER_ROLES)}, got {kind!r}")
+        header, trailer = self.header, self._trailer
+        if header is None:
+            raise _invalid("empty stream")
+        if self._received != len(self._buffer):
+            raise _invalid(f"truncated stream: {self._received} of {len(self._buffer)} bytes")
+        if trailer is None:
+            raise _invalid("stream ended without a trailer")
+        layout = self._layout()
+        view = memoryview(self._buffer)
+        digest = _digest(
+            (name, dtype, shape, view[offset : offset + nbytes])
+            for name, dtype, shape, offset, nbytes in layout
+        )
+        if trailer.digest != digest:
+            raise _invalid("digest mismatch: the trailer's digest is not the data's")
+        sender = self._check_claim(header, trailer.claim, digest, membership, kind)
+        weights = OrderedDict(
+            (name, self._decode(dtype, shape, offset)) for name, dtype, shape, offset, _ in layout
+        )
+        for name, tensor in weights.items():
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                raise _invalid(f"tensor {name} has NaN or infinite values", sender=sender.node_id)
+        ordered = OrderedDict((name, weights[name]) for name in self._expected)
+        return ReceivedTensors(
+            header=header, weights=ordered, digest=digest, claim=trailer.claim, sender=sender
+        )
+
+    def _layout(self) -> list[tuple[str, str, tuple[int, ...], int, int]]:
+        """(name, dtype, shape, offset, nbytes) per tensor, in stream order."""
+        layout, offset = [], 0
+        for name in self._names:
+            dtype, shape = self._expected[name]
+            nbytes = _nbytes(dtype, tuple(shape))
+            layout.append((name, dtype, tuple(shape), offset, nbytes))
+            offset += nbytes
+        return layout
+
+    def _decode(self, dtype: str, shape: tuple[int, ...], offset: int) -> torch.Tensor:
+        count = math.prod(shape)
+        if count == 0:
+            return torch.empty(shape, dtype=_DTYPES[dtype])
+        array = np.frombuffer(self._buffer, dtype=_NUMPY[dtype], count=count, offset=offset)
+        if not array.dtype.isnative:
+            array = array.astype(array.dtype.newbyteorder("="))
+        return torch.from_numpy(array).reshape(shape)
+
+    def _check_claim(
+        self,
+        header: pb.TensorStreamHeader,
+        claim: pb.Envelope,
+        digest: bytes,
+        membership: Membership,
+        kind: str,
+    ) -> NodeInfo:
+        try:
+            signer = verify_envelope(
+                claim, membership, expected_kind=kind, allowed_roles=SIGNER_ROLES[kind]
+            )
+        except AuthError as exc:
+            raise UpdateRejected(_AUTH_CODES[exc.reason], str(exc)) from exc
+        if signer.node_id != header.sender_id:
+            raise UpdateRejected(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"stream from {header.sender_id!r} is signed by {signer.node_id}",
+            )
+        expected = claim_bytes(
+            round=header.round,
+            sender_id=header.sender_id,
+            base_digest=header.base_digest,
+            digest=digest,
+            num_samples=header.num_samples,
+        )
+        if claim.payload != expected:
+            raise UpdateRejected(
+                grpc.StatusCode.UNAUTHENTICATED,
+                "the signed claim does not match this stream (round, base, digest or samples)",
+            )
+        return signer
+
+
+def receive_tensor_stream(
+    parts: Iterable[pb.TensorStreamPart],
+    *,
+    expected: ModelSpec,
+    membership: Membership,
+    kind: str,
+    max_total_bytes: int,
+    max_chunk_bytes: int = CHUNK_BYTES,
+) -> ReceivedTensors:
+    """Feed a whole (synchronous) stream to a :class:`TensorStreamReceiver` and finish it."""
+    receiver = TensorStreamReceiver(
+        expected=expected, max_total_bytes=max_total_bytes, max_chunk_bytes=max_chunk_bytes
+    )
+    for part in parts:
+        receiver.add(part)
+    return receiver.finish(membership=membership, kind=kind)
