@@ -325,6 +325,79 @@ def simulate(metrics_out: str | None, plot: str | None, quiet: bool, **kwargs: A
     )
 
 
+@main.group()
+def network() -> None:
+    """Set up a network of node daemons: one server, n = 3f+1 miners, K clients."""
+
+
+@network.command("init")
+@_run_options
+@click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(file_okay=False),
+    required=True,
+    help="directory for genesis.toml and keys/",
+)
+@click.option(
+    "--miners",
+    type=int,
+    default=4,
+    show_default=True,
+    help="number of miners n = 3f+1 (tolerates f faulty ones)",
+)
+@click.option(
+    "--host-map",
+    type=click.Path(exists=True, dir_okay=False),
+    default=None,
+    help="TOML (or .json) table: node id, role or 'default' -> host or host:port "
+    "[default: every node on 127.0.0.1]",
+)
+@click.option(
+    "--base-port",
+    type=int,
+    default=50051,
+    show_default=True,
+    help="first port; nodes without a port in --host-map get sequential ports",
+)
+@click.option("--force", is_flag=True, help="replace an existing genesis and its keys")
+def network_init(
+    out_dir: str, miners: int, host_map: str | None, base_port: int, force: bool, **kwargs: Any
+) -> None:
+    """Write OUT/genesis.toml and a key file per node (OUT/keys/<id>.key, mode 0600).
+
+    The run options define the federated run every node will follow; the
+    genesis also holds protocol parameters (timeouts, chunk size) that can be
+    edited before the network starts.
+    """
+    from node.genesis import GenesisError, init_network, load_host_map
+
+    config = _config(kwargs)
+    out = Path(out_dir)
+    try:
+        hosts = load_host_map(Path(host_map)) if host_map else {}
+        genesis = init_network(
+            out, run=config, miners=miners, base_port=base_port, hosts=hosts, force=force
+        )
+    except (GenesisError, OSError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    members = genesis.membership
+    click.echo(
+        f"wrote {out / 'genesis.toml'} (network {genesis.digest.hex()[:16]}): 1 server, "
+        f"{len(members.miners)} miners (f = {genesis.protocol.f}), {len(members.clients)} clients"
+    )
+    click.echo(f"keys in {out / 'keys'}/ (mode 0600): give each node only its own key")
+    for label, nodes in (
+        ("server", members.servers),
+        ("miners", members.miners),
+        ("clients", members.clients),
+    ):
+        first, last = nodes[0], nodes[-1]
+        ids = first.node_id if first is last else f"{first.node_id} .. {last.node_id}"
+        addresses = first.address if first is last else f"{first.address} .. {last.address}"
+        click.echo(f"  {label:<8} {ids:<28} {addresses}")
+
+
 @main.command()
 @click.argument("metrics", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
 @click.option("--out", type=click.Path(dir_okay=False), required=True, help="PNG to write")
