@@ -398,6 +398,160 @@ def network_init(
         click.echo(f"  {label:<8} {ids:<28} {addresses}")
 
 
+@network.command("up")
+@_run_options
+@click.option("--miners", type=int, default=4, show_default=True, help="n = 3f+1 miners")
+@click.option(
+    "--client-procs",
+    type=int,
+    default=2,
+    show_default=True,
+    help="OS processes the clients are spread over",
+)
+@click.option(
+    "--run-dir",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="where genesis, keys, logs and chains go [default: a new folder under ./runs/]",
+)
+@click.option(
+    "--round-deadline",
+    type=float,
+    default=60.0,
+    show_default=True,
+    help="seconds the miners wait for selected clients' updates",
+)
+@click.option("--timeout", type=float, default=None, help="give up after this many seconds")
+@click.option("--metrics-out", type=click.Path(dir_okay=False), default=None)
+def network_up_command(
+    miners: int,
+    client_procs: int,
+    run_dir: str | None,
+    round_deadline: float,
+    timeout: float | None,
+    metrics_out: str | None,
+    **kwargs: Any,
+) -> None:
+    """Start a whole network on 127.0.0.1 (one OS process per node), run it, stop it."""
+    import time as _time
+
+    from node.genesis import GenesisError
+    from node.launcher import network_up
+    from node.runner import write_json_atomic
+
+    config = _config(kwargs)
+    if run_dir is None:
+        run_path = Path("runs") / _time.strftime("%Y%m%d-%H%M%S")
+        suffix = 1
+        while run_path.exists():
+            run_path = Path("runs") / f"{_time.strftime('%Y%m%d-%H%M%S')}-{suffix}"
+            suffix += 1
+    else:
+        run_path = Path(run_dir)
+    try:
+        doc = network_up(
+            config,
+            run_dir=run_path,
+            miners=miners,
+            client_procs=client_procs,
+            round_deadline_ms=int(round_deadline * 1000),
+            progress=lambda line: click.echo(line, err=True),
+            timeout=timeout,
+        )
+    except (GenesisError, RuntimeError, OSError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    except KeyboardInterrupt:
+        click.echo("interrupted; every node process was stopped", err=True)
+        sys.exit(130)
+    if metrics_out:
+        write_json_atomic(Path(metrics_out), doc)
+    heads = set(doc["chain_heads"].values())
+    click.echo(
+        f"final accuracy {doc['final_accuracy']:.4f}, best {doc['best_accuracy']:.4f}, "
+        f"{doc['total_seconds']:.1f} s; {len(doc['chain_heads'])} miners, "
+        f"{'one head' if len(heads) == 1 else 'DIFFERENT heads'}; run dir {run_path}"
+    )
+
+
+@main.command("node")
+@click.option("--role", type=click.Choice(["client", "miner", "server"]), required=True)
+@click.option("--genesis", "genesis_path", type=click.Path(dir_okay=False), required=True)
+@click.option("--key", "keys", multiple=True, type=click.Path(dir_okay=False), help="key file")
+@click.option(
+    "--key-dir",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="clients: host every client key in this folder",
+)
+@click.option("--data-dir", type=click.Path(file_okay=False), default=None)
+@click.option("--db", type=click.Path(dir_okay=False), default=None, help="miner chain (SQLite)")
+@click.option(
+    "--run-dir", type=click.Path(file_okay=False), default=None, help="state, blobs, checkpoints"
+)
+@click.option("--metrics-out", type=click.Path(dir_okay=False), default=None, help="server only")
+def node_command(
+    role: str,
+    genesis_path: str,
+    keys: tuple[str, ...],
+    key_dir: str | None,
+    data_dir: str | None,
+    db: str | None,
+    run_dir: str | None,
+    metrics_out: str | None,
+) -> None:
+    """Run one node daemon (or, for clients, several client identities) until SIGINT/SIGTERM."""
+    from node.roles import run_node
+
+    try:
+        run_node(
+            role=role,
+            genesis_path=Path(genesis_path),
+            keys=[Path(k) for k in keys],
+            key_dir=Path(key_dir) if key_dir else None,
+            data_dir=data_dir,
+            db=Path(db) if db else None,
+            run_dir=Path(run_dir) if run_dir else None,
+            metrics_out=Path(metrics_out) if metrics_out else None,
+        )
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
+@main.group()
+def chain() -> None:
+    """Inspect and audit a miner's chain (SQLite)."""
+
+
+@chain.command("show")
+@click.option("--db", type=click.Path(exists=True, dir_okay=False), required=True)
+@click.option("--height", type=int, default=None, help="only this block")
+def chain_show(db: str, height: int | None) -> None:
+    """Blocks, per-round selections and verdicts, reputations and privacy spent."""
+    from node.chaintools import show_chain
+
+    try:
+        for line in show_chain(Path(db), height=height):
+            click.echo(line)
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
+@chain.command("verify")
+@click.option("--db", type=click.Path(exists=True, dir_okay=False), required=True)
+@click.option("--genesis", "genesis_path", type=click.Path(dir_okay=False), required=True)
+def chain_verify(db: str, genesis_path: str) -> None:
+    """Check links, payload digests, commit certificates and record signatures."""
+    from node.chaintools import verify_chain_file
+
+    try:
+        ok, message = verify_chain_file(Path(db), Path(genesis_path))
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(message)
+    if not ok:
+        sys.exit(1)
+
+
 @main.command()
 @click.argument("metrics", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
 @click.option("--out", type=click.Path(dir_okay=False), required=True, help="PNG to write")

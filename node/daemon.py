@@ -1,0 +1,138 @@
+"""What every daemon shares: logging, the Node and health services, signals, chain records.
+
+A daemon is ``serve(role_node)``: start a ``grpc.aio`` server on the node's
+genesis address with the role's servicers, the ``Node`` status service and
+the standard gRPC health service, run the role's driver, and stop cleanly
+(grace period, stores closed) on SIGINT or SIGTERM.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from consensus.ledger import Request
+from node.genesis import Membership
+from node.identity import Identity, signing_tag, verify_signature
+from node.records import Record, encode_operation, record_kind_name
+from proto import llbcfl_pb2 as pb
+
+ROLE_ENUM = {"client": pb.ROLE_CLIENT, "miner": pb.ROLE_MINER, "server": pb.ROLE_SERVER}
+GRPC_OPTIONS = [
+    ("grpc.max_send_message_length", 4 << 20),
+    ("grpc.max_receive_message_length", 4 << 20),
+]
+
+
+class NodeLog:
+    """Log lines prefixed with ``[node-id r<round>]``."""
+
+    def __init__(self, node_id: str, log_file: Path | None = None) -> None:
+        self.node_id = node_id
+        self.round = 0
+        self._logger = logging.getLogger(f"llbcfl.{node_id}")
+        self._logger.setLevel(logging.INFO)
+        self._logger.propagate = False
+        if not self._logger.handlers:
+            handler: logging.Handler = (
+                logging.FileHandler(log_file) if log_file else logging.StreamHandler(sys.stderr)
+            )
+            handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+            self._logger.addHandler(handler)
+
+    def _fmt(self, message: str) -> str:
+        return f"[{self.node_id} r{self.round}] {message}"
+
+    def info(self, message: str) -> None:
+        self._logger.info(self._fmt(message))
+
+    def warning(self, message: str) -> None:
+        self._logger.warning(self._fmt("WARNING " + message))
+
+    def error(self, message: str) -> None:
+        self._logger.error(self._fmt("ERROR " + message))
+
+
+def record_verifier(membership: Membership) -> Callable[[str, str, str, bytes, bytes], bool]:
+    """``ChainState.check_block(verify=...)``: the submitter's signature over the record."""
+
+    def verify(node_id: str, role: str, kind: str, operation: bytes, signature: bytes) -> bool:
+        node = membership.get(node_id)
+        if node is None or node.role != role:
+            return False
+        return verify_signature(node.public_key, signing_tag(kind) + operation, signature)
+
+    return verify
+
+
+def roles_of(membership: Membership) -> dict[str, str]:
+    return {n.node_id: n.role for n in membership}
+
+
+def signed_record(identity: Identity, record: Record, *, timestamp: int) -> pb.Envelope:
+    """The envelope a node submits to the miners (``Miner.Submit``)."""
+    operation = encode_operation(record, timestamp=timestamp)
+    return identity.sign(record_kind_name(record), operation)
+
+
+def envelope_request(envelope: pb.Envelope, node_id: str) -> Request:
+    """The consensus request for a submitted envelope (its timestamp is inside the payload)."""
+    timestamp = int.from_bytes(envelope.payload[:8], "big") if len(envelope.payload) >= 8 else 0
+    return Request(node_id, timestamp, bytes(envelope.payload), bytes(envelope.signature))
+
+
+class NodeStatusServicer:
+    """``Node.Status`` from a callable returning (round, height, head hash)."""
+
+    def __init__(
+        self, *, node_id: str, role: str, genesis_digest: bytes, status: Callable[[], tuple]
+    ) -> None:
+        self._node_id = node_id
+        self._role = ROLE_ENUM[role]
+        self._genesis = genesis_digest
+        self._status = status
+
+    async def Status(self, request: pb.StatusRequest, context: Any) -> pb.NodeStatus:
+        rnd, height, head = self._status()
+        return pb.NodeStatus(
+            node_id=self._node_id,
+            role=self._role,
+            round=rnd,
+            chain_height=height,
+            head_hash=head,
+            genesis_digest=self._genesis,
+        )
+
+
+def add_health(server: grpc.aio.Server) -> health.HealthServicer:
+    servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    return servicer
+
+
+def channel(address: str) -> grpc.aio.Channel:
+    return grpc.aio.insecure_channel(address, options=GRPC_OPTIONS)
+
+
+async def run_until_signal(
+    main: Callable[[asyncio.Event], Awaitable[None]], *, log: NodeLog | None = None
+) -> None:
+    """Run ``main(stop)``; SIGINT/SIGTERM set ``stop`` (main must return soon after)."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await main(stop)
+    finally:
+        if log is not None:
+            log.info("stopped")

@@ -1,0 +1,238 @@
+"""``network up``: a whole network as local OS processes on 127.0.0.1.
+
+Creates the run directory (genesis.toml, keys/, one folder per node with its
+log, and chain.db for miners), starts the server, the miners and the client
+processes through ``cli.py node``, follows the server's progress, writes the
+metrics document of ``simulate`` plus ``chain_heads`` (head hash per miner),
+and stops every process it started, by pid, when done, on error or on
+Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from fl.attacks import choose_malicious
+from fl.config import RunConfig
+from fl.rounds import client_id
+from fl.seeds import numpy_generator
+from node.genesis import Genesis, ProtocolParams, init_network, key_path, node_ids
+from proto import llbcfl_pb2 as pb
+from proto import llbcfl_pb2_grpc as pb_grpc
+
+CLI = Path(__file__).resolve().parent.parent / "cli.py"
+
+
+def free_ports(count: int) -> list[int]:
+    """``count`` distinct ports the OS reports free on 127.0.0.1 right now."""
+    sockets = []
+    try:
+        for _ in range(count):
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s.bind(("127.0.0.1", 0))
+            sockets.append(s)
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+@dataclass
+class NodeProcess:
+    name: str
+    command: list[str]
+    directory: Path
+    process: subprocess.Popen | None = None
+    log: Any = field(default=None, repr=False)
+
+    def start(self) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.log = open(self.directory / "log", "ab")  # noqa: SIM115 - closed in stop()
+        self.process = subprocess.Popen(
+            self.command, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid if self.process else None
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def stop(self, timeout: float = 10.0) -> None:
+        if self.process is not None and self.process.poll() is None:
+            os.kill(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.kill(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+        if self.log is not None:
+            self.log.close()
+            self.log = None
+
+
+def plan_network(
+    run_dir: Path, config: RunConfig, *, miners: int, round_deadline_ms: int
+) -> Genesis:
+    plan = node_ids(miners=miners, clients=config.clients)
+    ports = free_ports(len(plan))
+    hosts = {node_id: f"127.0.0.1:{port}" for (node_id, _), port in zip(plan, ports, strict=True)}
+    protocol = ProtocolParams(round_deadline_ms=round_deadline_ms)
+    return init_network(run_dir, run=config, miners=miners, hosts=hosts, protocol=protocol)
+
+
+def node_commands(
+    genesis: Genesis, run_dir: Path, *, client_procs: int, data_dir: str | None
+) -> list[NodeProcess]:
+    base = [sys.executable, str(CLI), "node", "--genesis", str(run_dir / "genesis.toml")]
+    if data_dir:
+        base += ["--data-dir", data_dir]
+    members = genesis.membership
+    procs = []
+    server = members.server.node_id
+    procs.append(
+        NodeProcess(
+            server,
+            [
+                *base,
+                "--role",
+                "server",
+                "--key",
+                str(key_path(run_dir, server)),
+                "--run-dir",
+                str(run_dir / server),
+                "--metrics-out",
+                str(run_dir / server / "metrics.json"),
+            ],
+            run_dir / server,
+        )
+    )
+    for miner in members.miners:
+        d = run_dir / miner.node_id
+        procs.append(
+            NodeProcess(
+                miner.node_id,
+                [
+                    *base,
+                    "--role",
+                    "miner",
+                    "--key",
+                    str(key_path(run_dir, miner.node_id)),
+                    "--run-dir",
+                    str(d),
+                    "--db",
+                    str(d / "chain.db"),
+                ],
+                d,
+            )
+        )
+    clients = [c.node_id for c in members.clients]
+    groups = max(1, min(client_procs, len(clients)))
+    for g in range(groups):
+        ids = clients[g::groups]
+        name = f"clients-{g}"
+        keys = [arg for cid in ids for arg in ("--key", str(key_path(run_dir, cid)))]
+        procs.append(
+            NodeProcess(
+                name,
+                [*base, "--role", "client", *keys, "--run-dir", str(run_dir / name)],
+                run_dir / name,
+            )
+        )
+    return procs
+
+
+def miner_heads(genesis: Genesis) -> dict[str, tuple[int, str]]:
+    """(height, head hash hex) per reachable miner."""
+    heads = {}
+    for miner in genesis.membership.miners:
+        try:
+            with grpc.insecure_channel(miner.address) as ch:
+                status = pb_grpc.NodeStub(ch).Status(pb.StatusRequest(), timeout=2)
+            heads[miner.node_id] = (status.chain_height, status.head_hash.hex())
+        except grpc.RpcError:
+            continue
+    return heads
+
+
+def converged_heads(genesis: Genesis, *, timeout: float = 20.0) -> dict[str, str]:
+    """Head hash per live miner, once they agree (or the timeout passes)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        heads = miner_heads(genesis)
+        if len({h for h in heads.values()}) <= 1 or time.monotonic() > deadline:
+            return {k: v[1] for k, v in sorted(heads.items())}
+        time.sleep(0.2)  # polling other processes' chains; not a test race
+
+
+def network_up(
+    config: RunConfig,
+    *,
+    run_dir: Path,
+    miners: int,
+    client_procs: int,
+    round_deadline_ms: int,
+    progress: Callable[[str], None],
+    timeout: float | None = None,
+    on_started: Callable[[list[NodeProcess]], None] | None = None,
+) -> dict[str, Any]:
+    """Run the network to the end; return the metrics document (also in run_dir/metrics.json)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    genesis = plan_network(run_dir, config, miners=miners, round_deadline_ms=round_deadline_ms)
+    procs = node_commands(genesis, run_dir, client_procs=client_procs, data_dir=config.data_dir)
+    (run_dir / "pids.json").write_text(json.dumps({p.name: None for p in procs}))
+    metrics_path = run_dir / "server" / "metrics.json"
+    progress_path = run_dir / "server" / "progress.json"
+    try:
+        for p in procs:
+            p.start()
+        (run_dir / "pids.json").write_text(json.dumps({p.name: p.pid for p in procs}))
+        progress(f"started {len(procs)} processes in {run_dir}")
+        if on_started is not None:
+            on_started(procs)
+        server = procs[0]
+        start = time.monotonic()
+        shown = 0
+        while not metrics_path.exists():
+            if not server.alive():
+                raise RuntimeError(f"the server exited early; see {server.directory / 'log'}")
+            if timeout is not None and time.monotonic() - start > timeout:
+                raise RuntimeError(f"the network did not finish within {timeout:.0f} s")
+            if progress_path.exists():
+                try:
+                    info = json.loads(progress_path.read_text())
+                except ValueError:
+                    info = None
+                if info and info["round"] > shown:
+                    shown = info["round"]
+                    progress(f"round {shown}/{config.rounds}: test accuracy {info['accuracy']:.4f}")
+            time.sleep(0.2)  # following child processes; not a test race
+        doc = json.loads(metrics_path.read_text())
+        ids = [client_id(i) for i in range(config.clients)]
+        doc["config"]["malicious_clients"] = choose_malicious(
+            ids, fraction=config.malicious, rng=numpy_generator(config.seed, "malicious")
+        )
+        doc["chain_heads"] = converged_heads(genesis)
+        doc["run_dir"] = str(run_dir)
+        from node.runner import write_json_atomic
+
+        write_json_atomic(run_dir / "metrics.json", doc)
+        return doc
+    finally:
+        for p in reversed(procs):
+            with contextlib.suppress(OSError):
+                p.stop()

@@ -1,0 +1,591 @@
+"""The miner daemon: a PBFT replica over gRPC, update intake, validation, state transfer.
+
+The replica (``consensus.replica.Replica``) is driven exactly as
+docs/CONSENSUS.md says: ``step`` for every PBFT message from a peer,
+``tick`` on a timer of ``protocol.tick_ms``, ``propose`` for submitted
+records; each ``Ready`` is persisted (``BlockStore``, SQLite) before its
+messages are sent. The application side is :class:`node.records.ChainState`
+plus what needs tensors: the update blobs (:class:`node.offchain.BlobStore`)
+and the recomputed global models (:class:`node.offchain.GlobalModels`).
+
+Round r at a miner: once the selection of r is committed, selected clients
+upload their updates (``SubmitUpdate``); when every selected client has
+uploaded, or the round deadline passed, the miner validates the round's
+updates (``fl.rounds.validate_round``, the simulator's call) and submits a
+verdict record. The first verdict record of a round that commits counts;
+every replica re-validates the same blobs before voting for it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import torch
+
+from consensus.canonical import MalformedMessage
+from consensus.ledger import Block, Request
+from consensus.messages import Forward, PrePrepare, decode_message
+from consensus.replica import Replica
+from consensus.store import BlockStore
+from fl.data import Split, load_mnist, resolve_data_root
+from fl.models import build_model
+from fl.rounds import validate_round
+from fl.seeds import torch_generator
+from node.daemon import (
+    NodeLog,
+    NodeStatusServicer,
+    add_health,
+    channel,
+    record_verifier,
+    roles_of,
+)
+from node.genesis import Genesis
+from node.identity import AuthError, Identity, pbft_signer, pbft_verifier, verify_envelope
+from node.offchain import BlobStore, GlobalModels, as_update, initial_spec
+from node.records import (
+    KIND_NAMES,
+    KIND_ROLES,
+    KIND_VERDICTS,
+    ChainState,
+    RoundSummary,
+    RoundVerdicts,
+    UpdateRecord,
+    decode_operation,
+    encode_operation,
+    record_kind_name,
+    verdicts_agree,
+    verdicts_timestamp,
+)
+from node.tensors import (
+    UPDATE_KIND,
+    TensorStreamReceiver,
+    UpdateRejected,
+    receive_tensor_stream,
+    relay_stream,
+)
+from proto import llbcfl_pb2 as pb
+from proto import llbcfl_pb2_grpc as pb_grpc
+
+PEER_QUEUE = 10_000
+KIND_BY_NAME = {name: kind for kind, name in KIND_NAMES.items()}
+
+
+class PeerLink:
+    """Outgoing PBFT messages to one peer over a long-lived ``Deliver`` stream."""
+
+    def __init__(self, address: str) -> None:
+        self.address = address
+        self.queue: asyncio.Queue[bytes] = asyncio.Queue(PEER_QUEUE)
+        self._task: asyncio.Task | None = None
+
+    def send(self, data: bytes) -> None:
+        with contextlib.suppress(asyncio.QueueFull):
+            self.queue.put_nowait(data)  # PBFT retransmits what is dropped
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def _messages(self) -> AsyncIterator[pb.PbftMessage]:
+        while True:
+            yield pb.PbftMessage(data=await self.queue.get())
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                async with channel(self.address) as ch:
+                    await pb_grpc.MinerStub(ch).Deliver(self._messages())
+            except grpc.aio.AioRpcError:
+                pass
+            await asyncio.sleep(0.2)  # reconnect backoff (not a test race)
+
+
+class Miner:
+    """Replica, chain state, blobs and models of one miner; the servicers call into it."""
+
+    def __init__(
+        self,
+        genesis: Genesis,
+        identity: Identity,
+        *,
+        db_path: Path,
+        run_dir: Path,
+        validation: Split,
+        log: NodeLog,
+    ) -> None:
+        self.genesis = genesis
+        self.config = genesis.run
+        self.identity = identity
+        self.log = log
+        members = genesis.membership
+        self.membership = members
+        me = members[identity.node_id]
+        if me.role != "miner" or me.public_key != identity.public_key or me.replica is None:
+            raise ValueError(f"{identity.node_id} is not a miner of this genesis")
+        self.index = me.replica
+        self.n = genesis.protocol.miners
+        self.verify_pbft = pbft_verifier(members)
+        self.verify_record = record_verifier(members)
+        self.roles = roles_of(members)
+        self.store = BlockStore(db_path, verify=self.verify_pbft, n=self.n)
+        if not self.store.verdict.ok:
+            log.warning(f"store truncated: {self.store.verdict.reason}")
+        self.state = ChainState(self.config, clients=tuple(c.node_id for c in members.clients))
+        for block in self.store.read_range(1, self.store.height() + 1):
+            self.state.apply_block(block)
+        self.spec = initial_spec(self.config)
+        self.blobs = BlobStore(
+            run_dir,
+            membership=members,
+            spec=self.spec,
+            max_bytes=genesis.protocol.max_stream_bytes,
+        )
+        self.models = GlobalModels(self.config)
+        self.validation = validation
+        self.scratch = build_model(self.config.model, generator=torch_generator(0, "scratch"))
+        self.replica = Replica(
+            replica_id=self.index,
+            n=self.n,
+            sign=pbft_signer(identity),
+            verify=self.verify_pbft,
+            validate=self._validate,
+            chain=self.store,
+            restored_view=self.store.load_view(),
+            timeout=genesis.protocol.view_timeout_ticks,
+        )
+        self.peers = {
+            m.replica: PeerLink(m.address) for m in members.miners if m.replica != self.index
+        }
+        self.submitted: set[int] = set()
+        self.opened_at: dict[int, float] = {}
+        self._own_verdicts: dict[tuple, dict[str, tuple[bool, str, float]]] = {}
+        self._fetching: set[bytes] = set()
+
+    # Consensus driving --------------------------------------------------------
+
+    def drain(self) -> None:
+        """Persist, send and apply everything the replica has ready."""
+        while self.replica.has_ready():
+            ready = self.replica.ready()
+            if ready.view is not None:
+                self.store.save_view(ready.view)
+            for block in ready.blocks:
+                self.store.append(block)
+            for dest, message in ready.messages:
+                data = message.encode()
+                targets = self.peers.values() if dest is None else [self.peers.get(dest)]
+                for peer in targets:
+                    if peer is not None:
+                        peer.send(data)
+            for committed in ready.committed:
+                self._apply(committed.block)
+            self.replica.advance()
+        rnd = self.state.current_round
+        if rnd and rnd not in self.opened_at:
+            self.opened_at[rnd] = asyncio.get_running_loop().time()
+            self.log.round = rnd
+            self.log.info(
+                f"round {rnd} open at height {self.state.height}: "
+                f"selected {list(self.state.selections[rnd].selected)}"
+            )
+
+    def _apply(self, block: Block) -> None:
+        if block.height == self.state.height + 1:
+            self.state.apply_block(block)
+
+    def _catch_up(self) -> None:
+        # The core validates block h+1 in the same step that executed h, before
+        # the caller has seen h in a Ready: apply those committed blocks first.
+        for committed in self.replica._out_committed:
+            self._apply(committed.block)
+
+    def _validate(self, block: Block) -> bool:
+        self._catch_up()
+        if block.header.previous_hash != self.state.head_hash:
+            self.log.warning(f"block {block.height} does not extend the applied chain")
+            return False
+        problem = self.state.check_block(
+            block,
+            verify=self.verify_record,
+            role_of=self.roles,
+            check_verdicts=self._check_verdicts,
+            check_summary=self._check_summary,
+        )
+        if problem:
+            self.log.warning(f"rejecting block {block.height}: {problem}")
+            return False
+        return True
+
+    def _check_summary(self, state: ChainState, record: RoundSummary) -> str:
+        digest = self.models.digest(record.round + 1, state, self.blobs)
+        if digest is None:
+            return f"cannot recompute the model after round {record.round} (missing blobs)"
+        if digest != record.model_digest:
+            return f"model digest of round {record.round} differs from the recomputed aggregate"
+        return ""
+
+    def _check_verdicts(self, state: ChainState, record: RoundVerdicts) -> str:
+        base = self.models.digest(record.round, state, self.blobs)
+        if base is None:
+            return f"no global model for round {record.round}"
+        for u in record.updates:
+            received = self.blobs.get(u.digest)
+            if received is None:
+                return f"{u.client}: update {u.digest.hex()[:12]} not held"
+            if (
+                received.sender.node_id != u.client
+                or received.round != record.round
+                or received.num_samples != u.n_samples
+                or received.base_digest != u.base_digest
+                or u.base_digest != base
+                or received.claim.signature != u.claim_signature
+            ):
+                return f"{u.client}: record does not match the signed update"
+        own = self._own_validation(state, record.round, [u.digest for u in record.updates])
+        return verdicts_agree(record, own)
+
+    def _own_validation(
+        self, state: ChainState, rnd: int, digests: list[bytes]
+    ) -> dict[str, tuple[bool, str, float]]:
+        key = (rnd, tuple(digests))
+        if key not in self._own_verdicts:
+            weights = self.models.weights(rnd, state, self.blobs)
+            assert weights is not None
+            updates = [as_update(self.blobs.get(d)) for d in digests]  # type: ignore[arg-type]
+            verdicts = validate_round(
+                self.config,
+                model=self.scratch,
+                global_weights=weights,
+                updates=updates,
+                validation=self.validation,
+            )
+            self._own_verdicts[key] = {
+                cid: (v.accepted, v.reason, math.nan if v.accuracy is None else v.accuracy)
+                for cid, v in verdicts.items()
+            }
+        return self._own_verdicts[key]
+
+    # Round work ----------------------------------------------------------------
+
+    def maybe_submit_verdicts(self) -> None:
+        """Submit this miner's verdict record once the round's uploads are complete."""
+        state = self.state
+        rnd = state.current_round
+        if rnd == 0 or rnd in self.submitted:
+            return
+        selection = state.selections[rnd]
+        have = self.blobs.by_round.get(rnd, {})
+        complete = all(cid in have for cid in selection.selected)
+        deadline = self.opened_at.get(rnd, math.inf) + self.genesis.protocol.round_deadline_ms / 1e3
+        if not complete and asyncio.get_running_loop().time() < deadline:
+            return
+        if self.models.weights(rnd, state, self.blobs) is None:
+            return
+        clients = sorted(cid for cid in have if cid in selection.selected)
+        digests = [have[cid] for cid in clients]
+        own = self._own_validation(state, rnd, digests)
+        updates = []
+        for cid, digest in zip(clients, digests, strict=True):
+            received = self.blobs.get(digest)
+            assert received is not None
+            accepted, reason, accuracy = own[cid]
+            updates.append(
+                UpdateRecord(
+                    cid,
+                    digest,
+                    received.base_digest,
+                    received.num_samples,
+                    accuracy,
+                    accepted,
+                    reason,
+                    received.claim.signature,
+                )
+            )
+        draft = RoundVerdicts(rnd, tuple(updates), (), (), ())
+        silent = tuple(sorted(set(selection.selected) - set(clients)))
+        draft = RoundVerdicts(rnd, tuple(updates), silent, (), ())
+        record = RoundVerdicts(
+            rnd,
+            tuple(updates),
+            silent,
+            state.reputations_after(rnd, draft),
+            state.privacy_after(draft),
+        )
+        operation = encode_operation(record, timestamp=verdicts_timestamp(rnd))
+        envelope = self.identity.sign(record_kind_name(record), operation)
+        self.submitted.add(rnd)
+        self.log.info(
+            f"verdicts: accepted {record.accepted}, rejected {sorted(record.rejected)}, "
+            f"silent {list(silent)}"
+        )
+        self.replica.propose(
+            Request(self.identity.node_id, verdicts_timestamp(rnd), operation, envelope.signature)
+        )
+
+    def wanted_blobs(self, message: Any) -> list[bytes]:
+        """Digests the verdict records of a PRE-PREPARE or FORWARD refer to that we lack.
+
+        The message waits until they are fetched from peers, so that the
+        replica validates (or, as primary, batches) with the blobs at hand.
+        """
+        wanted: list[bytes] = []
+        try:
+            if isinstance(message, PrePrepare):
+                requests = message.block.requests()
+            elif isinstance(message, Forward):
+                requests = [message.request]
+            else:
+                return []
+            for request in requests:
+                _, record = decode_operation(request.operation)
+                if isinstance(record, RoundVerdicts):
+                    wanted.extend(u.digest for u in record.updates)
+        except MalformedMessage:
+            return []
+        return self.blobs.missing(wanted)
+
+    def committed_missing_blobs(self) -> list[bytes]:
+        wanted = [u.digest for v in self.state.verdicts.values() for u in v.updates if u.accepted]
+        return self.blobs.missing(wanted)
+
+    async def fetch_blobs(self, digests: list[bytes], *, prefer: int | None = None) -> None:
+        """Fetch update blobs from peer miners (the client's signature is checked again)."""
+        order = sorted(self.peers, key=lambda i: (i != prefer, i))
+        for digest in digests:
+            if self.blobs.has(digest) or digest in self._fetching:
+                continue
+            self._fetching.add(digest)
+            try:
+                for peer in order:
+                    try:
+                        async with channel(self.peers[peer].address) as ch:
+                            stub = pb_grpc.MinerStub(ch)
+                            parts = [
+                                p
+                                async for p in stub.FetchUpdate(
+                                    pb.FetchUpdateRequest(digest=digest), timeout=10
+                                )
+                            ]
+                        received = receive_tensor_stream(
+                            parts,
+                            expected=self.spec,
+                            membership=self.membership,
+                            kind=UPDATE_KIND,
+                            max_total_bytes=self.genesis.protocol.max_stream_bytes,
+                        )
+                    except (grpc.aio.AioRpcError, UpdateRejected):
+                        continue
+                    if received.digest == digest:
+                        self.blobs.put(received)
+                        break
+            finally:
+                self._fetching.discard(digest)
+
+    def status(self) -> tuple[int, int, bytes]:
+        head = self.store.head()
+        rnd = max(self.state.selections, default=0)
+        return rnd, self.store.height(), head.digest if head is not None else b""
+
+
+class MinerServicer(pb_grpc.MinerServicer):
+    """Thin gRPC layer: converts, checks, maps errors to status codes, calls :class:`Miner`."""
+
+    def __init__(self, miner: Miner) -> None:
+        self.m = miner
+
+    async def Deliver(self, request_iterator: Any, context: Any) -> pb.Ack:
+        m = self.m
+        count = 0
+        async for item in request_iterator:
+            try:
+                message = decode_message(item.data)
+            except MalformedMessage as exc:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"malformed PBFT: {exc}")
+            missing = m.wanted_blobs(message)
+            if missing:
+                await m.fetch_blobs(missing, prefer=message.sender)
+            m.replica.step(message)
+            m.drain()
+            count += 1
+        return pb.Ack(received=count)
+
+    async def Submit(self, request: pb.Envelope, context: Any) -> pb.SubmitReceipt:
+        m = self.m
+        kind = KIND_BY_NAME.get(request.kind)
+        if kind is None or kind == KIND_VERDICTS:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, f"cannot submit {request.kind!r} records"
+            )
+        try:
+            signer = verify_envelope(
+                request, m.membership, expected_kind=request.kind, allowed_roles=(KIND_ROLES[kind],)
+            )
+        except AuthError as exc:
+            code = (
+                grpc.StatusCode.PERMISSION_DENIED
+                if exc.reason == "wrong-role"
+                else grpc.StatusCode.UNAUTHENTICATED
+            )
+            await context.abort(code, str(exc))
+        try:
+            timestamp, record = decode_operation(request.payload)
+        except MalformedMessage as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"malformed record: {exc}")
+        if kind != record.KIND:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "envelope kind != record kind")
+        req = Request(signer.node_id, timestamp, bytes(request.payload), bytes(request.signature))
+        if timestamp <= m.state.last_timestamp.get(signer.node_id, -1):
+            return pb.SubmitReceipt(accepted=True, reason="already committed")
+        problem = m.state.check_request(req, verify=m.verify_record, role_of=m.roles)
+        if problem:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, problem)
+        m.replica.propose(req)
+        m.drain()
+        return pb.SubmitReceipt(accepted=True)
+
+    async def SubmitUpdate(self, request_iterator: Any, context: Any) -> pb.UpdateReceipt:
+        m = self.m
+        protocol = m.genesis.protocol
+        receiver = TensorStreamReceiver(
+            expected=m.spec,
+            max_total_bytes=protocol.max_stream_bytes,
+            max_chunk_bytes=protocol.chunk_bytes,
+        )
+        try:
+            async for part in request_iterator:
+                receiver.add(part)
+            received = receiver.finish(membership=m.membership, kind=UPDATE_KIND)
+        except UpdateRejected as exc:
+            m.log.warning(f"refused update: {exc.reason}")
+            await context.abort(exc.code, exc.reason)
+        cid, rnd = received.sender.node_id, received.round
+        if rnd != m.state.current_round:
+            await context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"round {rnd} is not open for updates (open: {m.state.current_round})",
+            )
+        if cid not in m.state.selections[rnd].selected:
+            await context.abort(
+                grpc.StatusCode.PERMISSION_DENIED, f"{cid} is not selected in round {rnd}"
+            )
+        held = m.blobs.by_round.get(rnd, {}).get(cid)
+        if held is not None:
+            if held == received.digest:
+                return pb.UpdateReceipt(round=rnd, client_id=cid, digest=held)
+            await context.abort(
+                grpc.StatusCode.ALREADY_EXISTS, f"{cid} already sent an update for round {rnd}"
+            )
+        base = m.models.digest(rnd, m.state, m.blobs)
+        if base is None:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "global model not yet known")
+        if received.base_digest != base:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, "update not trained from this round's model"
+            )
+        if received.num_samples != m.state.registrations[cid].n_samples:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, "sample count differs from the registration"
+            )
+        m.blobs.put(received)
+        m.log.info(f"stored update of {cid} ({received.digest.hex()[:12]})")
+        m.maybe_submit_verdicts()
+        m.drain()
+        return pb.UpdateReceipt(round=rnd, client_id=cid, digest=received.digest)
+
+    async def FetchUpdate(self, request: pb.FetchUpdateRequest, context: Any) -> Any:
+        received = self.m.blobs.get(bytes(request.digest))
+        if received is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND, "no update with this digest")
+        for part in relay_stream(received, chunk_bytes=self.m.genesis.protocol.chunk_bytes):
+            yield part
+
+    async def FetchBlocks(self, request: pb.FetchBlocksRequest, context: Any) -> Any:
+        store = self.m.store
+        start = max(1, request.from_height)
+        top = store.height()
+        while start <= top:
+            stop = min(top + 1, start + 64)
+            for block in store.read_range(start, stop):
+                yield pb.BlockBytes(height=block.height, block=block.encode())
+            start = stop
+
+
+async def run_miner(
+    genesis: Genesis,
+    identity: Identity,
+    *,
+    db_path: Path,
+    run_dir: Path,
+    data_dir: str | None,
+    stop: asyncio.Event,
+    log: NodeLog,
+    ready_file: Path | None = None,
+) -> None:
+    config = genesis.run
+    torch.set_num_threads(config.threads)
+    splits = load_mnist(
+        resolve_data_root(data_dir or config.data_dir),
+        train_size=config.train_size,
+        val_size=config.val_size,
+        test_size=config.test_size,
+    )
+    miner = Miner(
+        genesis,
+        identity,
+        db_path=db_path,
+        run_dir=run_dir,
+        validation=splits.validation,
+        log=log,
+    )
+    server = grpc.aio.server(options=[("grpc.max_receive_message_length", 4 << 20)])
+    pb_grpc.add_MinerServicer_to_server(MinerServicer(miner), server)
+    pb_grpc.add_NodeServicer_to_server(
+        NodeStatusServicer(
+            node_id=identity.node_id,
+            role="miner",
+            genesis_digest=genesis.digest,
+            status=miner.status,
+        ),
+        server,
+    )
+    add_health(server)
+    address = genesis.membership[identity.node_id].address
+    server.add_insecure_port(address)
+    await server.start()
+    for peer in miner.peers.values():
+        peer.start()
+    log.info(f"miner replica {miner.index} listening on {address}, height {miner.store.height()}")
+    if ready_file is not None:
+        ready_file.write_text("ready\n")
+    tick = genesis.protocol.tick_ms / 1e3
+    ticks = 0
+    repair: asyncio.Task | None = None
+    try:
+        while not stop.is_set():
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(stop.wait(), tick)
+            miner.replica.tick()
+            miner.drain()
+            miner.maybe_submit_verdicts()
+            miner.drain()
+            ticks += 1
+            if ticks % 20 == 0:
+                missing = miner.committed_missing_blobs()
+                if missing and (repair is None or repair.done()):
+                    repair = asyncio.create_task(miner.fetch_blobs(missing))
+    finally:
+        await server.stop(1.0)
+        for peer in miner.peers.values():
+            await peer.stop()
+        miner.store.close()

@@ -1,0 +1,85 @@
+"""``cli.py node``: load the genesis and keys, then run one role's daemon until a signal."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+from fl.data import DataError
+from node.daemon import NodeLog, run_until_signal
+from node.genesis import GenesisError, read_genesis
+from node.identity import KeyFileError, load_identity
+
+
+def run_node(
+    *,
+    role: str,
+    genesis_path: Path,
+    keys: list[Path],
+    key_dir: Path | None,
+    data_dir: str | None,
+    db: Path | None,
+    run_dir: Path | None,
+    metrics_out: Path | None,
+) -> None:
+    """Raise ValueError with a plain message on any configuration problem."""
+    try:
+        genesis = read_genesis(genesis_path)
+        paths = list(keys) + (sorted(key_dir.glob("*.key")) if key_dir else [])
+        identities = [load_identity(p) for p in paths]
+    except (GenesisError, KeyFileError) as exc:
+        raise ValueError(str(exc)) from exc
+    if role == "client" and key_dir:
+        identities = [i for i in identities if i.role == "client"]
+    if not identities:
+        raise ValueError("give at least one --key (or --key-dir for clients)")
+    wrong = [i.node_id for i in identities if i.role != role]
+    if wrong:
+        raise ValueError(f"keys of other roles given to a {role}: {', '.join(wrong)}")
+    if role != "client" and len(identities) != 1:
+        raise ValueError(f"a {role} takes exactly one --key")
+    for ident in identities:
+        member = genesis.membership.get(ident.node_id)
+        if member is None or member.public_key != ident.public_key:
+            raise ValueError(f"{ident.node_id}'s key is not in {genesis_path}")
+    name = identities[0].node_id if len(identities) == 1 else f"clients({len(identities)})"
+    run_dir = run_dir or Path("runs") / "nodes" / name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    log = NodeLog(name)
+
+    async def main(stop: asyncio.Event) -> None:
+        if role == "miner":
+            from node.miner import run_miner
+
+            await run_miner(
+                genesis,
+                identities[0],
+                db_path=db or run_dir / "chain.db",
+                run_dir=run_dir,
+                data_dir=data_dir,
+                stop=stop,
+                log=log,
+            )
+        elif role == "server":
+            from node.server import run_server
+
+            await run_server(
+                genesis,
+                identities[0],
+                run_dir=run_dir,
+                data_dir=data_dir,
+                stop=stop,
+                log=log,
+                metrics_path=metrics_out or run_dir / "metrics.json",
+            )
+        else:
+            from node.client import run_clients
+
+            await run_clients(
+                genesis, identities, run_dir=run_dir, data_dir=data_dir, stop=stop, log=log
+            )
+
+    try:
+        asyncio.run(run_until_signal(main, log=log))
+    except DataError as exc:
+        raise ValueError(str(exc)) from exc

@@ -1,0 +1,375 @@
+"""The federated-learning server daemon: selection, model distribution, aggregation.
+
+Round r (DESIGN.md section 2): compute Algorithm 1 from the chain state
+(:meth:`node.records.ChainState.expected_selection`, the simulator's
+``select_round`` call) and submit it to the miners; once the selection is
+committed, send each selected client a signed ``start-round`` notice (the
+client downloads the model with ``Server.DownloadModel``); wait for the
+committed verdict record of r; fetch the accepted updates by digest from the
+miners (the receiver re-checks each client's signed claim and the digest);
+aggregate with ``fl.rounds.aggregate_round``; evaluate on the test split;
+checkpoint; submit the round summary and wait for it to commit.
+
+The server learns of commits by following the chain: it polls a miner's
+``FetchBlocks`` and accepts a block only with a valid commit certificate
+(2f+1 miner signatures, ``consensus.ledger.check_block``), so a single lying
+miner cannot make it act on an uncommitted block.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import grpc
+import torch
+
+from consensus.canonical import MalformedMessage
+from consensus.ledger import Block, check_block
+from fl.data import Split, load_mnist, resolve_data_root
+from fl.models import build_model
+from fl.seeds import torch_generator
+from fl.simulator import RoundRecord, metrics_document
+from fl.training import evaluate
+from fl.weights import set_weights
+from node.daemon import NodeLog, NodeStatusServicer, add_health, channel, signed_record
+from node.genesis import Genesis
+from node.identity import Identity, pbft_verifier, write_file_atomically
+from node.offchain import BlobStore, GlobalModels, initial_spec
+from node.records import (
+    ChainState,
+    Record,
+    RoundSummary,
+    selection_timestamp,
+    summary_timestamp,
+)
+from node.tensors import (
+    MODEL_KIND,
+    UPDATE_KIND,
+    UpdateRejected,
+    receive_tensor_stream,
+    tensor_stream,
+    weights_digest,
+)
+from proto import llbcfl_pb2 as pb
+from proto import llbcfl_pb2_grpc as pb_grpc
+
+POLL_SECONDS = 0.05
+
+
+class Server:
+    def __init__(
+        self, genesis: Genesis, identity: Identity, *, run_dir: Path, test: Split, log: NodeLog
+    ) -> None:
+        self.genesis = genesis
+        self.config = genesis.run
+        self.identity = identity
+        self.run_dir = run_dir
+        self.log = log
+        self.membership = genesis.membership
+        if self.membership.server.node_id != identity.node_id:
+            raise ValueError(f"{identity.node_id} is not this genesis's server")
+        self.verify = pbft_verifier(self.membership)
+        self.state = ChainState(
+            self.config, clients=tuple(c.node_id for c in self.membership.clients)
+        )
+        self.blocks: list[Block] = []
+        self.spec = initial_spec(self.config)
+        self.blobs = BlobStore(
+            None,
+            membership=self.membership,
+            spec=self.spec,
+            max_bytes=genesis.protocol.max_stream_bytes,
+        )
+        self.models = GlobalModels(self.config)
+        self.test = test
+        self.scratch = build_model(self.config.model, generator=torch_generator(0, "scratch"))
+        self.current: tuple[int, Any, bytes] | None = None  # round, weights, digest
+        self._miner_cursor = 0
+
+    # Chain following ------------------------------------------------------------
+
+    async def follow_chain(self, stop: asyncio.Event) -> None:
+        miners = self.membership.miners
+        while not stop.is_set():
+            miner = miners[self._miner_cursor % len(miners)]
+            try:
+                async with channel(miner.address) as ch:
+                    stub = pb_grpc.MinerStub(ch)
+                    while not stop.is_set():
+                        request = pb.FetchBlocksRequest(from_height=self.state.height + 1)
+                        async for item in stub.FetchBlocks(request, timeout=10):
+                            if not self._accept_block(item.block):
+                                raise ValueError("bad block")
+                        with contextlib.suppress(asyncio.TimeoutError):
+                            await asyncio.wait_for(stop.wait(), POLL_SECONDS)
+            except (grpc.aio.AioRpcError, ValueError):
+                self._miner_cursor += 1
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(stop.wait(), 0.2)
+
+    def _accept_block(self, data: bytes) -> bool:
+        try:
+            block = Block.decode(data)
+        except MalformedMessage:
+            return False
+        if block.height <= self.state.height:
+            return True
+        reason = check_block(
+            block,
+            previous_hash=self.state.head_hash,
+            height=self.state.height + 1,
+            verify=self.verify,
+            n=self.genesis.protocol.miners,
+        )
+        if reason:
+            self.log.warning(f"block {block.height} from a miner refused: {reason}")
+            return False
+        self.state.apply_block(block)
+        self.blocks.append(block)
+        return True
+
+    async def wait_for(self, condition: Callable[[], bool], stop: asyncio.Event) -> None:
+        while not condition():
+            if stop.is_set():
+                raise asyncio.CancelledError
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(stop.wait(), POLL_SECONDS)
+
+    # Talking to miners and clients -------------------------------------------------
+
+    async def submit(self, record: Record, *, timestamp: int) -> None:
+        envelope = signed_record(self.identity, record, timestamp=timestamp)
+
+        async def one(address: str) -> None:
+            try:
+                async with channel(address) as ch:
+                    await pb_grpc.MinerStub(ch).Submit(envelope, timeout=10)
+            except grpc.aio.AioRpcError as exc:
+                self.log.warning(f"submit to {address}: {exc.code().name} {exc.details()}")
+
+        await asyncio.gather(*(one(m.address) for m in self.membership.miners))
+
+    async def notify(self, rnd: int, selected: tuple[str, ...], digest: bytes) -> None:
+        deadline = self.genesis.protocol.round_deadline_ms
+        notice = pb.RoundNotice(round=rnd, model_digest=digest, deadline_ms=deadline)
+        envelope = self.identity.sign("start-round", notice.SerializeToString())
+
+        async def one(cid: str) -> None:
+            for _attempt in range(50):
+                try:
+                    async with channel(self.membership[cid].address) as ch:
+                        reply = await pb_grpc.ClientStub(ch).StartRound(envelope, timeout=10)
+                    if not reply.accepted:
+                        self.log.info(f"{cid} declines round {rnd}: {reply.reason}")
+                    return
+                except grpc.aio.AioRpcError:
+                    await asyncio.sleep(0.2)  # client still starting: retry with backoff
+            self.log.warning(f"{cid} unreachable for round {rnd}")
+
+        await asyncio.gather(*(one(cid) for cid in selected))
+
+    async def fetch_updates(self, digests: list[bytes]) -> None:
+        for digest in self.blobs.missing(digests):
+            for miner in self.membership.miners:
+                try:
+                    async with channel(miner.address) as ch:
+                        stub = pb_grpc.MinerStub(ch)
+                        request = pb.FetchUpdateRequest(digest=digest)
+                        parts = [p async for p in stub.FetchUpdate(request, timeout=30)]
+                    received = receive_tensor_stream(
+                        parts,
+                        expected=self.spec,
+                        membership=self.membership,
+                        kind=UPDATE_KIND,
+                        max_total_bytes=self.genesis.protocol.max_stream_bytes,
+                    )
+                except (grpc.aio.AioRpcError, UpdateRejected) as exc:
+                    self.log.warning(f"fetch {digest.hex()[:12]} from {miner.node_id}: {exc}")
+                    continue
+                if received.digest == digest:
+                    self.blobs.put(received)
+                    break
+            else:
+                raise RuntimeError(f"no miner holds update {digest.hex()}")
+
+    # The rounds ------------------------------------------------------------------
+
+    def checkpoint(self, rnd: int, weights: Any) -> None:
+        path = self.run_dir / "checkpoints" / f"round-{rnd:04d}.pt"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        buffer = __import__("io").BytesIO()
+        torch.save({"round": rnd, "weights": dict(weights)}, buffer)
+        write_file_atomically(path, buffer.getvalue(), mode=0o644)
+
+    async def run_round(self, rnd: int, stop: asyncio.Event) -> None:
+        state = self.state
+        self.log.round = rnd
+        if rnd not in state.selections:
+            await self.wait_for(lambda: state.last_summarised == rnd - 1, stop)
+            selection = state.expected_selection(rnd)
+            self.log.info(f"selecting {list(selection.selected)}")
+            await self.submit(selection, timestamp=selection_timestamp(rnd))
+            await self.wait_for(lambda: rnd in state.selections, stop)
+        selection = state.selections[rnd]
+        weights = self.models.weights(rnd, state, self.blobs)
+        assert weights is not None
+        digest = weights_digest(weights)
+        self.current = (rnd, weights, digest)
+        if rnd not in state.verdicts:
+            await self.notify(rnd, selection.selected, digest)
+            await self.wait_for(lambda: rnd in state.verdicts, stop)
+        verdicts = state.verdicts[rnd]
+        self.log.info(f"verdicts committed: accepted {verdicts.accepted}")
+        await self.fetch_updates([u.digest for u in verdicts.updates if u.accepted])
+        new_weights = self.models.weights(rnd + 1, state, self.blobs)
+        assert new_weights is not None
+        set_weights(self.scratch, new_weights)
+        loss, acc = evaluate(self.scratch, self.test.x, self.test.y)
+        self.checkpoint(rnd, new_weights)
+        if rnd not in state.summaries:
+            summary = RoundSummary(rnd, weights_digest(new_weights), acc, loss)
+            await self.submit(summary, timestamp=summary_timestamp(rnd))
+            await self.wait_for(lambda: rnd in state.summaries, stop)
+        self.log.info(f"test accuracy {acc:.4f}")
+
+    def round_record(self, rnd: int, seconds: float) -> RoundRecord:
+        selection = self.state.selections[rnd]
+        verdicts = self.state.verdicts[rnd]
+        summary = self.state.summaries[rnd]
+        extra: dict[str, Any] = {
+            "declined": list(selection.declined),
+            "silent": list(verdicts.silent),
+        }
+        if self.config.reputation:
+            extra["reputation"] = {k: round(v, 6) for k, v in verdicts.reputations}
+        extra["block_height"] = self.state.record_heights.get(("chain-summary", rnd))
+        return RoundRecord(
+            round=rnd,
+            accuracy=summary.accuracy,
+            loss=summary.loss,
+            selected=list(selection.selected),
+            accepted=sorted(verdicts.accepted),
+            rejected=dict(sorted(verdicts.rejected.items())),
+            epsilon_spent_max=(
+                max(v for _, v in verdicts.privacy) if self.config.dp != "none" else None
+            ),
+            seconds=seconds,
+            extra=extra,
+        )
+
+    async def drive(self, stop: asyncio.Event, metrics_path: Path) -> dict[str, Any]:
+        start = time.perf_counter()
+        self.log.info("waiting for every client to register")
+        await self.wait_for(lambda: self.state.all_registered, stop)
+        records = []
+        for rnd in range(1, self.config.rounds + 1):
+            t0 = time.perf_counter()
+            await self.run_round(rnd, stop)
+            records.append(self.round_record(rnd, time.perf_counter() - t0))
+            progress = {"round": rnd, "accuracy": records[-1].accuracy}
+            (self.run_dir / "progress.json").write_text(__import__("json").dumps(progress))
+        malicious = sorted(
+            c.node_id for c in self.membership.clients if False
+        )  # the server does not know who attacks; network up fills this in
+        doc = metrics_document(
+            self.config,
+            records,
+            total_seconds=time.perf_counter() - start,
+            malicious_clients=malicious,
+        )
+        from node.runner import write_json_atomic
+
+        write_json_atomic(metrics_path, doc)
+        self.log.info(f"done: final accuracy {records[-1].accuracy:.4f}, metrics {metrics_path}")
+        return doc
+
+
+class ServerServicer(pb_grpc.ServerServicer):
+    def __init__(self, server: Server) -> None:
+        self.s = server
+
+    async def DownloadModel(self, request: pb.ModelRequest, context: Any) -> Any:
+        current = self.s.current
+        if current is None or request.round != current[0]:
+            await context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION, f"round {request.round} is not open"
+            )
+        rnd, weights, _digest = current
+        if request.client_id not in self.s.state.selections[rnd].selected:
+            await context.abort(
+                grpc.StatusCode.PERMISSION_DENIED, f"{request.client_id} is not selected"
+            )
+        for part in tensor_stream(
+            weights,
+            identity=self.s.identity,
+            kind=MODEL_KIND,
+            round=rnd,
+            chunk_bytes=self.s.genesis.protocol.chunk_bytes,
+        ):
+            yield part
+
+
+async def run_server(
+    genesis: Genesis,
+    identity: Identity,
+    *,
+    run_dir: Path,
+    data_dir: str | None,
+    stop: asyncio.Event,
+    log: NodeLog,
+    metrics_path: Path,
+    exit_when_done: bool = True,
+) -> None:
+    config = genesis.run
+    torch.set_num_threads(config.threads)
+    splits = load_mnist(
+        resolve_data_root(data_dir or config.data_dir),
+        train_size=config.train_size,
+        val_size=config.val_size,
+        test_size=config.test_size,
+    )
+    server_state = Server(genesis, identity, run_dir=run_dir, test=splits.test, log=log)
+    server = grpc.aio.server()
+    pb_grpc.add_ServerServicer_to_server(ServerServicer(server_state), server)
+    pb_grpc.add_NodeServicer_to_server(
+        NodeStatusServicer(
+            node_id=identity.node_id,
+            role="server",
+            genesis_digest=genesis.digest,
+            status=lambda: (
+                server_state.current[0] if server_state.current else 0,
+                server_state.state.height,
+                server_state.state.head_hash if server_state.state.height else b"",
+            ),
+        ),
+        server,
+    )
+    add_health(server)
+    address = genesis.membership[identity.node_id].address
+    server.add_insecure_port(address)
+    await server.start()
+    log.info(f"server listening on {address}")
+    follower = asyncio.create_task(server_state.follow_chain(stop))
+    try:
+        driver = asyncio.create_task(server_state.drive(stop, metrics_path))
+        stopper = asyncio.create_task(stop.wait())
+        done, _ = await asyncio.wait({driver, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        if driver in done:
+            driver.result()
+            if not exit_when_done:
+                await stop.wait()
+        else:
+            driver.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await driver
+        stopper.cancel()
+    finally:
+        stop.set()
+        with contextlib.suppress(asyncio.CancelledError):
+            await follower
+        await server.stop(1.0)
