@@ -1,0 +1,248 @@
+"""The Miner service on a real grpc.aio server (127.0.0.1, port 0): what it refuses.
+
+Every refusal answers with its gRPC status and stores nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+import torch
+
+from fl.config import RunConfig
+from fl.data import Split
+from node.daemon import NodeLog, signed_record
+from node.genesis import Genesis
+from node.identity import Identity
+from node.miner import Miner, MinerServicer
+from node.offchain import initial_weights
+from node.records import Registration, RoundSummary, selection_timestamp
+from node.tensors import tensor_stream, weights_digest
+from proto import llbcfl_pb2 as pb
+from proto import llbcfl_pb2_grpc as pb_grpc
+
+CONFIG = RunConfig(clients=3, frac=0.67, rounds=2, model="mlp", val_size=20, test_size=20)
+
+
+@pytest.fixture
+def small_genesis(genesis: Genesis) -> Genesis:
+    return Genesis(
+        protocol=genesis.protocol, selection=genesis.selection, run=CONFIG, nodes=genesis.nodes
+    )
+
+
+@pytest.fixture
+def miner(small_genesis: Genesis, identities: dict[str, Identity], tmp_path: Path) -> Miner:
+    validation = Split(x=torch.zeros(20, 1, 28, 28), y=torch.zeros(20, dtype=torch.int64))
+    m = Miner(
+        small_genesis,
+        identities["miner-1"],
+        db_path=tmp_path / "chain.db",
+        run_dir=tmp_path,
+        validation=validation,
+        log=NodeLog("miner-1", tmp_path / "log"),
+    )
+    for c in small_genesis.membership.clients:
+        m.state.apply_record(c.node_id, Registration(c.node_id, 100, (0, 1), 1.0, 0.32, 4, 0.0))
+    m.state.apply_record("server", m.state.expected_selection(1))
+    yield m
+    m.store.close()
+
+
+def run_with_miner(miner: Miner, body: Callable[[Any], Awaitable[None]]) -> None:
+    async def main() -> None:
+        server = grpc.aio.server()
+        pb_grpc.add_MinerServicer_to_server(MinerServicer(miner), server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
+                await body(pb_grpc.MinerStub(ch))
+        finally:
+            await server.stop(None)
+
+    asyncio.run(main())
+
+
+def delta(value: float = 0.0) -> OrderedDict[str, torch.Tensor]:
+    return OrderedDict((k, torch.full_like(v, value)) for k, v in initial_weights(CONFIG).items())
+
+
+def update_parts(
+    identity: Identity, *, rnd: int = 1, weights: Any = None, base: bytes | None = None
+) -> list[pb.TensorStreamPart]:
+    return list(
+        tensor_stream(
+            delta() if weights is None else weights,
+            identity=identity,
+            kind="update",
+            round=rnd,
+            base_digest=weights_digest(initial_weights(CONFIG)) if base is None else base,
+            num_samples=100,
+        )
+    )
+
+
+def expect_refusal(miner: Miner, parts: list[pb.TensorStreamPart], code: grpc.StatusCode) -> None:
+    async def body(stub: Any) -> None:
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await stub.SubmitUpdate(iter(parts))
+        assert info.value.code() == code, info.value.details()
+
+    run_with_miner(miner, body)
+    assert miner.blobs.by_round == {}
+
+
+def selected(miner: Miner) -> list[str]:
+    return list(miner.state.selections[1].selected)
+
+
+def test_selected_update_is_stored_under_its_digest(miner: Miner, identities: Any) -> None:
+    # Prepare
+    cid = selected(miner)[0]
+    parts = update_parts(identities[cid])
+    receipts = []
+
+    async def body(stub: Any) -> None:
+        receipts.append(await stub.SubmitUpdate(iter(parts)))
+
+    # Execute
+    run_with_miner(miner, body)
+    # Assert
+    digest = receipts[0].digest
+    assert receipts[0].client_id == cid
+    assert miner.blobs.by_round[1][cid] == digest
+    assert miner.blobs.get(digest) is not None
+
+
+def test_unselected_client_is_refused(miner: Miner, identities: Any) -> None:
+    outsider = next(
+        c for c in ("client-000", "client-001", "client-002") if c not in selected(miner)
+    )
+    expect_refusal(miner, update_parts(identities[outsider]), grpc.StatusCode.PERMISSION_DENIED)
+
+
+def test_wrong_round_is_refused(miner: Miner, identities: Any) -> None:
+    parts = update_parts(identities[selected(miner)[0]], rnd=2)
+    expect_refusal(miner, parts, grpc.StatusCode.FAILED_PRECONDITION)
+
+
+def test_nan_update_is_refused(miner: Miner, identities: Any) -> None:
+    weights = delta()
+    next(iter(weights.values()))[0] = float("nan")
+    parts = update_parts(identities[selected(miner)[0]], weights=weights)
+    expect_refusal(miner, parts, grpc.StatusCode.INVALID_ARGUMENT)
+
+
+def test_wrong_shape_is_refused(miner: Miner, identities: Any) -> None:
+    weights = delta()
+    name = next(iter(weights))
+    weights[name] = torch.zeros(3, 3)
+    parts = update_parts(identities[selected(miner)[0]], weights=weights)
+    expect_refusal(miner, parts, grpc.StatusCode.INVALID_ARGUMENT)
+
+
+def test_update_signed_by_a_miner_is_refused(miner: Miner, identities: Any) -> None:
+    parts = update_parts(identities["miner-2"])
+    expect_refusal(miner, parts, grpc.StatusCode.PERMISSION_DENIED)
+
+
+def test_update_claiming_another_client_is_refused(miner: Miner, identities: Any) -> None:
+    victim, forger = selected(miner)[0], selected(miner)[1]
+    parts = update_parts(identities[forger])
+    parts[0].header.sender_id = victim
+    expect_refusal(miner, parts, grpc.StatusCode.PERMISSION_DENIED)
+
+
+def test_tampered_data_is_refused(miner: Miner, identities: Any) -> None:
+    parts = update_parts(identities[selected(miner)[0]])
+    data = bytearray(parts[1].chunk.data)
+    data[0] ^= 1
+    parts[1].chunk.data = bytes(data)
+    expect_refusal(miner, parts, grpc.StatusCode.INVALID_ARGUMENT)
+
+
+def test_oversized_stream_is_refused(miner: Miner, identities: Any) -> None:
+    parts = update_parts(identities[selected(miner)[0]])
+    parts[0].header.total_bytes = miner.genesis.protocol.max_stream_bytes + 1
+    expect_refusal(miner, parts, grpc.StatusCode.RESOURCE_EXHAUSTED)
+
+
+def test_update_from_another_model_is_refused(miner: Miner, identities: Any) -> None:
+    parts = update_parts(identities[selected(miner)[0]], base=b"\x01" * 32)
+    expect_refusal(miner, parts, grpc.StatusCode.INVALID_ARGUMENT)
+
+
+def test_second_different_update_of_the_round_is_refused(miner: Miner, identities: Any) -> None:
+    # Prepare
+    ident = identities[selected(miner)[0]]
+    first, second = update_parts(ident), update_parts(ident, weights=delta(0.001))
+    codes = []
+
+    async def body(stub: Any) -> None:
+        await stub.SubmitUpdate(iter(first))
+        try:
+            await stub.SubmitUpdate(iter(second))
+        except grpc.aio.AioRpcError as exc:
+            codes.append(exc.code())
+
+    # Execute
+    run_with_miner(miner, body)
+    # Assert
+    assert codes == [grpc.StatusCode.ALREADY_EXISTS]
+    assert len(miner.blobs.by_round[1]) == 1
+
+
+def test_submit_by_the_wrong_role_is_refused(miner: Miner, identities: Any) -> None:
+    # A client signs a round summary, which only the server may submit.
+    envelope = signed_record(
+        identities["client-000"], RoundSummary(1, b"\x01" * 32, 0.5, 0.5), timestamp=3
+    )
+
+    async def body(stub: Any) -> None:
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await stub.Submit(envelope)
+        assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
+
+    run_with_miner(miner, body)
+    assert miner.replica.pending_count == 0
+
+
+def test_submit_with_a_forged_signature_is_refused(miner: Miner, identities: Any) -> None:
+    selection = miner.state.expected_selection(1)
+    envelope = signed_record(identities["server"], selection, timestamp=selection_timestamp(1))
+    envelope.signature = bytes(64)
+
+    async def body(stub: Any) -> None:
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await stub.Submit(envelope)
+        assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+    run_with_miner(miner, body)
+    assert miner.replica.pending_count == 0
+
+
+def test_malformed_pbft_message_is_refused(miner: Miner) -> None:
+    async def body(stub: Any) -> None:
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await stub.Deliver(iter([pb.PbftMessage(data=b"\x00garbage")]))
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+    run_with_miner(miner, body)
+    assert miner.store.height() == 0
+
+
+def test_fetch_of_an_unknown_digest_is_not_found(miner: Miner) -> None:
+    async def body(stub: Any) -> None:
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            async for _ in stub.FetchUpdate(pb.FetchUpdateRequest(digest=b"\x02" * 32)):
+                pass
+        assert info.value.code() == grpc.StatusCode.NOT_FOUND
+
+    run_with_miner(miner, body)
