@@ -25,11 +25,9 @@ from typing import Any
 
 import grpc
 
-from fl.attacks import choose_malicious
 from fl.config import RunConfig
-from fl.rounds import client_id
-from fl.seeds import numpy_generator
 from node.genesis import Genesis, ProtocolParams, init_network, key_path, node_ids
+from node.runner import write_json_atomic
 from proto import llbcfl_pb2 as pb
 from proto import llbcfl_pb2_grpc as pb_grpc
 
@@ -222,14 +220,8 @@ def network_up(
                     progress(f"round {shown}/{config.rounds}: test accuracy {info['accuracy']:.4f}")
             time.sleep(0.2)  # following child processes; not a test race
         doc = json.loads(metrics_path.read_text())
-        ids = [client_id(i) for i in range(config.clients)]
-        doc["config"]["malicious_clients"] = choose_malicious(
-            ids, fraction=config.malicious, rng=numpy_generator(config.seed, "malicious")
-        )
         doc["chain_heads"] = converged_heads(genesis)
         doc["run_dir"] = str(run_dir)
-        from node.runner import write_json_atomic
-
         write_json_atomic(run_dir / "metrics.json", doc)
         return doc
     finally:

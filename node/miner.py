@@ -312,7 +312,6 @@ class Miner:
                     received.claim.signature,
                 )
             )
-        draft = RoundVerdicts(rnd, tuple(updates), (), (), ())
         silent = tuple(sorted(set(selection.selected) - set(clients)))
         draft = RoundVerdicts(rnd, tuple(updates), silent, (), ())
         record = RoundVerdicts(

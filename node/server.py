@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
+import json
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -30,9 +32,10 @@ import torch
 
 from consensus.canonical import MalformedMessage
 from consensus.ledger import Block, check_block
+from fl.attacks import choose_malicious
 from fl.data import Split, load_mnist, resolve_data_root
 from fl.models import build_model
-from fl.seeds import torch_generator
+from fl.seeds import numpy_generator, torch_generator
 from fl.simulator import RoundRecord, metrics_document
 from fl.training import evaluate
 from fl.weights import set_weights
@@ -47,6 +50,7 @@ from node.records import (
     selection_timestamp,
     summary_timestamp,
 )
+from node.runner import write_json_atomic
 from node.tensors import (
     MODEL_KIND,
     UPDATE_KIND,
@@ -202,7 +206,7 @@ class Server:
     def checkpoint(self, rnd: int, weights: Any) -> None:
         path = self.run_dir / "checkpoints" / f"round-{rnd:04d}.pt"
         path.parent.mkdir(parents=True, exist_ok=True)
-        buffer = __import__("io").BytesIO()
+        buffer = io.BytesIO()
         torch.save({"round": rnd, "weights": dict(weights)}, buffer)
         write_file_atomically(path, buffer.getvalue(), mode=0o644)
 
@@ -272,18 +276,20 @@ class Server:
             await self.run_round(rnd, stop)
             records.append(self.round_record(rnd, time.perf_counter() - t0))
             progress = {"round": rnd, "accuracy": records[-1].accuracy}
-            (self.run_dir / "progress.json").write_text(__import__("json").dumps(progress))
-        malicious = sorted(
-            c.node_id for c in self.membership.clients if False
-        )  # the server does not know who attacks; network up fills this in
+            (self.run_dir / "progress.json").write_text(json.dumps(progress))
+        # Who attacks is part of the run config (simulation of attackers), not
+        # something the server observes; it is listed for comparison with simulate.
+        malicious = choose_malicious(
+            [c.node_id for c in self.membership.clients],
+            fraction=self.config.malicious,
+            rng=numpy_generator(self.config.seed, "malicious"),
+        )
         doc = metrics_document(
             self.config,
             records,
             total_seconds=time.perf_counter() - start,
             malicious_clients=malicious,
         )
-        from node.runner import write_json_atomic
-
         write_json_atomic(metrics_path, doc)
         self.log.info(f"done: final accuracy {records[-1].accuracy:.4f}, metrics {metrics_path}")
         return doc

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -139,3 +141,37 @@ def test_run_survives_a_killed_miner(tmp_path: Path, mnist_root: Path) -> None:
     assert [r["round"] for r in doc["rounds"]] == [1, 2, 3]
     assert sorted(doc["chain_heads"]) == ["miner-0", "miner-1", "miner-2"]
     assert len(set(doc["chain_heads"].values())) == 1
+
+
+def test_chain_verify_names_the_first_tampered_height(
+    network_run: dict[str, Any], tmp_path: Path
+) -> None:
+    # Prepare: a copy of a chain whose block 3 payload has one byte flipped
+    db = tmp_path / "chain.db"
+    shutil.copy(network_run["_run_dir"] / "miner-0" / "chain.db", db)
+    with sqlite3.connect(db) as con:
+        (data,) = con.execute("SELECT data FROM blocks WHERE height = 3").fetchone()
+        tampered = bytearray(data)
+        tampered[-200] ^= 1
+        con.execute("UPDATE blocks SET data = ? WHERE height = 3", (bytes(tampered),))
+    # Execute
+    genesis = str(network_run["_run_dir"] / "genesis.toml")
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "cli.py"),
+            "chain",
+            "verify",
+            "--db",
+            str(db),
+            "--genesis",
+            genesis,
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+    # Assert
+    assert result.returncode == 1
+    assert "height 3" in result.stdout + result.stderr
+    assert "Traceback" not in result.stderr

@@ -1,0 +1,140 @@
+"""Client.StartRound and Server.DownloadModel on real grpc.aio servers: refusals."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+import torch
+
+from fl.config import RunConfig
+from fl.data import Split
+from fl.rounds import Federation
+from node.client import ClientHost, ClientServicer
+from node.daemon import NodeLog
+from node.genesis import Genesis
+from node.identity import Identity
+from node.records import Registration
+from node.server import Server, ServerServicer
+from proto import llbcfl_pb2 as pb
+from proto import llbcfl_pb2_grpc as pb_grpc
+
+CONFIG = RunConfig(clients=3, frac=0.67, rounds=2, model="mlp", train_size=300)
+
+
+@pytest.fixture
+def small_genesis(genesis: Genesis) -> Genesis:
+    return Genesis(
+        protocol=genesis.protocol, selection=genesis.selection, run=CONFIG, nodes=genesis.nodes
+    )
+
+
+def serve(add: Callable[[Any], None], body: Callable[[Any], Awaitable[None]]) -> None:
+    async def main() -> None:
+        server = grpc.aio.server()
+        add(server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
+                await body(ch)
+        finally:
+            await server.stop(None)
+
+    asyncio.run(main())
+
+
+def notice_envelope(identity: Identity) -> pb.Envelope:
+    notice = pb.RoundNotice(round=1, model_digest=b"\x01" * 32, deadline_ms=1000)
+    return identity.sign("start-round", notice.SerializeToString())
+
+
+@pytest.fixture
+def host(small_genesis: Genesis, identities: dict[str, Identity], tmp_path: Path) -> ClientHost:
+    train = Split(x=torch.zeros(300, 1, 28, 28), y=torch.arange(300) % 10)
+
+    async def build() -> ClientHost:  # the host's lock wants a running loop on 3.9
+        return ClientHost(
+            small_genesis,
+            [identities["client-000"]],
+            federation=Federation.create(CONFIG, train),
+            run_dir=tmp_path,
+        )
+
+    return asyncio.run(build())
+
+
+@pytest.mark.parametrize(
+    ("signer", "forge", "code"),
+    [
+        ("client-001", False, grpc.StatusCode.PERMISSION_DENIED),
+        ("server", True, grpc.StatusCode.UNAUTHENTICATED),
+    ],
+)
+def test_start_round_not_from_the_server_is_refused(
+    host: ClientHost, identities: dict[str, Identity], signer: str, forge: bool, code: Any
+) -> None:
+    # Prepare
+    envelope = notice_envelope(identities[signer])
+    if forge:
+        envelope.signature = bytes(64)
+
+    async def body(ch: Any) -> None:
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await pb_grpc.ClientStub(ch).StartRound(envelope)
+        assert info.value.code() == code
+
+    # Execute
+    serve(
+        lambda s: pb_grpc.add_ClientServicer_to_server(ClientServicer(host, "client-000"), s), body
+    )
+    # Assert: nothing started
+    assert host.rounds_started["client-000"] == set()
+
+
+@pytest.fixture
+def fl_server(small_genesis: Genesis, identities: dict[str, Identity], tmp_path: Path) -> Server:
+    test = Split(x=torch.zeros(10, 1, 28, 28), y=torch.zeros(10, dtype=torch.int64))
+    s = Server(
+        small_genesis, identities["server"], run_dir=tmp_path, test=test, log=NodeLog("server")
+    )
+    for c in small_genesis.membership.clients:
+        s.state.apply_record(c.node_id, Registration(c.node_id, 100, (0, 1), 1.0, 0.32, 4, 0.0))
+    selection = s.state.expected_selection(1)
+    s.state.apply_record("server", selection)
+    weights = s.models.weights(1, s.state, s.blobs)
+    s.current = (1, weights, b"")
+    return s
+
+
+def download_refusal(server: Server, request: pb.ModelRequest) -> grpc.StatusCode:
+    codes = []
+
+    async def body(ch: Any) -> None:
+        try:
+            async for _ in pb_grpc.ServerStub(ch).DownloadModel(request):
+                pass
+        except grpc.aio.AioRpcError as exc:
+            codes.append(exc.code())
+
+    serve(lambda s: pb_grpc.add_ServerServicer_to_server(ServerServicer(server), s), body)
+    return codes[0] if codes else grpc.StatusCode.OK
+
+
+def test_model_goes_only_to_selected_clients(fl_server: Server) -> None:
+    selected = fl_server.state.selections[1].selected
+    outsider = next(c for c in ("client-000", "client-001", "client-002") if c not in selected)
+    ok = download_refusal(fl_server, pb.ModelRequest(round=1, client_id=selected[0]))
+    refused = download_refusal(fl_server, pb.ModelRequest(round=1, client_id=outsider))
+    assert ok == grpc.StatusCode.OK
+    assert refused == grpc.StatusCode.PERMISSION_DENIED
+
+
+def test_model_of_another_round_is_refused(fl_server: Server) -> None:
+    selected = fl_server.state.selections[1].selected
+    code = download_refusal(fl_server, pb.ModelRequest(round=2, client_id=selected[0]))
+    assert code == grpc.StatusCode.FAILED_PRECONDITION
