@@ -29,6 +29,13 @@ ROLE_ENUM = {"client": pb.ROLE_CLIENT, "miner": pb.ROLE_MINER, "server": pb.ROLE
 GRPC_OPTIONS = [
     ("grpc.max_send_message_length", 4 << 20),
     ("grpc.max_receive_message_length", 4 << 20),
+    # A restarted peer must be reachable again within a second, not after
+    # gRPC's default reconnect backoff (up to 120 s), shared by every channel
+    # to the same address unless each channel keeps its own subchannels.
+    ("grpc.use_local_subchannel_pool", 1),
+    ("grpc.initial_reconnect_backoff_ms", 200),
+    ("grpc.min_reconnect_backoff_ms", 200),
+    ("grpc.max_reconnect_backoff_ms", 1000),
 ]
 
 

@@ -167,12 +167,18 @@ def miner_heads(genesis: Genesis) -> dict[str, tuple[int, str]]:
     return heads
 
 
-def converged_heads(genesis: Genesis, *, timeout: float = 20.0) -> dict[str, str]:
-    """Head hash per live miner, once they agree (or the timeout passes)."""
+def converged_heads(genesis: Genesis, *, timeout: float = 15.0) -> dict[str, str]:
+    """Head hash per reachable miner, once every miner answers with the same head.
+
+    A miner that is down or still catching up gets until ``timeout``; after
+    that the heads of the reachable miners are returned as they are.
+    """
     deadline = time.monotonic() + timeout
+    everyone = len(genesis.membership.miners)
     while True:
         heads = miner_heads(genesis)
-        if len({h for h in heads.values()}) <= 1 or time.monotonic() > deadline:
+        agreed = len(set(heads.values())) <= 1 and len(heads) == everyone
+        if agreed or time.monotonic() > deadline:
             return {k: v[1] for k, v in sorted(heads.items())}
         time.sleep(0.2)  # polling other processes' chains; not a test race
 
@@ -192,13 +198,13 @@ def network_up(
     run_dir.mkdir(parents=True, exist_ok=True)
     genesis = plan_network(run_dir, config, miners=miners, round_deadline_ms=round_deadline_ms)
     procs = node_commands(genesis, run_dir, client_procs=client_procs, data_dir=config.data_dir)
-    (run_dir / "pids.json").write_text(json.dumps({p.name: None for p in procs}))
     metrics_path = run_dir / "server" / "metrics.json"
     progress_path = run_dir / "server" / "progress.json"
     try:
         for p in procs:
             p.start()
-        (run_dir / "pids.json").write_text(json.dumps({p.name: p.pid for p in procs}))
+        pids = {p.name: {"pid": p.pid, "command": p.command} for p in procs}
+        (run_dir / "pids.json").write_text(json.dumps(pids, indent=1))
         progress(f"started {len(procs)} processes in {run_dir}")
         if on_started is not None:
             on_started(procs)

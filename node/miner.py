@@ -30,7 +30,7 @@ import torch
 
 from consensus.canonical import MalformedMessage
 from consensus.ledger import Block, Request
-from consensus.messages import Forward, PrePrepare, decode_message
+from consensus.messages import Fetch, Forward, PrePrepare, decode_message
 from consensus.replica import Replica
 from consensus.store import BlockStore
 from fl.data import Split, load_mnist, resolve_data_root
@@ -154,10 +154,11 @@ class Miner:
         self.models = GlobalModels(self.config)
         self.validation = validation
         self.scratch = build_model(self.config.model, generator=torch_generator(0, "scratch"))
+        self.sign_pbft = pbft_signer(identity)
         self.replica = Replica(
             replica_id=self.index,
             n=self.n,
-            sign=pbft_signer(identity),
+            sign=self.sign_pbft,
             verify=self.verify_pbft,
             validate=self._validate,
             chain=self.store,
@@ -391,6 +392,30 @@ class Miner:
             finally:
                 self._fetching.discard(digest)
 
+    async def catch_up_from_peers(self) -> None:
+        """Ask peers how far they are; when one is ahead, send it a signed FETCH.
+
+        A replica that restarted behind, or sat out while the others moved
+        on, sees no traffic above its height once the network is idle; the
+        core's own state transfer (FETCH, answered by BLOCKS with the
+        certified blocks and the NEW-VIEW) then brings it up to date.
+        """
+        for peer in self.peers.values():
+            try:
+                async with channel(peer.address) as ch:
+                    status = await pb_grpc.NodeStub(ch).Status(pb.StatusRequest(), timeout=1)
+            except grpc.aio.AioRpcError:
+                continue
+            if status.chain_height > self.replica.height:
+                self.log.info(
+                    f"behind: height {self.replica.height}, {status.node_id} has "
+                    f"{status.chain_height}; fetching"
+                )
+                fetch = Fetch(from_height=self.replica.height + 1, sender=self.index)
+                fetch.signature = self.sign_pbft(fetch.signed)
+                peer.send(fetch.encode())
+                return
+
     def status(self) -> tuple[int, int, bytes]:
         head = self.store.head()
         rnd = max(self.state.selections, default=0)
@@ -570,6 +595,7 @@ async def run_miner(
     tick = genesis.protocol.tick_ms / 1e3
     ticks = 0
     repair: asyncio.Task | None = None
+    poll: asyncio.Task | None = None
     try:
         while not stop.is_set():
             with contextlib.suppress(asyncio.TimeoutError):
@@ -583,6 +609,8 @@ async def run_miner(
                 missing = miner.committed_missing_blobs()
                 if missing and (repair is None or repair.done()):
                     repair = asyncio.create_task(miner.fetch_blobs(missing))
+                if poll is None or poll.done():
+                    poll = asyncio.create_task(miner.catch_up_from_peers())
     finally:
         await server.stop(1.0)
         for peer in miner.peers.values():

@@ -8,6 +8,7 @@ accuracy). A second run SIGKILLs a miner after round 1 and must still finish.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -21,9 +22,11 @@ from typing import Any
 
 import pytest
 
+from consensus.ledger import Block
 from fl.config import RunConfig
 from fl.data import load_mnist
 from fl.simulator import run_simulation
+from node.chaintools import read_blocks
 
 ROOT = Path(__file__).resolve().parents[2]
 OPTIONS = {
@@ -124,23 +127,57 @@ def test_network_and_simulate_agree(network_run: dict[str, Any], mnist_root: Pat
         assert net["reputation"] == sim["reputation"]
 
 
-def test_run_survives_a_killed_miner(tmp_path: Path, mnist_root: Path) -> None:
-    # Prepare
-    run_dir = tmp_path / "run"
-    process = network_up(run_dir, mnist_root)
+def wait_for_round(run_dir: Path, process: subprocess.Popen, rnd: int) -> None:
     progress = run_dir / "server" / "progress.json"
     deadline = time.monotonic() + 200
-    while not progress.exists() and process.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.1)  # waiting for round 1 in another process (a condition with a deadline)
-    # Execute
-    pids = json.loads((run_dir / "pids.json").read_text())
-    os.kill(pids["miner-3"], signal.SIGKILL)
-    finish(process)
-    # Assert
+    while process.poll() is None and time.monotonic() < deadline:
+        with contextlib.suppress(OSError, ValueError):
+            if json.loads(progress.read_text())["round"] >= rnd:
+                return
+        time.sleep(0.1)  # waiting on another process (a condition with a deadline)
+    pytest.fail(f"round {rnd} never completed")
+
+
+def last_proposer(db: Path) -> int:
+    """Replica index of the primary that proposed the newest block (read-only)."""
+    con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    try:
+        (data,) = con.execute("SELECT data FROM blocks ORDER BY height DESC LIMIT 1").fetchone()
+    finally:
+        con.close()
+    return Block.decode(bytes(data)).header.proposer
+
+
+def test_killed_primary_is_replaced_and_catches_up_after_restart(
+    tmp_path: Path, mnist_root: Path
+) -> None:
+    # Prepare
+    run_dir = tmp_path / "run"
+    process = network_up(run_dir, mnist_root, "--rounds", "4")
+    restarted: subprocess.Popen | None = None
+    try:
+        wait_for_round(run_dir, process, 1)
+        primary = f"miner-{last_proposer(run_dir / 'miner-0' / 'chain.db')}"
+        nodes = json.loads((run_dir / "pids.json").read_text())
+        # Execute: SIGKILL the primary; restart it (same store) after round 2
+        os.kill(nodes[primary]["pid"], signal.SIGKILL)
+        wait_for_round(run_dir, process, 2)
+        with open(run_dir / primary / "log", "ab") as log:
+            restarted = subprocess.Popen(
+                nodes[primary]["command"], stdout=log, stderr=subprocess.STDOUT, cwd=ROOT
+            )
+        finish(process)
+    finally:
+        if restarted is not None and restarted.poll() is None:
+            restarted.terminate()
+            restarted.wait(30)
+    # Assert: every round done, and the restarted miner holds the same head
     doc = json.loads((run_dir / "metrics.json").read_text())
-    assert [r["round"] for r in doc["rounds"]] == [1, 2, 3]
-    assert sorted(doc["chain_heads"]) == ["miner-0", "miner-1", "miner-2"]
+    assert [r["round"] for r in doc["rounds"]] == [1, 2, 3, 4]
+    assert sorted(doc["chain_heads"]) == ["miner-0", "miner-1", "miner-2", "miner-3"]
     assert len(set(doc["chain_heads"].values())) == 1
+    views = [b.header.view for b in read_blocks(run_dir / "miner-0" / "chain.db")]
+    assert max(views) > min(views)  # a view change happened
 
 
 def test_chain_verify_names_the_first_tampered_height(
