@@ -226,6 +226,10 @@ def network_up(
                     progress(f"round {shown}/{config.rounds}: test accuracy {info['accuracy']:.4f}")
             time.sleep(0.2)  # following child processes; not a test race
         doc = json.loads(metrics_path.read_text())
+        for record in doc["rounds"][shown:]:
+            progress(
+                f"round {record['round']}/{config.rounds}: test accuracy {record['accuracy']:.4f}"
+            )
         doc["chain_heads"] = converged_heads(genesis)
         doc["run_dir"] = str(run_dir)
         write_json_atomic(run_dir / "metrics.json", doc)

@@ -220,6 +220,10 @@ class Server:
             await self.submit(selection, timestamp=selection_timestamp(rnd))
             await self.wait_for(lambda: rnd in state.selections, stop)
         selection = state.selections[rnd]
+        # After a restart the blobs of earlier rounds are fetched again, and
+        # the global model is recomputed from the chain.
+        earlier = [u.digest for r in range(1, rnd) for u in state.verdicts[r].updates if u.accepted]
+        await self.fetch_updates(earlier)
         weights = self.models.weights(rnd, state, self.blobs)
         assert weights is not None
         digest = weights_digest(weights)
