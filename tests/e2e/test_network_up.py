@@ -110,6 +110,22 @@ def test_chain_verify_passes_on_every_miner(network_run: dict[str, Any]) -> None
         assert "chain OK" in result.stdout
 
 
+def test_chain_show_lists_verdicts_reputations_and_summaries(network_run: dict[str, Any]) -> None:
+    db = str(network_run["_run_dir"] / "miner-1" / "chain.db")
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "cli.py"), "chain", "show", "--db", db],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+    assert result.returncode == 0, result.stderr
+    for round_ in (1, 2, 3):
+        assert f"selection round {round_}:" in result.stdout
+        assert f"verdicts round {round_}:" in result.stdout
+        assert f"summary round {round_}:" in result.stdout
+    assert "reputation: client-000" in result.stdout
+
+
 def test_network_and_simulate_agree(network_run: dict[str, Any], mnist_root: Path) -> None:
     # Prepare
     config = RunConfig(**OPTIONS)  # type: ignore[arg-type]

@@ -138,3 +138,18 @@ def test_model_of_another_round_is_refused(fl_server: Server) -> None:
     selected = fl_server.state.selections[1].selected
     code = download_refusal(fl_server, pb.ModelRequest(round=2, client_id=selected[0]))
     assert code == grpc.StatusCode.FAILED_PRECONDITION
+
+
+def test_daemons_serve_the_grpc_health_service() -> None:
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from node.daemon import add_health
+
+    replies = []
+
+    async def body(ch: Any) -> None:
+        stub = health_pb2_grpc.HealthStub(ch)
+        replies.append(await stub.Check(health_pb2.HealthCheckRequest(service="")))
+
+    serve(add_health, body)
+    assert replies[0].status == health_pb2.HealthCheckResponse.SERVING
