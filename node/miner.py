@@ -37,6 +37,7 @@ from fl.data import Split, load_mnist, resolve_data_root
 from fl.models import build_model
 from fl.rounds import validate_round
 from fl.seeds import torch_generator
+from fl.validation import structural_problem
 from node.daemon import (
     NodeLog,
     NodeStatusServicer,
@@ -64,6 +65,7 @@ from node.records import (
 )
 from node.tensors import (
     UPDATE_KIND,
+    ReceivedTensors,
     TensorStreamReceiver,
     UpdateRejected,
     receive_tensor_stream,
@@ -169,6 +171,10 @@ class Miner:
             m.replica: PeerLink(m.address) for m in members.miners if m.replica != self.index
         }
         self.submitted: set[int] = set()
+        # Correctly signed updates refused for their values (NaN): never
+        # stored, but recorded on chain as rejected ("malformed"), as the
+        # simulator's validate_round does.
+        self.malformed: dict[int, dict[str, tuple[ReceivedTensors, str]]] = {}
         self.opened_at: dict[int, float] = {}
         self._own_verdicts: dict[tuple, dict[str, tuple[bool, str, float]]] = {}
         self._fetching: set[bytes] = set()
@@ -240,10 +246,15 @@ class Miner:
         base = self.models.digest(record.round, state, self.blobs)
         if base is None:
             return f"no global model for round {record.round}"
+        evaluated = []
         for u in record.updates:
             received = self.blobs.get(u.digest)
             if received is None:
-                return f"{u.client}: update {u.digest.hex()[:12]} not held"
+                problem = self._check_malformed_entry(record.round, u)
+                if problem:
+                    return problem
+                continue
+            evaluated.append(u)
             if (
                 received.sender.node_id != u.client
                 or received.round != record.round
@@ -253,8 +264,38 @@ class Miner:
                 or received.claim.signature != u.claim_signature
             ):
                 return f"{u.client}: record does not match the signed update"
-        own = self._own_validation(state, record.round, [u.digest for u in record.updates])
-        return verdicts_agree(record, own)
+        own = self._own_validation(state, record.round, [u.digest for u in evaluated])
+        return verdicts_agree(RoundVerdicts(record.round, tuple(evaluated), (), (), ()), own)
+
+    def _check_malformed_entry(self, rnd: int, u: UpdateRecord) -> str:
+        seen = self.malformed.get(rnd, {}).get(u.client)
+        if seen is None or seen[0].digest != u.digest:
+            return f"{u.client}: update {u.digest.hex()[:12]} not held"
+        evidence, reason = seen
+        if (
+            u.accepted
+            or u.reason != reason
+            or not math.isnan(u.accuracy)
+            or u.claim_signature != evidence.claim.signature
+            or u.n_samples != evidence.num_samples
+            or u.base_digest != evidence.base_digest
+        ):
+            return f"{u.client}: malformed update recorded differently"
+        return ""
+
+    def note_malformed(self, evidence: ReceivedTensors) -> None:
+        """Remember a selected client's signed update that was refused for its values."""
+        cid, rnd = evidence.sender.node_id, evidence.round
+        state = self.state
+        if rnd != state.current_round or cid not in state.selections[rnd].selected:
+            return
+        weights = self.models.weights(rnd, state, self.blobs)
+        if weights is None or evidence.base_digest != self.models.digest(rnd, state, self.blobs):
+            return
+        if evidence.num_samples != state.registrations[cid].n_samples:
+            return
+        problem = structural_problem(evidence.weights, weights) or "malformed update"
+        self.malformed.setdefault(rnd, {}).setdefault(cid, (evidence, f"malformed: {problem}"))
 
     def _own_validation(
         self, state: ChainState, rnd: int, digests: list[bytes]
@@ -287,17 +328,34 @@ class Miner:
             return
         selection = state.selections[rnd]
         have = self.blobs.by_round.get(rnd, {})
-        complete = all(cid in have for cid in selection.selected)
+        bad = {c: v for c, v in self.malformed.get(rnd, {}).items() if c not in have}
+        complete = all(cid in have or cid in bad for cid in selection.selected)
         deadline = self.opened_at.get(rnd, math.inf) + self.genesis.protocol.round_deadline_ms / 1e3
         if not complete and asyncio.get_running_loop().time() < deadline:
             return
         if self.models.weights(rnd, state, self.blobs) is None:
             return
-        clients = sorted(cid for cid in have if cid in selection.selected)
-        digests = [have[cid] for cid in clients]
-        own = self._own_validation(state, rnd, digests)
+        good = sorted(cid for cid in have if cid in selection.selected)
+        own = self._own_validation(state, rnd, [have[cid] for cid in good])
+        clients = sorted([*good, *bad])
         updates = []
-        for cid, digest in zip(clients, digests, strict=True):
+        for cid in clients:
+            if cid in bad:
+                evidence, reason = bad[cid]
+                updates.append(
+                    UpdateRecord(
+                        cid,
+                        evidence.digest,
+                        evidence.base_digest,
+                        evidence.num_samples,
+                        math.nan,
+                        False,
+                        reason,
+                        evidence.claim.signature,
+                    )
+                )
+                continue
+            digest = have[cid]
             received = self.blobs.get(digest)
             assert received is not None
             accepted, reason, accuracy = own[cid]
@@ -350,7 +408,12 @@ class Miner:
             for request in requests:
                 _, record = decode_operation(request.operation)
                 if isinstance(record, RoundVerdicts):
-                    wanted.extend(u.digest for u in record.updates)
+                    bad = self.malformed.get(record.round, {})
+                    wanted.extend(
+                        u.digest
+                        for u in record.updates
+                        if u.client not in bad or bad[u.client][0].digest != u.digest
+                    )
         except MalformedMessage:
             return []
         return self.blobs.missing(wanted)
@@ -492,6 +555,10 @@ class MinerServicer(pb_grpc.MinerServicer):
             received = receiver.finish(membership=m.membership, kind=UPDATE_KIND)
         except UpdateRejected as exc:
             m.log.warning(f"refused update: {exc.reason}")
+            if exc.evidence is not None:
+                m.note_malformed(exc.evidence)
+                m.maybe_submit_verdicts()
+                m.drain()
             await context.abort(exc.code, exc.reason)
         cid, rnd = received.sender.node_id, received.round
         if rnd != m.state.current_round:

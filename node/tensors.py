@@ -91,6 +91,9 @@ class UpdateRejected(Exception):
         self.code = code
         self.reason = reason
         self.sender = sender
+        # The correctly signed stream itself, when it is refused for its values
+        # (a miner records the refusal on chain as a rejected update).
+        self.evidence: ReceivedTensors | None = None
 
 
 def _dtype_name(tensor: torch.Tensor) -> str:
@@ -354,13 +357,16 @@ class TensorStreamReceiver:
         weights = OrderedDict(
             (name, self._decode(dtype, shape, offset)) for name, dtype, shape, offset, _ in layout
         )
-        for name, tensor in weights.items():
-            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-                raise _invalid(f"tensor {name} has NaN or infinite values", sender=sender.node_id)
         ordered = OrderedDict((name, weights[name]) for name in self._expected)
-        return ReceivedTensors(
+        received = ReceivedTensors(
             header=header, weights=ordered, digest=digest, claim=trailer.claim, sender=sender
         )
+        for name, tensor in weights.items():
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                error = _invalid(f"tensor {name} has NaN or infinite values", sender=sender.node_id)
+                error.evidence = received
+                raise error
+        return received
 
     def _layout(self) -> list[tuple[str, str, tuple[int, ...], int, int]]:
         """(name, dtype, shape, offset, nbytes) per tensor, in stream order."""

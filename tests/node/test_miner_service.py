@@ -133,11 +133,16 @@ def test_wrong_round_is_refused(miner: Miner, identities: Any) -> None:
     expect_refusal(miner, parts, grpc.StatusCode.FAILED_PRECONDITION)
 
 
-def test_nan_update_is_refused(miner: Miner, identities: Any) -> None:
+def test_nan_update_is_refused_and_noted_as_malformed(miner: Miner, identities: Any) -> None:
+    # Prepare
+    cid = selected(miner)[0]
     weights = delta()
     next(iter(weights.values()))[0] = float("nan")
-    parts = update_parts(identities[selected(miner)[0]], weights=weights)
+    parts = update_parts(identities[cid], weights=weights)
+    # Execute, Assert: refused, nothing stored, the signed refusal kept for the verdicts
     expect_refusal(miner, parts, grpc.StatusCode.INVALID_ARGUMENT)
+    _evidence, reason = miner.malformed[1][cid]
+    assert reason.startswith("malformed: ") and "NaN" in reason
 
 
 def test_wrong_shape_is_refused(miner: Miner, identities: Any) -> None:
