@@ -30,7 +30,7 @@ import torch
 
 from consensus.canonical import MalformedMessage
 from consensus.ledger import Block, Request
-from consensus.messages import Fetch, Forward, PrePrepare, decode_message
+from consensus.messages import Blocks, Fetch, Forward, PrePrepare, decode_message
 from consensus.replica import Replica
 from consensus.store import BlockStore
 from fl.data import Split, load_mnist, resolve_data_root
@@ -81,8 +81,10 @@ KIND_BY_NAME = {name: kind for kind, name in KIND_NAMES.items()}
 class PeerLink:
     """Outgoing PBFT messages to one peer over a long-lived ``Deliver`` stream."""
 
-    def __init__(self, address: str) -> None:
+    def __init__(self, address: str, log: NodeLog | None = None) -> None:
         self.address = address
+        self.log = log
+        self.connected = True
         self.queue: asyncio.Queue[bytes] = asyncio.Queue(PEER_QUEUE)
         self._task: asyncio.Task | None = None
 
@@ -101,15 +103,31 @@ class PeerLink:
 
     async def _messages(self) -> AsyncIterator[pb.PbftMessage]:
         while True:
-            yield pb.PbftMessage(data=await self.queue.get())
+            data = await self.queue.get()
+            yield pb.PbftMessage(data=data)
+            if not self.connected and self.log is not None:
+                self.log.info(f"link to {self.address} up")
+            self.connected = True
 
     async def _run(self) -> None:
         while True:
             try:
                 async with channel(self.address) as ch:
+                    # Start the stream only on a connected channel: a call begun
+                    # while the peer is down can linger and swallow messages
+                    # after the peer is back.
+                    await asyncio.wait_for(ch.channel_ready(), timeout=1.0)
                     await pb_grpc.MinerStub(ch).Deliver(self._messages())
-            except grpc.aio.AioRpcError:
-                pass
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # any failure: reconnect; PBFT retransmits
+                if self.log is not None and self.connected:
+                    self.log.info(f"link to {self.address} down: {type(exc).__name__}")
+                self.connected = False
+                # What queued for a peer that is down is stale by the time it is
+                # back (it catches up by state transfer): do not replay it.
+                while not self.queue.empty():
+                    self.queue.get_nowait()
             await asyncio.sleep(0.2)  # reconnect backoff (not a test race)
 
 
@@ -168,7 +186,7 @@ class Miner:
             timeout=genesis.protocol.view_timeout_ticks,
         )
         self.peers = {
-            m.replica: PeerLink(m.address) for m in members.miners if m.replica != self.index
+            m.replica: PeerLink(m.address, log) for m in members.miners if m.replica != self.index
         }
         self.submitted: set[int] = set()
         # Correctly signed updates refused for their values (NaN): never
@@ -176,6 +194,7 @@ class Miner:
         # simulator's validate_round does.
         self.malformed: dict[int, dict[str, tuple[ReceivedTensors, str]]] = {}
         self.opened_at: dict[int, float] = {}
+        self.ready_at: dict[int, float] = {}
         self._own_verdicts: dict[tuple, dict[str, tuple[bool, str, float]]] = {}
         self._fetching: set[bytes] = set()
 
@@ -248,7 +267,7 @@ class Miner:
             return f"no global model for round {record.round}"
         evaluated = []
         for u in record.updates:
-            received = self.blobs.get(u.digest)
+            received = self.blobs.get(u.digest, u.client)
             if received is None:
                 problem = self._check_malformed_entry(record.round, u)
                 if problem:
@@ -264,7 +283,9 @@ class Miner:
                 or received.claim.signature != u.claim_signature
             ):
                 return f"{u.client}: record does not match the signed update"
-        own = self._own_validation(state, record.round, [u.digest for u in evaluated])
+        own = self._own_validation(
+            state, record.round, [(u.client, u.digest, u.n_samples) for u in evaluated]
+        )
         return verdicts_agree(RoundVerdicts(record.round, tuple(evaluated), (), (), ()), own)
 
     def _check_malformed_entry(self, rnd: int, u: UpdateRecord) -> str:
@@ -298,13 +319,17 @@ class Miner:
         self.malformed.setdefault(rnd, {}).setdefault(cid, (evidence, f"malformed: {problem}"))
 
     def _own_validation(
-        self, state: ChainState, rnd: int, digests: list[bytes]
+        self, state: ChainState, rnd: int, digests: list[tuple[str, bytes, int]]
     ) -> dict[str, tuple[bool, str, float]]:
+        """Verdicts of ``validate_round`` over (client, digest, samples) of round ``rnd``."""
         key = (rnd, tuple(digests))
         if key not in self._own_verdicts:
             weights = self.models.weights(rnd, state, self.blobs)
             assert weights is not None
-            updates = [as_update(self.blobs.get(d)) for d in digests]  # type: ignore[arg-type]
+            updates = [
+                as_update(self.blobs.get(d, c), client=c, n_samples=n)  # type: ignore[arg-type]
+                for c, d, n in digests
+            ]
             verdicts = validate_round(
                 self.config,
                 model=self.scratch,
@@ -330,13 +355,25 @@ class Miner:
         have = self.blobs.by_round.get(rnd, {})
         bad = {c: v for c, v in self.malformed.get(rnd, {}).items() if c not in have}
         complete = all(cid in have or cid in bad for cid in selection.selected)
+        now = asyncio.get_running_loop().time()
         deadline = self.opened_at.get(rnd, math.inf) + self.genesis.protocol.round_deadline_ms / 1e3
-        if not complete and asyncio.get_running_loop().time() < deadline:
+        if not complete and now < deadline:
+            return
+        # The primary submits at once; backups only if no verdicts committed
+        # within two view timeouts (the primary may be down), so a round
+        # normally adds one verdict record to the chain, not n.
+        ready_at = self.ready_at.setdefault(rnd, now)
+        fallback = 2 * self.genesis.protocol.view_timeout_ms / 1e3
+        if not self.replica.is_primary and now < ready_at + fallback:
             return
         if self.models.weights(rnd, state, self.blobs) is None:
             return
         good = sorted(cid for cid in have if cid in selection.selected)
-        own = self._own_validation(state, rnd, [have[cid] for cid in good])
+        own = self._own_validation(
+            state,
+            rnd,
+            [(c, have[c], state.registrations[c].n_samples) for c in good],
+        )
         clients = sorted([*good, *bad])
         updates = []
         for cid in clients:
@@ -356,7 +393,7 @@ class Miner:
                 )
                 continue
             digest = have[cid]
-            received = self.blobs.get(digest)
+            received = self.blobs.get(digest, cid)
             assert received is not None
             accepted, reason, accuracy = own[cid]
             updates.append(
@@ -501,9 +538,16 @@ class MinerServicer(pb_grpc.MinerServicer):
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"malformed PBFT: {exc}")
             missing = m.wanted_blobs(message)
             if missing:
+                m.log.info(f"fetching {len(missing)} blob(s) before {type(message).__name__}")
                 await m.fetch_blobs(missing, prefer=message.sender)
+            before = m.replica.height
             m.replica.step(message)
             m.drain()
+            if isinstance(message, Blocks):
+                m.log.info(
+                    f"state transfer: {len(message.blocks)} block(s) from replica "
+                    f"{message.sender}, height {before} -> {m.replica.height}"
+                )
             count += 1
         return pb.Ack(received=count)
 

@@ -62,7 +62,9 @@ class BlobStore:
         self._membership = membership
         self._spec = spec
         self._max_bytes = max_bytes
-        self._cache: dict[bytes, ReceivedTensors] = {}
+        # Keyed by (digest, client): two clients may send identical tensors.
+        self._cache: dict[tuple[bytes, str], ReceivedTensors] = {}
+        self._digests: dict[bytes, tuple[bytes, str]] = {}
         self.by_round: dict[int, dict[str, bytes]] = {}  # round -> client -> digest
         if self._dir is not None:
             for path in sorted(self._dir.glob("*.bin")):
@@ -71,12 +73,14 @@ class BlobStore:
                 except Exception:  # a torn or corrupted file: drop it
                     path.unlink(missing_ok=True)
 
-    def _path(self, digest: bytes) -> Path:
+    def _path(self, digest: bytes, client: str) -> Path:
         assert self._dir is not None
-        return self._dir / f"{digest.hex()}.bin"
+        return self._dir / f"{digest.hex()}-{client}.bin"
 
     def _remember(self, received: ReceivedTensors) -> None:
-        self._cache[received.digest] = received
+        key = (received.digest, received.sender.node_id)
+        self._cache[key] = received
+        self._digests.setdefault(received.digest, key)
         self.by_round.setdefault(received.round, {})[received.sender.node_id] = received.digest
 
     def _read(self, path: Path) -> ReceivedTensors:
@@ -96,19 +100,23 @@ class BlobStore:
         )
 
     def has(self, digest: bytes) -> bool:
-        return digest in self._cache
+        return digest in self._digests
 
-    def get(self, digest: bytes) -> ReceivedTensors | None:
-        return self._cache.get(digest)
+    def get(self, digest: bytes, client: str | None = None) -> ReceivedTensors | None:
+        """The stream with ``digest`` sent by ``client`` (any sender when None)."""
+        if client is not None:
+            return self._cache.get((digest, client))
+        key = self._digests.get(digest)
+        return None if key is None else self._cache[key]
 
     def put(self, received: ReceivedTensors) -> None:
         """Store durably (write, fsync, rename) before anyone is told it is stored."""
-        if received.digest in self._cache:
+        if (received.digest, received.sender.node_id) in self._cache:
             return
         if self._dir is not None:
             parts = [p.SerializeToString() for p in relay_stream(received)]
             data = len(parts).to_bytes(4, "big") + b"".join(pack_blob(p) for p in parts)
-            path = self._path(received.digest)
+            path = self._path(received.digest, received.sender.node_id)
             tmp = path.with_suffix(".tmp")
             with open(tmp, "wb") as fh:
                 fh.write(data)
@@ -118,17 +126,12 @@ class BlobStore:
         self._remember(received)
 
     def missing(self, digests: Iterable[bytes]) -> list[bytes]:
-        return [d for d in digests if d not in self._cache]
+        return [d for d in digests if d not in self._digests]
 
 
-def as_update(received: ReceivedTensors) -> ClientUpdate:
-    return ClientUpdate(
-        received.sender.node_id,
-        received.round,
-        OrderedDict(received.weights),
-        received.num_samples,
-        0.0,
-    )
+def as_update(received: ReceivedTensors, *, client: str, n_samples: int) -> ClientUpdate:
+    """``received``'s tensors as ``client``'s update (the chain names client and weight)."""
+    return ClientUpdate(client, received.round, OrderedDict(received.weights), n_samples, 0.0)
 
 
 class GlobalModels:
@@ -154,7 +157,11 @@ class GlobalModels:
             received = [blobs.get(u.digest) for u in accepted]
             if any(r is None for r in received):
                 return None
-            updates = [as_update(r) for r in received if r is not None]
+            updates = [
+                as_update(r, client=u.client, n_samples=u.n_samples)
+                for u, r in zip(accepted, received, strict=True)
+                if r is not None
+            ]
             weights, velocity = aggregate_round(
                 self.config, self._weights[top], updates, velocity=self._velocity[top]
             )

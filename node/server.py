@@ -41,12 +41,19 @@ from fl.training import evaluate
 from fl.weights import set_weights
 from node.daemon import NodeLog, NodeStatusServicer, add_health, channel, signed_record
 from node.genesis import Genesis
-from node.identity import Identity, pbft_verifier, write_file_atomically
+from node.identity import (
+    Identity,
+    pbft_verifier,
+    signing_tag,
+    verify_signature,
+    write_file_atomically,
+)
 from node.offchain import BlobStore, GlobalModels, initial_spec
 from node.records import (
     ChainState,
     Record,
     RoundSummary,
+    UpdateRecord,
     selection_timestamp,
     summary_timestamp,
 )
@@ -55,6 +62,7 @@ from node.tensors import (
     MODEL_KIND,
     UPDATE_KIND,
     UpdateRejected,
+    claim_bytes,
     receive_tensor_stream,
     tensor_stream,
     weights_digest,
@@ -203,6 +211,18 @@ class Server:
 
     # The rounds ------------------------------------------------------------------
 
+    def _client_signed(self, rnd: int, u: UpdateRecord) -> bool:
+        """The client's own signature over (round, id, base, digest, samples) in the record."""
+        claim = claim_bytes(
+            round=rnd,
+            sender_id=u.client,
+            base_digest=u.base_digest,
+            digest=u.digest,
+            num_samples=u.n_samples,
+        )
+        key = self.membership[u.client].public_key
+        return verify_signature(key, signing_tag(UPDATE_KIND) + claim, u.claim_signature)
+
     def checkpoint(self, rnd: int, weights: Any) -> None:
         path = self.run_dir / "checkpoints" / f"round-{rnd:04d}.pt"
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -234,6 +254,9 @@ class Server:
         verdicts = state.verdicts[rnd]
         self.log.info(f"verdicts committed: accepted {verdicts.accepted}")
         await self.fetch_updates([u.digest for u in verdicts.updates if u.accepted])
+        for u in verdicts.updates:
+            if u.accepted and not self._client_signed(rnd, u):
+                raise RuntimeError(f"round {rnd}: {u.client}'s signature on its digest is invalid")
         new_weights = self.models.weights(rnd + 1, state, self.blobs)
         assert new_weights is not None
         set_weights(self.scratch, new_weights)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,7 @@ import grpc
 import pytest
 import torch
 
+from consensus.ledger import Block, Request, encode_batch
 from fl.config import RunConfig
 from fl.data import Split
 from node.daemon import NodeLog, signed_record
@@ -22,7 +24,13 @@ from node.genesis import Genesis
 from node.identity import Identity
 from node.miner import Miner, MinerServicer
 from node.offchain import initial_weights
-from node.records import Registration, RoundSummary, selection_timestamp
+from node.records import (
+    Registration,
+    RoundSummary,
+    RoundVerdicts,
+    decode_operation,
+    selection_timestamp,
+)
 from node.tensors import tensor_stream, weights_digest
 from proto import llbcfl_pb2 as pb
 from proto import llbcfl_pb2_grpc as pb_grpc
@@ -251,3 +259,50 @@ def test_fetch_of_an_unknown_digest_is_not_found(miner: Miner) -> None:
         assert info.value.code() == grpc.StatusCode.NOT_FOUND
 
     run_with_miner(miner, body)
+
+
+def test_replica_votes_only_for_verdicts_matching_its_own_validation(
+    miner: Miner, identities: Any
+) -> None:
+    # Prepare: every selected client's update is held; the miner builds its record
+    async def upload_all(stub: Any) -> None:
+        for cid in selected(miner):
+            await stub.SubmitUpdate(iter(update_parts(identities[cid])))
+
+    run_with_miner(miner, upload_all)
+    honest = verdicts_of_miner(miner)
+    flipped = RoundVerdicts(
+        1,
+        tuple(replace(u, accepted=not u.accepted) for u in honest.updates),
+        honest.silent,
+        honest.reputations,
+        honest.privacy,
+    )
+    # Execute
+    votes = [
+        miner._validate(block_with(miner, identities["miner-0"], r)) for r in (honest, flipped)
+    ]
+    # Assert
+    assert votes == [True, False]
+
+
+def verdicts_of_miner(miner: Miner) -> RoundVerdicts:
+    """The record this miner would submit (it is not the primary: force the fallback)."""
+    miner.ready_at[1] = -1e9
+
+    async def build() -> None:
+        miner.maybe_submit_verdicts()
+
+    asyncio.run(build())
+    (request,) = miner.replica._pending.values()
+    _, record = decode_operation(request.operation)
+    assert isinstance(record, RoundVerdicts)
+    return record
+
+
+def block_with(miner: Miner, signer: Identity, record: RoundVerdicts) -> Block:
+    envelope = signed_record(signer, record, timestamp=1)
+    request = Request(signer.node_id, 1, bytes(envelope.payload), bytes(envelope.signature))
+    return Block.propose(
+        height=1, previous_hash=bytes(32), view=0, proposer=0, payload=encode_batch([request])
+    )
