@@ -27,7 +27,14 @@ from fl.data import load_mnist, resolve_data_root
 from fl.models import build_model
 from fl.rounds import ClientState, Federation
 from fl.seeds import torch_generator
-from node.daemon import NodeLog, NodeStatusServicer, add_health, channel, signed_record
+from node.daemon import (
+    NodeLog,
+    NodeStatusServicer,
+    add_health,
+    add_servicer,
+    channel,
+    signed_record,
+)
 from node.genesis import Genesis
 from node.identity import AuthError, Identity, verify_envelope, write_file_atomically
 from node.offchain import initial_spec
@@ -246,15 +253,16 @@ async def run_clients(
     servers = []
     for cid in host.identities:
         server = grpc.aio.server()
-        pb_grpc.add_ClientServicer_to_server(ClientServicer(host, cid), server)
-        pb_grpc.add_NodeServicer_to_server(
+        add_servicer(server, "Client", ClientServicer(host, cid))
+        add_servicer(
+            server,
+            "Node",
             NodeStatusServicer(
                 node_id=cid,
                 role="client",
                 genesis_digest=genesis.digest,
                 status=lambda cid=cid: (max(host.rounds_started[cid], default=0), 0, b""),
             ),
-            server,
         )
         add_health(server)
         server.add_insecure_port(genesis.membership[cid].address)

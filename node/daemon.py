@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from consensus.ledger import Request
@@ -117,6 +118,72 @@ class NodeStatusServicer:
             head_hash=head,
             genesis_digest=self._genesis,
         )
+
+
+def _parse(cls: Any, raw: bytes) -> Any:
+    try:
+        return cls.FromString(raw)
+    except DecodeError:
+        return None
+
+
+def _checked_handler(method: Any, impl: Callable[..., Any]) -> Any:
+    """A method handler that parses requests itself: malformed bytes -> INVALID_ARGUMENT."""
+    request_cls = getattr(pb, method.input_type.name)
+    serialize = getattr(pb, method.output_type.name).SerializeToString
+    bad = f"malformed {method.input_type.name} protobuf"
+
+    async def parsed_stream(raw_iterator: Any, context: Any) -> Any:
+        async for raw in raw_iterator:
+            message = _parse(request_cls, raw)
+            if message is None:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, bad)
+            yield message
+
+    if method.client_streaming:
+        if method.server_streaming:
+
+            async def stream_stream(raw_iterator: Any, context: Any) -> Any:
+                async for item in impl(parsed_stream(raw_iterator, context), context):
+                    yield item
+
+            return grpc.stream_stream_rpc_method_handler(
+                stream_stream, response_serializer=serialize
+            )
+
+        async def stream_unary(raw_iterator: Any, context: Any) -> Any:
+            return await impl(parsed_stream(raw_iterator, context), context)
+
+        return grpc.stream_unary_rpc_method_handler(stream_unary, response_serializer=serialize)
+    if method.server_streaming:
+
+        async def unary_stream(raw: bytes, context: Any) -> Any:
+            request = _parse(request_cls, raw)
+            if request is None:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, bad)
+            async for item in impl(request, context):
+                yield item
+
+        return grpc.unary_stream_rpc_method_handler(unary_stream, response_serializer=serialize)
+
+    async def unary_unary(raw: bytes, context: Any) -> Any:
+        request = _parse(request_cls, raw)
+        if request is None:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, bad)
+        return await impl(request, context)
+
+    return grpc.unary_unary_rpc_method_handler(unary_unary, response_serializer=serialize)
+
+
+def add_servicer(server: grpc.aio.Server, service: str, servicer: Any) -> None:
+    """Register ``servicer`` for ``llbcfl.v1.<service>`` (instead of the generated
+    ``add_*Servicer_to_server``) so that undecodable requests are refused with
+    INVALID_ARGUMENT rather than gRPC's generic UNKNOWN."""
+    descriptor = pb.DESCRIPTOR.services_by_name[service]
+    handlers = {m.name: _checked_handler(m, getattr(servicer, m.name)) for m in descriptor.methods}
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(descriptor.full_name, handlers),)
+    )
 
 
 def add_health(server: grpc.aio.Server) -> health.HealthServicer:

@@ -42,6 +42,7 @@ from node.daemon import (
     NodeLog,
     NodeStatusServicer,
     add_health,
+    add_servicer,
     channel,
     record_verifier,
     roles_of,
@@ -684,15 +685,16 @@ async def run_miner(
         log=log,
     )
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", 4 << 20)])
-    pb_grpc.add_MinerServicer_to_server(MinerServicer(miner), server)
-    pb_grpc.add_NodeServicer_to_server(
+    add_servicer(server, "Miner", MinerServicer(miner))
+    add_servicer(
+        server,
+        "Node",
         NodeStatusServicer(
             node_id=identity.node_id,
             role="miner",
             genesis_digest=genesis.digest,
             status=miner.status,
         ),
-        server,
     )
     add_health(server)
     address = genesis.membership[identity.node_id].address

@@ -39,7 +39,14 @@ from fl.seeds import numpy_generator, torch_generator
 from fl.simulator import RoundRecord, metrics_document
 from fl.training import evaluate
 from fl.weights import set_weights
-from node.daemon import NodeLog, NodeStatusServicer, add_health, channel, signed_record
+from node.daemon import (
+    NodeLog,
+    NodeStatusServicer,
+    add_health,
+    add_servicer,
+    channel,
+    signed_record,
+)
 from node.genesis import Genesis
 from node.identity import (
     Identity,
@@ -368,8 +375,10 @@ async def run_server(
     )
     server_state = Server(genesis, identity, run_dir=run_dir, test=splits.test, log=log)
     server = grpc.aio.server()
-    pb_grpc.add_ServerServicer_to_server(ServerServicer(server_state), server)
-    pb_grpc.add_NodeServicer_to_server(
+    add_servicer(server, "Server", ServerServicer(server_state))
+    add_servicer(
+        server,
+        "Node",
         NodeStatusServicer(
             node_id=identity.node_id,
             role="server",
@@ -380,7 +389,6 @@ async def run_server(
                 server_state.state.head_hash if server_state.state.height else b"",
             ),
         ),
-        server,
     )
     add_health(server)
     address = genesis.membership[identity.node_id].address

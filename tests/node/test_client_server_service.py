@@ -15,7 +15,7 @@ from fl.config import RunConfig
 from fl.data import Split
 from fl.rounds import Federation
 from node.client import ClientHost, ClientServicer
-from node.daemon import NodeLog
+from node.daemon import NodeLog, add_servicer
 from node.genesis import Genesis
 from node.identity import Identity
 from node.records import Registration
@@ -89,9 +89,7 @@ def test_start_round_not_from_the_server_is_refused(
         assert info.value.code() == code
 
     # Execute
-    serve(
-        lambda s: pb_grpc.add_ClientServicer_to_server(ClientServicer(host, "client-000"), s), body
-    )
+    serve(lambda s: add_servicer(s, "Client", ClientServicer(host, "client-000")), body)
     # Assert: nothing started
     assert host.rounds_started["client-000"] == set()
 
@@ -121,7 +119,7 @@ def download_refusal(server: Server, request: pb.ModelRequest) -> grpc.StatusCod
         except grpc.aio.AioRpcError as exc:
             codes.append(exc.code())
 
-    serve(lambda s: pb_grpc.add_ServerServicer_to_server(ServerServicer(server), s), body)
+    serve(lambda s: add_servicer(s, "Server", ServerServicer(server)), body)
     return codes[0] if codes else grpc.StatusCode.OK
 
 

@@ -19,7 +19,7 @@ import torch
 from consensus.ledger import Block, Request, encode_batch
 from fl.config import RunConfig
 from fl.data import Split
-from node.daemon import NodeLog, signed_record
+from node.daemon import NodeLog, add_servicer, signed_record
 from node.genesis import Genesis
 from node.identity import Identity
 from node.miner import Miner, MinerServicer
@@ -63,15 +63,17 @@ def miner(small_genesis: Genesis, identities: dict[str, Identity], tmp_path: Pat
     m.store.close()
 
 
-def run_with_miner(miner: Miner, body: Callable[[Any], Awaitable[None]]) -> None:
+def run_with_miner(
+    miner: Miner, body: Callable[[Any], Awaitable[None]], *, stub: bool = True
+) -> None:
     async def main() -> None:
         server = grpc.aio.server()
-        pb_grpc.add_MinerServicer_to_server(MinerServicer(miner), server)
+        add_servicer(server, "Miner", MinerServicer(miner))
         port = server.add_insecure_port("127.0.0.1:0")
         await server.start()
         try:
             async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
-                await body(pb_grpc.MinerStub(ch))
+                await body(pb_grpc.MinerStub(ch) if stub else ch)
         finally:
             await server.stop(None)
 
@@ -306,3 +308,23 @@ def block_with(miner: Miner, signer: Identity, record: RoundVerdicts) -> Block:
     return Block.propose(
         height=1, previous_hash=bytes(32), view=0, proposer=0, payload=encode_batch([request])
     )
+
+
+def test_undecodable_protobuf_is_refused_as_invalid_argument(miner: Miner) -> None:
+    # Raw bytes that are no valid Envelope / TensorStreamPart on the wire
+    garbage = b"\xff\xff\xff\xff"
+    codes = []
+
+    async def body(channel: Any) -> None:
+        submit = channel.unary_unary("/llbcfl.v1.Miner/Submit")
+        upload = channel.stream_unary("/llbcfl.v1.Miner/SubmitUpdate")
+        for call in (submit(garbage), upload(iter([garbage]))):
+            try:
+                await call
+            except grpc.aio.AioRpcError as exc:
+                codes.append(exc.code())
+
+    run_with_miner(miner, body, stub=False)
+    assert codes == [grpc.StatusCode.INVALID_ARGUMENT] * 2
+    assert miner.blobs.by_round == {}
+    assert miner.replica.pending_count == 0
