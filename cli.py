@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -440,6 +441,11 @@ def network_up_command(
     from node.runner import write_json_atomic
 
     config = _config(kwargs)
+
+    def stop_on_sigterm(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt  # the launcher's finally stops every node it started
+
+    signal.signal(signal.SIGTERM, stop_on_sigterm)
     if run_dir is None:
         run_path = Path("runs") / _time.strftime("%Y%m%d-%H%M%S")
         suffix = 1

@@ -228,3 +228,34 @@ def test_chain_verify_names_the_first_tampered_height(
     assert result.returncode == 1
     assert "height 3" in result.stdout + result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_ctrl_c_stops_every_node_process(tmp_path: Path, mnist_root: Path) -> None:
+    # Prepare: a long run, interrupted once round 1 is done
+    run_dir = tmp_path / "run"
+    env = {**os.environ, "LLBCFL_DATA": str(mnist_root)}
+    command = [sys.executable, str(ROOT / "cli.py"), "network", "up", *cli_args()]
+    command += ["--rounds", "100", "--client-procs", "1", "--run-dir", str(run_dir)]
+    process = subprocess.Popen(
+        command,
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+    try:
+        wait_for_round(run_dir, process, 1)
+        # Execute
+        process.send_signal(signal.SIGINT)
+        output, _ = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    # Assert
+    assert process.returncode == 130, output
+    for node in json.loads((run_dir / "pids.json").read_text()).values():
+        with pytest.raises(ProcessLookupError):
+            os.kill(node["pid"], 0)  # signal 0: existence check only
