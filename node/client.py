@@ -88,6 +88,7 @@ class ClientHost:
         self.spec = initial_spec(self.config)
         self.lock = asyncio.Lock()
         self.rounds_started: dict[str, set[int]] = {cid: set() for cid in self.identities}
+        self.trained: dict[str, set[int]] = {}
         self.tasks: set[asyncio.Task] = set()
         self.logs = {cid: NodeLog(cid) for cid in self.identities}
 
@@ -162,6 +163,7 @@ class ClientHost:
                 # The spend is durable before anything leaves the process.
                 ledger = json.dumps(self.states[cid].accountant.state_dict()).encode()
                 write_file_atomically(self._ledger(cid), ledger, mode=0o600)
+                self.trained.setdefault(cid, set()).add(notice.round)
             if update is None:
                 log.info("sends nothing this round")
                 return
@@ -174,6 +176,10 @@ class ClientHost:
             log.info("update sent")
         except (grpc.aio.AioRpcError, UpdateRejected) as exc:
             log.error(f"round {notice.round} failed: {exc}")
+            if notice.round not in self.trained.get(cid, set()):
+                # Nothing was trained (e.g. the server went down during the
+                # download): a repeated notice may start the round again.
+                self.rounds_started[cid].discard(notice.round)
 
     async def _upload(self, cid: str, address: str, update: Any, base: bytes) -> None:
         for _attempt in range(50):

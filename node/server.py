@@ -80,6 +80,10 @@ from proto import llbcfl_pb2_grpc as pb_grpc
 POLL_SECONDS = 0.05
 
 
+class Stopped(Exception):
+    """SIGINT/SIGTERM arrived while the server was waiting for the chain."""
+
+
 class Server:
     def __init__(
         self, genesis: Genesis, identity: Identity, *, run_dir: Path, test: Split, log: NodeLog
@@ -155,7 +159,7 @@ class Server:
     async def wait_for(self, condition: Callable[[], bool], stop: asyncio.Event) -> None:
         while not condition():
             if stop.is_set():
-                raise asyncio.CancelledError
+                raise Stopped
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(stop.wait(), POLL_SECONDS)
 
@@ -399,16 +403,14 @@ async def run_server(
     try:
         driver = asyncio.create_task(server_state.drive(stop, metrics_path))
         stopper = asyncio.create_task(stop.wait())
-        done, _ = await asyncio.wait({driver, stopper}, return_when=asyncio.FIRST_COMPLETED)
-        if driver in done:
-            driver.result()
-            if not exit_when_done:
-                await stop.wait()
-        else:
-            driver.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await driver
+        await asyncio.wait({driver, stopper}, return_when=asyncio.FIRST_COMPLETED)
         stopper.cancel()
+        if not driver.done():
+            driver.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Stopped):
+            await driver  # re-raises a real failure of the round driver
+        if not exit_when_done:
+            await stop.wait()
     finally:
         stop.set()
         with contextlib.suppress(asyncio.CancelledError):

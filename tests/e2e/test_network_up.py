@@ -259,3 +259,86 @@ def test_ctrl_c_stops_every_node_process(tmp_path: Path, mnist_root: Path) -> No
     for node in json.loads((run_dir / "pids.json").read_text()).values():
         with pytest.raises(ProcessLookupError):
             os.kill(node["pid"], 0)  # signal 0: existence check only
+
+
+def test_nodes_started_by_hand_and_a_restarted_server_match_simulate(
+    tmp_path: Path, mnist_root: Path
+) -> None:
+    # Prepare: network init with a host map of free ports, then one `node` per role
+    from node.genesis import node_ids
+    from node.launcher import free_ports
+
+    options = {**OPTIONS, "clients": 4, "rounds": 3}
+    run_options = [f"--{k.replace('_', '-')}={v}" for k, v in options.items()]
+    plan = node_ids(miners=4, clients=4)
+    hosts = {n: f"127.0.0.1:{p}" for (n, _), p in zip(plan, free_ports(len(plan)), strict=True)}
+    (tmp_path / "hosts.json").write_text(json.dumps(hosts))
+    net = tmp_path / "net"
+    cli = [sys.executable, str(ROOT / "cli.py")]
+    hosts_file = str(tmp_path / "hosts.json")
+    init = [*cli, "network", "init", "--out", str(net), "--host-map", hosts_file, *run_options]
+    subprocess.run(init, check=True, cwd=ROOT, capture_output=True)
+    env = {**os.environ, "LLBCFL_DATA": str(mnist_root)}
+    node = [*cli, "node", "--genesis", str(net / "genesis.toml")]
+    keys = net / "keys"
+    client_keys = tmp_path / "client-keys"
+    client_keys.mkdir(mode=0o700)
+    for key in keys.glob("client-*.key"):
+        shutil.copy2(key, client_keys / key.name)
+
+    logs = []
+
+    def start(*args: str, name: str) -> subprocess.Popen:
+        logs.append(open(tmp_path / f"{name}.log", "ab"))  # noqa: SIM115 - closed below
+        return subprocess.Popen(
+            [*node, *args], cwd=ROOT, env=env, stdout=logs[-1], stderr=subprocess.STDOUT
+        )
+
+    server_args = ["--role", "server", "--key", str(keys / "server.key")]
+    server_args += ["--run-dir", str(tmp_path / "server")]
+    server_args += ["--metrics-out", str(tmp_path / "metrics.json")]
+    started: list[subprocess.Popen] = []
+    try:
+        for i in range(4):
+            miner_key = str(keys / f"miner-{i}.key")
+            miner_dir = str(tmp_path / f"miner-{i}")
+            started.append(
+                start("--role", "miner", "--key", miner_key, "--run-dir", miner_dir, name=f"m{i}")
+            )
+        client_dir = str(tmp_path / "clients")
+        started.append(
+            start(
+                "--role",
+                "client",
+                "--key-dir",
+                str(client_keys),
+                "--run-dir",
+                client_dir,
+                name="clients",
+            )
+        )
+        server = start(*server_args, name="server")
+        started.append(server)
+        wait_for_round(tmp_path, server, 1)
+        # Execute: stop the server after round 1 and start it again
+        server.terminate()
+        assert server.wait(30) == 0
+        restarted = start(*server_args, name="server")
+        started.append(restarted)
+        assert restarted.wait(200) == 0
+    finally:
+        for process in started:
+            if process.poll() is None:
+                process.terminate()
+                process.wait(30)
+        for log in logs:
+            log.close()
+    # Assert
+    network_doc = json.loads((tmp_path / "metrics.json").read_text())
+    config = RunConfig(**options)  # type: ignore[arg-type]
+    splits = load_mnist(mnist_root, train_size=2000, val_size=200, test_size=500)
+    simulated = run_simulation(config, splits, clock=time.perf_counter)
+    for net_round, sim_round in zip(network_doc["rounds"], simulated["rounds"], strict=True):
+        assert net_round["selected"] == sim_round["selected"]
+        assert net_round["accepted"] == sim_round["accepted"]
+        assert round(net_round["accuracy"], 4) == round(sim_round["accuracy"], 4)
