@@ -1,9 +1,13 @@
 """End to end: ``cli.py network up`` starts real node processes on 127.0.0.1.
 
 One run (4 miners, 6 clients in 2 processes, 3 rounds, tiny MLP) is checked
-for rising accuracy, one head hash on every miner, ``chain verify`` on each
-chain, and equality with ``simulate`` (selected and accepted sets, test
-accuracy). A second run SIGKILLs a miner after round 1 and must still finish.
+for rising accuracy, one head hash on every miner, ``chain verify`` and
+``chain show`` on the chains, and equality with ``simulate`` (selected,
+accepted and rejected sets, reputations, test accuracy). Other runs SIGKILL
+the primary after round 1 and restart it after round 2 (view change, then
+catch-up), interrupt ``network up`` with Ctrl-C (every node stops), and
+start every node by hand with ``cli.py node``, restarting the server after
+round 1 (the resumed run still equals ``simulate``).
 """
 
 from __future__ import annotations
