@@ -302,6 +302,16 @@ class Replica:
             self._send(self.primary, self._signed(Forward(request=request, sender=self.id)))
         self._progress()
 
+    def committed_pending(self) -> tuple[CommittedBlock, ...]:
+        """Blocks committed since the last :meth:`ready`, in height order.
+
+        ``validate`` for height h+1 can run inside the same ``step`` that
+        executed h, before h reaches the caller in a ``Ready``; an
+        application whose validity depends on the state after h applies these
+        first.
+        """
+        return tuple(self._out_committed)
+
     def has_ready(self) -> bool:
         return bool(
             self._out_messages

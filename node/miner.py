@@ -234,7 +234,7 @@ class Miner:
     def _catch_up(self) -> None:
         # The core validates block h+1 in the same step that executed h, before
         # the caller has seen h in a Ready: apply those committed blocks first.
-        for committed in self.replica._out_committed:
+        for committed in self.replica.committed_pending():
             self._apply(committed.block)
 
     def _validate(self, block: Block) -> bool:

@@ -313,3 +313,23 @@ def test_ready_must_be_advanced_before_the_next_ready(cluster4: Cluster) -> None
     except RuntimeError:
         return
     raise AssertionError("second ready() without advance() must fail")
+
+
+def test_committed_pending_shows_commits_before_they_are_handed_over(cluster4: Cluster) -> None:
+    # Prepare: let the request reach every replica, then deliver votes to
+    # replica 2 without collecting its output
+    cluster4.submit(request(1))
+    seen: tuple = ()
+    # Execute
+    while cluster4.queue:
+        _src, dst, message = cluster4.queue.pop(0)
+        cluster4.replicas[dst].step(message)
+        if dst == 2 and cluster4.replicas[2].committed_pending():
+            seen = cluster4.replicas[2].committed_pending()
+            break
+        cluster4.collect(dst)
+    # Assert: the pending commit is exactly what the next Ready hands over, then gone
+    assert [c.block.height for c in seen] == [1]
+    ready = cluster4.replicas[2].ready()
+    assert [c.block.digest for c in ready.committed] == [c.block.digest for c in seen]
+    assert cluster4.replicas[2].committed_pending() == ()
