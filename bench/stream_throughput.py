@@ -1,0 +1,131 @@
+"""Tensor stream throughput, client -> miner-like server on loopback, vs raw gRPC bytes.
+
+One ``grpc.aio`` server on 127.0.0.1 with two client-streaming methods:
+``Tensors`` consumes a :func:`node.tensors.tensor_stream` of ``cnn-large``
+weights with a :class:`node.tensors.TensorStreamReceiver` (size, layout,
+digest, Ed25519 claim signature and role, finite values: what
+``Miner.SubmitUpdate`` runs before its round checks), and ``Raw`` consumes
+the same number of bytes as plain 1 MiB messages with no checks. The sender
+side of ``Tensors`` includes building the stream (serialising, digest,
+signing). Both run in this process, the same number of times, interleaved.
+
+python bench/stream_throughput.py --repeats 10
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import grpc
+import torch
+
+from fl.config import RunConfig
+from fl.models import build_model
+from fl.seeds import torch_generator
+from node.genesis import init_network, key_path
+from node.identity import load_identity
+from node.tensors import (
+    CHUNK_BYTES,
+    UPDATE_KIND,
+    TensorStreamReceiver,
+    model_spec,
+    tensor_stream,
+)
+from proto import llbcfl_pb2 as pb
+
+SERVICE = "llbcfl.bench.Stream"
+
+
+def handlers(*, spec, membership, limit: int) -> grpc.GenericRpcHandler:
+    async def tensors(request_iterator, context) -> bytes:
+        receiver = TensorStreamReceiver(expected=spec, max_total_bytes=limit)
+        async for part in request_iterator:
+            receiver.add(part)
+        received = receiver.finish(membership=membership, kind=UPDATE_KIND)
+        return received.digest
+
+    async def raw(request_iterator, context) -> bytes:
+        total = 0
+        async for chunk in request_iterator:
+            total += len(chunk)
+        return total.to_bytes(8, "big")
+
+    return grpc.method_handlers_generic_handler(
+        SERVICE,
+        {
+            "Tensors": grpc.stream_unary_rpc_method_handler(
+                tensors, request_deserializer=pb.TensorStreamPart.FromString
+            ),
+            "Raw": grpc.stream_unary_rpc_method_handler(raw),
+        },
+    )
+
+
+async def measure(repeats: int) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        genesis = init_network(Path(tmp), run=RunConfig(clients=1, model="cnn-large"), miners=4)
+        identity = load_identity(key_path(Path(tmp), "client-000"))
+    weights = build_model("cnn-large", generator=torch_generator(0, "bench")).state_dict()
+    weights = {name: t.detach().clone() for name, t in weights.items()}
+    size = sum(t.numel() * t.element_size() for t in weights.values())
+    payload = torch.randint(0, 256, (size,), dtype=torch.uint8).numpy().tobytes()
+    options = [("grpc.max_receive_message_length", 4 << 20)]
+    server = grpc.aio.server(options=options)
+    server.add_generic_rpc_handlers(
+        (handlers(spec=model_spec(weights), membership=genesis.membership, limit=64 << 20),)
+    )
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    tensor_s, raw_s = [], []
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=options) as ch:
+            send_tensors = ch.stream_unary(
+                f"/{SERVICE}/Tensors", request_serializer=pb.TensorStreamPart.SerializeToString
+            )
+            send_raw = ch.stream_unary(f"/{SERVICE}/Raw")
+            chunks = [payload[i : i + CHUNK_BYTES] for i in range(0, size, CHUNK_BYTES)]
+            for i in range(repeats + 1):  # the first of each is a warm-up
+                start = time.perf_counter()
+                stream = tensor_stream(
+                    weights, identity=identity, kind=UPDATE_KIND, round=1, num_samples=600
+                )
+                await send_tensors(iter(stream), timeout=60)
+                if i:
+                    tensor_s.append(time.perf_counter() - start)
+                start = time.perf_counter()
+                await send_raw(iter(chunks), timeout=60)
+                if i:
+                    raw_s.append(time.perf_counter() - start)
+    finally:
+        await server.stop(1.0)
+    mb = size / 1e6
+    return {
+        "model": "cnn-large",
+        "update_mb": round(mb, 2),
+        "repeats": repeats,
+        "tensor_stream_mb_per_s": round(mb / statistics.median(tensor_s), 1),
+        "tensor_stream_ms_median": round(1e3 * statistics.median(tensor_s), 1),
+        "raw_grpc_mb_per_s": round(mb / statistics.median(raw_s), 1),
+        "raw_grpc_ms_median": round(1e3 * statistics.median(raw_s), 1),
+        "target_mb_per_s": 200,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--repeats", type=int, default=10)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    print(json.dumps(asyncio.run(measure(args.repeats))))
+
+
+if __name__ == "__main__":
+    main()
