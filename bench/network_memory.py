@@ -5,8 +5,12 @@ the pids of every node process from ``pids.json`` and samples
 ``/proc/<pid>/status`` every ``--interval`` seconds while they run: the
 result is the sum over nodes of each one's peak resident set (``VmHWM``,
 the kernel's high-water mark, at the last sample before the node exited),
-and the largest sum of current ``VmRSS`` seen at one sample. The launcher
-process itself is not counted (it only follows the server's progress).
+the largest sum of current ``VmRSS`` seen at one sample, and the largest sum
+of ``Pss`` (``/proc/<pid>/smaps_rollup``: shared pages such as libtorch's
+divided among the processes that map them, so the sum is the physical
+memory the nodes use together). RSS counts every shared page once per
+process. The launcher process itself is not counted (it only follows the
+server's progress).
 
 python bench/network_memory.py --data-dir ../shared/datasets --rounds 1
 """
@@ -25,16 +29,17 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def status_kib(pid: int) -> dict[str, int]:
-    """VmRSS and VmHWM of ``pid`` in KiB; empty once the process is gone."""
-    try:
-        lines = Path(f"/proc/{pid}/status").read_text().splitlines()
-    except OSError:
-        return {}
+    """VmRSS, VmHWM and Pss of ``pid`` in KiB; empty once the process is gone."""
     fields = {}
-    for line in lines:
-        key, _, value = line.partition(":")
-        if key in ("VmRSS", "VmHWM"):
-            fields[key] = int(value.split()[0])
+    for name, keys in (("status", ("VmRSS", "VmHWM")), ("smaps_rollup", ("Pss",))):
+        try:
+            lines = Path(f"/proc/{pid}/{name}").read_text().splitlines()
+        except OSError:
+            return {}
+        for line in lines:
+            key, _, value = line.partition(":")
+            if key in keys:
+                fields[key] = int(value.split()[0])
     return fields
 
 
@@ -66,7 +71,7 @@ def main() -> None:
         start = time.perf_counter()
         launcher = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         peak: dict[str, int] = {}  # node -> VmHWM KiB at its last sample
-        max_rss_sum = 0
+        max_rss_sum = max_pss_sum = 0
         pids: dict[str, int] = {}
         try:
             while launcher.poll() is None:
@@ -80,6 +85,7 @@ def main() -> None:
                     if fields:
                         peak[name] = max(peak.get(name, 0), fields["VmHWM"])
                 max_rss_sum = max(max_rss_sum, sum(f.get("VmRSS", 0) for f in samples.values()))
+                max_pss_sum = max(max_pss_sum, sum(f.get("Pss", 0) for f in samples.values()))
                 time.sleep(args.interval)
         finally:
             if launcher.poll() is None:
@@ -99,6 +105,7 @@ def main() -> None:
                 "processes": len(peak),
                 "sum_peak_rss_mb": round(sum(peak.values()) / 1024, 1),
                 "max_sampled_rss_sum_mb": round(max_rss_sum / 1024, 1),
+                "max_sampled_pss_sum_mb": round(max_pss_sum / 1024, 1),
                 "peak_rss_mb_by_node": {k: round(v / 1024, 1) for k, v in sorted(peak.items())},
                 "limit_mb": 6144,
                 "finished": finished and launcher.returncode == 0,
