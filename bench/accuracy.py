@@ -36,7 +36,7 @@ NO_DP: dict[str, Any] = {"batch_size": 10, "lr": 0.01, "momentum": 0.5, "local_e
 GAUSSIAN: dict[str, Any] = {
     "dp": "gaussian",
     "batch_size": 600,
-    "lr": 4.0,
+    "lr": 2.0,
     "momentum": 0.0,
     "local_epochs": 1.0,
     "clip": 1.0,
