@@ -18,8 +18,12 @@ venv: $(BIN)/llbcfl
 
 demo: venv
 	$(BIN)/python cli.py data fetch --data-dir $(DATA)
-	$(BIN)/python cli.py simulate --data-dir $(DATA) --rounds 20 \
-		--metrics-out out/demo.json --plot out/demo.png
+	rm -rf out/demo-run
+	$(BIN)/python cli.py network up --data-dir $(DATA) --miners 4 --client-procs 2 \
+		--clients 20 --frac 0.5 --rounds 5 --run-dir out/demo-run --metrics-out out/demo.json
+	$(BIN)/python cli.py chain verify --db out/demo-run/miner-0/chain.db \
+		--genesis out/demo-run/genesis.toml
+	$(BIN)/python cli.py plot out/demo.json --out out/demo.png
 
 test: venv
 	$(BIN)/ruff check .
