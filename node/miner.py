@@ -604,6 +604,11 @@ class MinerServicer(pb_grpc.MinerServicer):
                 m.note_malformed(exc.evidence)
                 m.maybe_submit_verdicts()
                 m.drain()
+            # Read (and drop) the rest of the stream, up to a bound, before
+            # answering: grpc.aio clients that are still writing when the
+            # server ends the call can report INTERNAL instead of this status
+            # (grpc/grpc#36066).
+            await _discard_rest(request_iterator, limit=protocol.max_stream_bytes)
             await context.abort(exc.code, exc.reason)
         cid, rnd = received.sender.node_id, received.round
         if rnd != m.state.current_round:
@@ -731,3 +736,12 @@ async def run_miner(
         for peer in miner.peers.values():
             await peer.stop()
         miner.store.close()
+
+
+async def _discard_rest(request_iterator: Any, *, limit: int) -> None:
+    """Consume what is left of a client stream without keeping it (at most ``limit`` bytes)."""
+    seen = 0
+    async for part in request_iterator:
+        seen += part.ByteSize()
+        if seen > limit:
+            return
