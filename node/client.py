@@ -23,7 +23,6 @@ from typing import Any
 import grpc
 import torch
 
-from fl.data import load_mnist, resolve_data_root
 from fl.models import build_model
 from fl.rounds import ClientState, Federation
 from fl.seeds import torch_generator
@@ -33,6 +32,7 @@ from node.daemon import (
     add_health,
     add_servicer,
     channel,
+    load_node_splits,
     signed_record,
 )
 from node.genesis import Genesis
@@ -247,12 +247,7 @@ async def run_clients(
 ) -> None:
     config = genesis.run
     torch.set_num_threads(config.threads)
-    splits = load_mnist(
-        resolve_data_root(data_dir or config.data_dir),
-        train_size=config.train_size,
-        val_size=config.val_size,
-        test_size=config.test_size,
-    )
+    splits = load_node_splits(config, data_dir, train=True)
     host = ClientHost(
         genesis, identities, federation=Federation.create(config, splits.train), run_dir=run_dir
     )

@@ -33,7 +33,7 @@ from consensus.ledger import Block, Request
 from consensus.messages import Blocks, Fetch, Forward, PrePrepare, decode_message
 from consensus.replica import Replica
 from consensus.store import BlockStore
-from fl.data import Split, load_mnist, resolve_data_root
+from fl.data import Split
 from fl.models import build_model
 from fl.rounds import validate_round
 from fl.seeds import torch_generator
@@ -44,6 +44,7 @@ from node.daemon import (
     add_health,
     add_servicer,
     channel,
+    load_node_splits,
     record_verifier,
     roles_of,
 )
@@ -675,14 +676,7 @@ async def run_miner(
 ) -> None:
     config = genesis.run
     torch.set_num_threads(config.threads)
-    # Only the validation split is used here: the training images are the clients'
-    # (60,000 as float32 are 188 MB, about 600 MB at peak while converting).
-    splits = load_mnist(
-        resolve_data_root(data_dir or config.data_dir),
-        train_size=1,
-        val_size=config.val_size,
-        test_size=config.test_size,
-    )
+    splits = load_node_splits(config, data_dir, train=False)
     miner = Miner(
         genesis,
         identity,

@@ -33,7 +33,7 @@ import torch
 from consensus.canonical import MalformedMessage
 from consensus.ledger import Block, check_block
 from fl.attacks import choose_malicious
-from fl.data import Split, load_mnist, resolve_data_root
+from fl.data import Split
 from fl.models import build_model
 from fl.seeds import numpy_generator, torch_generator
 from fl.simulator import RoundRecord, metrics_document
@@ -45,6 +45,7 @@ from node.daemon import (
     add_health,
     add_servicer,
     channel,
+    load_node_splits,
     signed_record,
 )
 from node.genesis import Genesis
@@ -371,14 +372,7 @@ async def run_server(
 ) -> None:
     config = genesis.run
     torch.set_num_threads(config.threads)
-    # Only the test split is used here: the training images are the clients'
-    # (60,000 as float32 are 188 MB, about 600 MB at peak while converting).
-    splits = load_mnist(
-        resolve_data_root(data_dir or config.data_dir),
-        train_size=1,
-        val_size=config.val_size,
-        test_size=config.test_size,
-    )
+    splits = load_node_splits(config, data_dir, train=False)
     server_state = Server(genesis, identity, run_dir=run_dir, test=splits.test, log=log)
     server = grpc.aio.server()
     add_servicer(server, "Server", ServerServicer(server_state))
