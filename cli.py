@@ -12,7 +12,7 @@ import click
 
 from fl.aggregation import AGGREGATIONS
 from fl.attacks import ATTACKS
-from fl.config import SELECTIONS, RunConfig
+from fl.config import SELECTIONS, SERVER_LR_DECAYS, RunConfig
 from fl.data import DataError, resolve_data_root
 from fl.models import MODEL_NAMES
 from fl.partition import DISTRIBUTIONS
@@ -101,6 +101,14 @@ def _run_options(fn: Callable[..., Any]) -> Callable[..., Any]:
             default=DEFAULTS.server_lr,
             show_default=True,
             help="server step size applied to the aggregate (FedAvgM)",
+        ),
+        click.option(
+            "--server-lr-decay",
+            type=click.Choice(SERVER_LR_DECAYS),
+            default=DEFAULTS.server_lr_decay,
+            show_default=True,
+            help="schedule of the server step: none, or cosine from --server-lr down to "
+            "a tenth of it in the last round",
         ),
         click.option(
             "--selection",

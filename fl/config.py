@@ -18,6 +18,7 @@ from fl.privacy import MECHANISMS
 from fl.validation import RULES
 
 SELECTIONS: tuple[str, ...] = ("weighted", "paper", "random")
+SERVER_LR_DECAYS: tuple[str, ...] = ("none", "cosine")
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,7 @@ class RunConfig:
     aggregation: str = "fedavg"
     server_momentum: float = 0.0
     server_lr: float = 1.0
+    server_lr_decay: str = "none"
     selection: str = "weighted"
     # Local differential privacy (DESIGN.md section 5).
     dp: str = "none"
@@ -82,6 +84,7 @@ class RunConfig:
             ("--dist", self.dist, DISTRIBUTIONS),
             ("--model", self.model, MODEL_NAMES),
             ("--aggregation", self.aggregation, AGGREGATIONS),
+            ("--server-lr-decay", self.server_lr_decay, SERVER_LR_DECAYS),
             ("--selection", self.selection, SELECTIONS),
             ("--dp", self.dp, MECHANISMS),
             ("--val-rule", self.val_rule, RULES),

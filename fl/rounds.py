@@ -13,6 +13,7 @@ Every random draw is derived from the run seed and what is being done
 from __future__ import annotations
 
 import hashlib
+import math
 from collections import OrderedDict
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -289,20 +290,42 @@ def validate_round(
     )
 
 
+# The cosine schedule ends at this fraction of --server-lr in the last round.
+COSINE_FINAL_FRACTION = 0.1
+
+
+def server_step_size(config: RunConfig, rnd: int) -> float:
+    """The server's step size in round ``rnd`` (1-based) under ``--server-lr-decay``.
+
+    ``cosine`` falls from ``server_lr`` in round 1 to
+    ``COSINE_FINAL_FRACTION * server_lr`` in the last round. The schedule is
+    applied to aggregates the DP clients already privatised, so it costs no
+    privacy; under DP a smaller late step averages the noise of more rounds.
+    """
+    if config.server_lr_decay == "none" or config.rounds == 1:
+        return config.server_lr
+    progress = min(1.0, max(0.0, (rnd - 1) / (config.rounds - 1)))
+    floor = COSINE_FINAL_FRACTION
+    return config.server_lr * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
 def aggregate_round(
     config: RunConfig,
     global_weights: Weights,
     updates: Sequence[ClientUpdate],
     *,
+    rnd: int,
     velocity: torch.Tensor | None = None,
 ) -> tuple[OrderedDict[str, torch.Tensor], torch.Tensor | None]:
-    """Apply the aggregate of ``updates`` (in client-id order) to the global weights.
+    """Apply the aggregate of round ``rnd``'s ``updates`` (in client-id order) to the weights.
 
     With ``--server-momentum b`` > 0 the server keeps a velocity
     ``v <- b * v + aggregate`` and steps ``global += server_lr * v`` (FedAvgM,
     Hsu et al. 2019); ``server_lr = 1 - b`` makes the step an exponential
     average of recent rounds, which damps the swings of non-IID selections.
-    Returns the new weights and the new velocity (None without momentum).
+    The step size follows ``server_step_size`` (constant unless
+    ``--server-lr-decay``). Returns the new weights and the new velocity
+    (None without momentum).
     """
     flat = flatten(global_weights)
     if updates:
@@ -314,6 +337,7 @@ def aggregate_round(
     if config.server_momentum > 0:
         velocity = step if velocity is None else config.server_momentum * velocity + step
         step = velocity
-    if config.server_lr != 1.0:
-        step = config.server_lr * step
+    lr = server_step_size(config, rnd)
+    if lr != 1.0:
+        step = lr * step
     return unflatten(flat + step, global_weights), velocity

@@ -128,7 +128,7 @@ def simulate_rounds(
         if config.reputation:
             book.record_round(rnd, [u.client for u in accepted], list(rejected), silent)
         global_weights, velocity = aggregate_round(
-            config, global_weights, accepted, velocity=velocity
+            config, global_weights, accepted, rnd=rnd, velocity=velocity
         )
         set_weights(model, global_weights)
         loss, acc = evaluate(model, splits.test.x, splits.test.y)

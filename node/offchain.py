@@ -163,7 +163,7 @@ class GlobalModels:
                 if r is not None
             ]
             weights, velocity = aggregate_round(
-                self.config, self._weights[top], updates, velocity=self._velocity[top]
+                self.config, self._weights[top], updates, rnd=top, velocity=self._velocity[top]
             )
             self._weights[top + 1] = weights
             self._velocity[top + 1] = velocity
