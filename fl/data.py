@@ -147,9 +147,11 @@ class MnistSplits:
 
 
 def _to_split(images: np.ndarray, labels: np.ndarray) -> Split:
-    x = torch.from_numpy(images.astype(np.float32) / 255.0)
-    x = ((x - MNIST_MEAN) / MNIST_STD).unsqueeze(1).contiguous()
-    return Split(x=x, y=torch.from_numpy(labels.astype(np.int64)))
+    # One float32 copy, normalised in place: 60,000 images are 188 MB, and
+    # out-of-place arithmetic would hold three such copies at once.
+    x = torch.from_numpy(images.astype(np.float32))
+    x.div_(255.0).sub_(MNIST_MEAN).div_(MNIST_STD)
+    return Split(x=x.unsqueeze(1), y=torch.from_numpy(labels.astype(np.int64)))
 
 
 def _read(root: Path, name: str, magic: int) -> np.ndarray:

@@ -333,6 +333,33 @@ def private_gradient(
     return [s / expected for s in summed]
 
 
+def clipped_sum(per_sample: torch.Tensor, *, config: DPConfig) -> torch.Tensor:
+    """The batch sum ``[params]`` of the clipped rows of ``per_sample`` ``[batch, params]``.
+
+    Sums of disjoint chunks of a batch add up to the sum over the batch, so a
+    caller can take per-sample gradients a chunk at a time; see
+    :func:`noisy_average` for the rest of the step.
+    """
+    if config.mechanism != "none":
+        per_sample = clip_per_sample(per_sample, norm=config.clip_norm, bound=config.clip)
+    return per_sample.sum(dim=0)
+
+
+def noisy_average(
+    summed: torch.Tensor,
+    *,
+    config: DPConfig,
+    plan: StepPlan,
+    n_samples: int,
+    generator: torch.Generator,
+) -> torch.Tensor:
+    """The rest of :func:`private_gradient` after :func:`clipped_sum`: noise, then ``/ (q * N)``."""
+    noisy = noisy_sum(
+        summed.unsqueeze(0), mechanism=config.mechanism, scale=plan.noise_scale, generator=generator
+    )
+    return noisy / (plan.sample_rate * n_samples)
+
+
 def local_steps(*, n_samples: int, batch_size: int, local_epochs: float) -> int:
     """Steps in ``local_epochs`` epochs of ``ceil(n_samples / batch_size)`` steps (at least 1)."""
     return max(1, round(local_epochs * -(-n_samples // batch_size)))

@@ -166,7 +166,15 @@ class Federation:
     malicious: list[str]
 
     @classmethod
-    def create(cls, config: RunConfig, train: Split) -> Federation:
+    def create(
+        cls, config: RunConfig, train: Split, *, only: Collection[str] | None = None
+    ) -> Federation:
+        """The whole federation, or with ``only`` just those clients' states.
+
+        The partition and the malicious draw always cover every client (they
+        depend on the run seed alone); ``only`` keeps a client process from
+        copying the shards of clients it does not host.
+        """
         shards = partition(
             dist=config.dist,  # type: ignore[arg-type]
             labels=train.y.numpy(),
@@ -182,6 +190,8 @@ class Federation:
         projection = public_projection(config)
         clients: OrderedDict[str, ClientState] = OrderedDict()
         for cid, idx in zip(ids, shards, strict=True):
+            if only is not None and cid not in only:
+                continue
             index = torch.from_numpy(idx)
             x, y = train.x[index], train.y[index]
             attack = config.attack if cid in malicious else None

@@ -14,7 +14,11 @@ import torch.nn.functional as F
 from torch.func import functional_call, grad, vmap
 
 from fl.models import FLModel
-from fl.privacy import DPConfig, StepPlan, local_steps, private_gradient
+from fl.privacy import DPConfig, StepPlan, clipped_sum, local_steps, noisy_average
+
+# Records whose per-sample gradients are held at once in DP training (a
+# memory bound only: the clipped sum does not depend on it beyond rounding).
+PER_SAMPLE_CHUNK = 100
 
 
 @dataclass(frozen=True)
@@ -115,9 +119,10 @@ def train_local_dp(
     accounting in ``fl.privacy`` assumes exactly that), takes per-sample
     gradients with ``torch.func`` (``vmap`` over ``grad`` of a
     ``functional_call``: no model wrapping, and the dropout masks are plain
-    inputs, so they are sliced per example like the data), and hands them to
-    ``private_gradient`` for clipping, noise and averaging.  Momentum acts on
-    the privatised gradient, which is post-processing.
+    inputs, so they are sliced per example like the data), ``PER_SAMPLE_CHUNK``
+    records at a time, and hands them to ``clipped_sum`` and ``noisy_average``
+    (``fl.privacy``) for clipping, noise and averaging.  Momentum acts on the
+    privatised gradient, which is post-processing.
     """
     model.train()
     params = {k: v.detach() for k, v in model.named_parameters()}
@@ -141,17 +146,26 @@ def train_local_dp(
     total, steps, samples = 0.0, 0, 0
     for _ in range(plan.steps):
         chosen = torch.nonzero(torch.rand(n, generator=generator) < plan.sample_rate).squeeze(1)
+        masks = model.sample_masks(len(chosen), generator) if n_masks and len(chosen) else []
+        summed = torch.zeros(width if projection is None else projection.shape[1])
+        loss_sum = 0.0
+        # Per-sample gradients a chunk at a time: the sum of clipped rows is
+        # all DP-SGD needs, and [batch, params] for a 600-sample batch would
+        # cost a few hundred MB at once.
+        for start in range(0, len(chosen), PER_SAMPLE_CHUNK):
+            part = chosen[start : start + PER_SAMPLE_CHUNK]
+            grads, losses = per_sample(
+                params, x[part], y[part], *(m[start : start + len(part)] for m in masks)
+            )
+            flat = torch.cat([grads[k].reshape(len(part), -1) for k in names], dim=1)
+            if projection is not None:
+                flat = flat @ projection
+            summed += clipped_sum(flat, config=dp)
+            loss_sum += float(losses.sum())
         if len(chosen):
-            masks = model.sample_masks(len(chosen), generator) if n_masks else []
-            grads, losses = per_sample(params, x[chosen], y[chosen], *masks)
-            flat = torch.cat([grads[k].reshape(len(chosen), -1) for k in names], dim=1)
-            total += float(losses.mean())
+            total += loss_sum / len(chosen)
             samples += len(chosen)
-        else:
-            flat = torch.zeros(0, width)
-        if projection is not None:
-            flat = flat @ projection
-        noisy = private_gradient(flat, config=dp, plan=plan, n_samples=n, generator=generator)
+        noisy = noisy_average(summed, config=dp, plan=plan, n_samples=n, generator=generator)
         if projection is not None:
             noisy = projection @ noisy
         velocity = config.momentum * velocity + noisy

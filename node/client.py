@@ -249,8 +249,12 @@ async def run_clients(
     torch.set_num_threads(config.threads)
     splits = load_node_splits(config, data_dir, train=True)
     host = ClientHost(
-        genesis, identities, federation=Federation.create(config, splits.train), run_dir=run_dir
+        genesis,
+        identities,
+        federation=Federation.create(config, splits.train, only={i.node_id for i in identities}),
+        run_dir=run_dir,
     )
+    del splits  # the hosted shards are copies; the rest of MNIST can go
     servers = []
     for cid in host.identities:
         server = grpc.aio.server()

@@ -1,6 +1,8 @@
+import pytest
 import torch
 import torch.nn.functional as F
 
+from fl import training
 from fl.models import build_model
 from fl.privacy import DPConfig, StepPlan, clip_per_sample, noisy_sum
 from fl.training import TrainConfig, evaluate, subspace_projection, train_local_dp
@@ -110,3 +112,33 @@ def test_subspace_training_moves_only_within_the_public_subspace():
     residual = change.double() - (proj.double() @ coef).squeeze(1)
     assert change.norm() > 1e-3
     assert residual.norm() < 1e-3 * change.norm()  # float32 rounding of the weights
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 1_000])
+def test_per_sample_chunking_changes_nothing_but_rounding(monkeypatch, chunk):
+    # Prepare: a CNN (dropout masks are sliced per chunk too), Gaussian, q=0.8, 2 steps
+    data = synthetic_split(30, seed=5)
+    dp = DPConfig("gaussian", epsilon=10.0, clip=0.7, max_participations=2)
+    plan = StepPlan(sample_rate=0.8, steps=2, noise_multiplier_or_eps0=1.1, noise_scale=0.77)
+
+    def trained(chunk_size):
+        monkeypatch.setattr(training, "PER_SAMPLE_CHUNK", chunk_size)
+        model = build_model("cnn", generator=torch.Generator().manual_seed(0))
+        stats = train_local_dp(
+            model,
+            data.x,
+            data.y,
+            config=TrainConfig(batch_size=24, lr=0.5, momentum=0.5),
+            dp=dp,
+            plan=plan,
+            generator=torch.Generator().manual_seed(9),
+        )
+        return torch.cat([p.detach().reshape(-1) for p in model.parameters()]), stats
+
+    # Execute: the whole batch at once (reference) and in chunks of `chunk`
+    whole, whole_stats = trained(10_000)
+    parts, parts_stats = trained(chunk)
+    # Assert
+    torch.testing.assert_close(parts, whole, rtol=1e-5, atol=1e-6)
+    assert parts_stats.samples == whole_stats.samples > 0
+    assert parts_stats.mean_loss == pytest.approx(whole_stats.mean_loss, rel=1e-5)

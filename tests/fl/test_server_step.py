@@ -1,5 +1,6 @@
 """The server's step: FedAvgM velocity and the --server-lr-decay schedule."""
 
+import itertools
 import math
 from collections import OrderedDict
 
@@ -31,7 +32,7 @@ def test_cosine_schedule_endpoints_midpoint_and_monotone():
     assert steps[-1] == pytest.approx(2.0 * COSINE_FINAL_FRACTION)
     # Halfway (round 6 of 11): the mean of the two ends.
     assert steps[5] == pytest.approx(2.0 * (1 + COSINE_FINAL_FRACTION) / 2)
-    assert all(a > b for a, b in zip(steps, steps[1:]))
+    assert all(a > b for a, b in itertools.pairwise(steps))
     # Hand-computed round 3: progress 0.2.
     expected = 2.0 * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.2)))
     assert steps[2] == pytest.approx(expected)

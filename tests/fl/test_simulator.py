@@ -3,9 +3,11 @@
 import itertools
 
 import pytest
+import torch
 
 from fl.attacks import ATTACKS
 from fl.config import RunConfig
+from fl.rounds import Federation
 from fl.simulator import run_simulation, simulate_rounds
 from tests.fl.synthetic import synthetic_splits
 
@@ -73,3 +75,16 @@ def test_paper_selection_picks_top_self_assessment_first_round():
     doc = run(rounds=1, frac=0.2, malicious=0.1, attack="lie", selection="paper")
     liar = doc["config"]["malicious_clients"][0]
     assert liar in doc["rounds"][0]["selected"]
+
+
+def test_federation_subset_holds_the_same_states_for_hosted_clients():
+    config = RunConfig(**{**BASE, "malicious": 0.3, "attack": "noise"})
+    full = Federation.create(config, SPLITS.train)
+    hosted = ["client-001", "client-007"]
+    part = Federation.create(config, SPLITS.train, only=hosted)
+    assert part.ids == hosted
+    assert part.malicious == full.malicious  # the draw covers every client
+    for cid in hosted:
+        a, b = full.client(cid), part.client(cid)
+        assert torch.equal(a.x, b.x) and torch.equal(a.y, b.y)
+        assert (a.summary, a.attack, a.plan) == (b.summary, b.attack, b.plan)
