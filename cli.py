@@ -18,6 +18,7 @@ from fl.models import MODEL_NAMES
 from fl.partition import DISTRIBUTIONS
 from fl.privacy import MECHANISMS
 from fl.validation import RULES
+from node.genesis import SELECTION_SEEDS
 
 DEFAULTS = RunConfig()
 
@@ -334,6 +335,18 @@ def simulate(metrics_out: str | None, plot: str | None, quiet: bool, **kwargs: A
     )
 
 
+_selection_seed_option = click.option(
+    "--selection-seed",
+    type=click.Choice(SELECTION_SEEDS),
+    default="block",
+    show_default=True,
+    help="seed of each round's client selection: 'block' = digest of the block that closed "
+    "the previous round (the one holding its summary; round 1: the last registration), "
+    "as in the paper's protocol; 'run' = derived from --seed, so the selection equals "
+    "simulate's (for equivalence checks)",
+)
+
+
 @main.group()
 def network() -> None:
     """Set up a network of node daemons: one server, n = 3f+1 miners, K clients."""
@@ -370,8 +383,15 @@ def network() -> None:
     help="first port; nodes without a port in --host-map get sequential ports",
 )
 @click.option("--force", is_flag=True, help="replace an existing genesis and its keys")
+@_selection_seed_option
 def network_init(
-    out_dir: str, miners: int, host_map: str | None, base_port: int, force: bool, **kwargs: Any
+    out_dir: str,
+    miners: int,
+    host_map: str | None,
+    base_port: int,
+    force: bool,
+    selection_seed: str,
+    **kwargs: Any,
 ) -> None:
     """Write OUT/genesis.toml and a key file per node (OUT/keys/<id>.key, mode 0600).
 
@@ -379,14 +399,20 @@ def network_init(
     genesis also holds protocol parameters (timeouts, chunk size) that can be
     edited before the network starts.
     """
-    from node.genesis import GenesisError, init_network, load_host_map
+    from node.genesis import GenesisError, ProtocolParams, init_network, load_host_map
 
     config = _config(kwargs)
     out = Path(out_dir)
     try:
         hosts = load_host_map(Path(host_map)) if host_map else {}
         genesis = init_network(
-            out, run=config, miners=miners, base_port=base_port, hosts=hosts, force=force
+            out,
+            run=config,
+            miners=miners,
+            base_port=base_port,
+            hosts=hosts,
+            protocol=ProtocolParams(selection_seed=selection_seed),
+            force=force,
         )
     except (GenesisError, OSError) as exc:
         raise click.ClickException(str(exc)) from exc
@@ -432,6 +458,7 @@ def network_init(
 )
 @click.option("--timeout", type=float, default=None, help="give up after this many seconds")
 @click.option("--metrics-out", type=click.Path(dir_okay=False), default=None)
+@_selection_seed_option
 def network_up_command(
     miners: int,
     client_procs: int,
@@ -439,6 +466,7 @@ def network_up_command(
     round_deadline: float,
     timeout: float | None,
     metrics_out: str | None,
+    selection_seed: str,
     **kwargs: Any,
 ) -> None:
     """Start a whole network on 127.0.0.1 (one OS process per node), run it, stop it."""
@@ -469,6 +497,7 @@ def network_up_command(
             miners=miners,
             client_procs=client_procs,
             round_deadline_ms=int(round_deadline * 1000),
+            selection_seed=selection_seed,
             progress=lambda line: click.echo(line, err=True),
             timeout=timeout,
         )

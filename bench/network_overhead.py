@@ -84,6 +84,7 @@ def main() -> None:
             *cli, "network", "up", *options, "--miners", "4",
             "--client-procs", str(args.client_procs), "--run-dir", str(Path(tmp) / "run"),
             "--timeout", str(args.timeout), "--metrics-out", str(net_out),
+            "--selection-seed", "run",  # simulate's seeds, so the selections are comparable
         ]  # fmt: skip
         net_wall = timed(net_cmd, args.timeout + 60)
         sim, net = json.loads(sim_out.read_text()), json.loads(net_out.read_text())

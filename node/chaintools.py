@@ -4,7 +4,8 @@
 (``consensus.ledger.verify_chain`` with an Ed25519 verifier built from the
 genesis), then re-checks each record's submitter signature and replays the
 records through :class:`node.records.ChainState` (selections against
-Algorithm 1, reputations and privacy spent against their recomputation).
+Algorithm 1 and the genesis's selection seed, reputations and privacy spent
+against their recomputation).
 """
 
 from __future__ import annotations
@@ -121,7 +122,11 @@ def verify_chain_file(db: Path, genesis_path: Path) -> tuple[bool, str]:
     verdict = verify_chain(blocks, verify=pbft_verifier(members), n=n, f=genesis.protocol.f)
     if not verdict.ok:
         return False, f"chain INVALID at height {verdict.first_bad_height}: {verdict.reason}"
-    state = ChainState(genesis.run, clients=tuple(c.node_id for c in members.clients))
+    state = ChainState(
+        genesis.run,
+        clients=tuple(c.node_id for c in members.clients),
+        selection_seed=genesis.protocol.selection_seed,
+    )
     verify, roles = record_verifier(members), roles_of(members)
     for block in blocks:
         try:

@@ -12,7 +12,8 @@ Layout::
 
     version = 1
     [protocol]   f, miners (n = 3f+1), tick_ms, view_timeout_ms,
-                 round_deadline_ms, chunk_bytes, max_stream_bytes
+                 round_deadline_ms, chunk_bytes, max_stream_bytes,
+                 selection_seed ("block" or "run")
     [selection]  w1, w2, w3 (self-assessment), w4, w5 (self vs reputation)
     [run]        RunConfig fields (unset optional fields are omitted)
     [[nodes]]    id, role, address "host:port", public_key (hex),
@@ -48,6 +49,7 @@ KEYS_DIR: Final = "keys"
 ROLES: Final = ("client", "miner", "server")
 MAX_CHUNK_BYTES: Final = 1 << 20
 DEFAULT_BASE_PORT: Final = 50051
+SELECTION_SEEDS: Final = ("block", "run")
 _NODE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _PUBLIC_KEY = re.compile(r"[0-9a-f]{64}")
 
@@ -67,6 +69,11 @@ class ProtocolParams:
     round_deadline_ms: int = 300_000
     chunk_bytes: int = MAX_CHUNK_BYTES
     max_stream_bytes: int = 64 << 20
+    # Where the selection draw's seed comes from (node.records.ChainState):
+    # "block", the digest of the block that closed the previous round (DESIGN.md
+    # sections 2 and 6); "run", fl.rounds.selection_seed of the run seed and the
+    # round, as in `simulate`, so that a network run can be compared with it.
+    selection_seed: str = "block"
 
     def problems(self) -> Iterator[str]:
         if self.f < 1:
@@ -85,6 +92,11 @@ class ProtocolParams:
             yield f"protocol.chunk_bytes must be in [1, {MAX_CHUNK_BYTES}], got {self.chunk_bytes}"
         if self.max_stream_bytes < self.chunk_bytes:
             yield "protocol.max_stream_bytes must be at least chunk_bytes"
+        if self.selection_seed not in SELECTION_SEEDS:
+            yield (
+                f"protocol.selection_seed must be {' or '.join(map(repr, SELECTION_SEEDS))}, "
+                f"got {self.selection_seed!r}"
+            )
 
     @property
     def view_timeout_ticks(self) -> int:

@@ -84,12 +84,17 @@ class NodeProcess:
 
 
 def plan_network(
-    run_dir: Path, config: RunConfig, *, miners: int, round_deadline_ms: int
+    run_dir: Path,
+    config: RunConfig,
+    *,
+    miners: int,
+    round_deadline_ms: int,
+    selection_seed: str = "block",
 ) -> Genesis:
     plan = node_ids(miners=miners, clients=config.clients)
     ports = free_ports(len(plan))
     hosts = {node_id: f"127.0.0.1:{port}" for (node_id, _), port in zip(plan, ports, strict=True)}
-    protocol = ProtocolParams(round_deadline_ms=round_deadline_ms)
+    protocol = ProtocolParams(round_deadline_ms=round_deadline_ms, selection_seed=selection_seed)
     return init_network(run_dir, run=config, miners=miners, hosts=hosts, protocol=protocol)
 
 
@@ -191,12 +196,19 @@ def network_up(
     client_procs: int,
     round_deadline_ms: int,
     progress: Callable[[str], None],
+    selection_seed: str = "block",
     timeout: float | None = None,
     on_started: Callable[[list[NodeProcess]], None] | None = None,
 ) -> dict[str, Any]:
     """Run the network to the end; return the metrics document (also in run_dir/metrics.json)."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    genesis = plan_network(run_dir, config, miners=miners, round_deadline_ms=round_deadline_ms)
+    genesis = plan_network(
+        run_dir,
+        config,
+        miners=miners,
+        round_deadline_ms=round_deadline_ms,
+        selection_seed=selection_seed,
+    )
     procs = node_commands(genesis, run_dir, client_procs=client_procs, data_dir=config.data_dir)
     metrics_path = run_dir / "server" / "metrics.json"
     progress_path = run_dir / "server" / "progress.json"

@@ -163,7 +163,11 @@ class Miner:
         self.store = BlockStore(db_path, verify=self.verify_pbft, n=self.n)
         if not self.store.verdict.ok:
             log.warning(f"store truncated: {self.store.verdict.reason}")
-        self.state = ChainState(self.config, clients=tuple(c.node_id for c in members.clients))
+        self.state = ChainState(
+            self.config,
+            clients=tuple(c.node_id for c in members.clients),
+            selection_seed=genesis.protocol.selection_seed,
+        )
         for block in self.store.read_range(1, self.store.height() + 1):
             self.state.apply_block(block)
         self.spec = initial_spec(self.config)

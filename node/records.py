@@ -23,13 +23,16 @@ RoundSummary   server     round, global-model digest, test accuracy and loss
 =============  =========  ====================================================
 
 :class:`ChainState` applies committed records in order and answers what a
-replica must recompute: the selection Algorithm 1 gives for the next round,
-reputations (``fl.reputation.ReputationBook`` fed from verdict records),
-declined clients and privacy spent (``fl.privacy.PrivacyAccountant``
-replayed from the declared plans). :meth:`ChainState.check_block` is the
-pure part of the miners' ``validate(block)``; what needs tensors (the
-verdicts themselves, the aggregated model's digest) is injected as
-callbacks, so this module stays testable without sockets or files.
+replica must recompute: the selection Algorithm 1 gives for the next round
+(seeded, with genesis ``protocol.selection_seed = "block"``, by the digest of
+the block that made the round due: DESIGN.md section 2's "selection
+randomness from the previous block hash"), reputations
+(``fl.reputation.ReputationBook`` fed from verdict records), declined
+clients and privacy spent (``fl.privacy.PrivacyAccountant`` replayed from
+the declared plans). :meth:`ChainState.check_block` is the pure part of the
+miners' ``validate(block)``; what needs tensors (the verdicts themselves,
+the aggregated model's digest) is injected as callbacks, so this module
+stays testable without sockets or files.
 """
 
 from __future__ import annotations
@@ -60,9 +63,10 @@ from fl.rounds import (
     nominal_max_samples,
     reputation_params,
     select_round,
-    selection_seed,
 )
+from fl.rounds import selection_seed as run_selection_seed
 from fl.selection import DataSummary, self_assessment
+from node.genesis import SELECTION_SEEDS
 
 KIND_REGISTER: Final = 1
 KIND_SELECT: Final = 2
@@ -340,6 +344,7 @@ class ChainState:
 
     config: RunConfig
     clients: tuple[str, ...]  # genesis client ids, in client-index order
+    selection_seed: str = "block"  # genesis protocol.selection_seed: "block" or "run"
     height: int = 0
     head_hash: bytes = bytes(32)
     last_timestamp: dict[str, int] = field(default_factory=dict)
@@ -350,8 +355,15 @@ class ChainState:
     book: ReputationBook = field(init=False)
     accountants: dict[str, PrivacyAccountant] = field(default_factory=dict)
     record_heights: dict[tuple[str, int], int] = field(default_factory=dict)
+    # Round r -> digest of the block that made round r due: the block that
+    # applied the last registration (r = 1) or the summary of round r-1.
+    anchors: dict[int, bytes] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        if self.selection_seed not in SELECTION_SEEDS:
+            raise ValueError(
+                f"selection_seed must be one of {SELECTION_SEEDS}, got {self.selection_seed!r}"
+            )
         self.book = ReputationBook(reputation_params(self.config))
 
     # Queries ---------------------------------------------------------------
@@ -371,6 +383,30 @@ class ChainState:
     @property
     def last_summarised(self) -> int:
         return max(self.summaries, default=0)
+
+    @property
+    def due_round(self) -> int:
+        """The round whose selection the applied records call for next (0: registrations open)."""
+        return self.last_summarised + 1 if self.all_registered else 0
+
+    def round_seed(self, rnd: int) -> bytes:
+        """The seed of round ``rnd``'s draw.
+
+        ``"block"``: the digest of the block that made the round due, fixed
+        once that block is applied, so every replica, the server and an
+        auditor derive it whatever commits afterwards; it cannot be
+        predicted before that block is proposed. ``"run"``:
+        ``fl.rounds.selection_seed`` of the run seed and the round, the seed
+        ``simulate`` uses.
+        """
+        if self.selection_seed == "run":
+            return run_selection_seed(self.config, rnd)
+        anchor = self.anchors.get(rnd)
+        if anchor is None:
+            raise InvalidRecord(
+                f"round {rnd} has no seed yet: the block that makes it due is not applied"
+            )
+        return anchor
 
     def self_scores(self) -> dict[str, float]:
         return {
@@ -399,7 +435,7 @@ class ChainState:
         reputations = (
             self.book.scores(rnd - 1, clients=self.clients) if self.config.reputation else None
         )
-        seed = selection_seed(self.config, rnd)
+        seed = self.round_seed(rnd)
         selected = select_round(
             self.config,
             rnd=rnd,
@@ -487,7 +523,21 @@ class ChainState:
             raise InvalidRecord(f"selection for round {rnd} out of order")
         if rnd > self.config.rounds:
             raise InvalidRecord(f"round {rnd} is past the configured {self.config.rounds}")
+        if self.selection_seed == "block" and rnd not in self.anchors:
+            # In check_block's trial copy: the record that made the round due
+            # is earlier in this same block, whose digest (the seed) does not
+            # exist until the block is proposed. The server waits for that
+            # block to commit before it submits the selection.
+            raise InvalidRecord(
+                f"selection for round {rnd} in the block that makes the round due "
+                "(its seed is that block's digest): it belongs in a later block"
+            )
         expected = self.expected_selection(rnd)
+        if record.seed != expected.seed:
+            raise InvalidRecord(
+                f"selection for round {rnd} has seed {record.seed.hex()[:16]}, the chain gives "
+                f"{expected.seed.hex()[:16]} (selection_seed = {self.selection_seed})"
+            )
         if record != expected:
             raise InvalidRecord(
                 f"selection for round {rnd} differs from Algorithm 1 on the chain: "
@@ -543,6 +593,7 @@ class ChainState:
         """Apply a committed block (height must be the next one)."""
         if block.height != self.height + 1:
             raise ValueError(f"block {block.height} applied at height {self.height}")
+        due = self.due_round
         for request in block.requests():
             if not self._fresh(request):
                 continue
@@ -557,6 +608,8 @@ class ChainState:
             self.apply_record(request.client, record)
         self.height = block.height
         self.head_hash = block.digest
+        if self.due_round != due:
+            self.anchors[self.due_round] = block.digest
 
     def check_block(
         self,

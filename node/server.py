@@ -1,14 +1,17 @@
 """The federated-learning server daemon: selection, model distribution, aggregation.
 
-Round r (DESIGN.md section 2): compute Algorithm 1 from the chain state
-(:meth:`node.records.ChainState.expected_selection`, the simulator's
-``select_round`` call) and submit it to the miners; once the selection is
-committed, send each selected client a signed ``start-round`` notice (the
-client downloads the model with ``Server.DownloadModel``); wait for the
-committed verdict record of r; fetch the accepted updates by digest from the
-miners (the receiver re-checks each client's signed claim and the digest);
-aggregate with ``fl.rounds.aggregate_round``; evaluate on the test split;
-checkpoint; submit the round summary and wait for it to commit.
+Round r (DESIGN.md section 2): once the block holding round r-1's summary
+(for round 1: the last registration) is committed, compute Algorithm 1 from
+the chain state (:meth:`node.records.ChainState.expected_selection`, the
+simulator's ``select_round`` call, seeded by that block's digest or, with
+``selection_seed = "run"``, by the run seed) and submit it to the miners;
+once the selection is committed, send each selected client a signed
+``start-round`` notice (the client downloads the model with
+``Server.DownloadModel``); wait for the committed verdict record of r;
+fetch the accepted updates by digest from the miners (the receiver re-checks
+each client's signed claim and the digest); aggregate with
+``fl.rounds.aggregate_round``; evaluate on the test split; checkpoint;
+submit the round summary and wait for it to commit.
 
 The server learns of commits by following the chain: it polls a miner's
 ``FetchBlocks`` and accepts a block only with a valid commit certificate
@@ -99,7 +102,9 @@ class Server:
             raise ValueError(f"{identity.node_id} is not this genesis's server")
         self.verify = pbft_verifier(self.membership)
         self.state = ChainState(
-            self.config, clients=tuple(c.node_id for c in self.membership.clients)
+            self.config,
+            clients=tuple(c.node_id for c in self.membership.clients),
+            selection_seed=genesis.protocol.selection_seed,
         )
         self.blocks: list[Block] = []
         self.spec = initial_spec(self.config)

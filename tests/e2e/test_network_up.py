@@ -1,13 +1,15 @@
 """End to end: ``cli.py network up`` starts real node processes on 127.0.0.1.
 
 One run (4 miners, 6 clients in 2 processes, 3 rounds, tiny MLP) is checked
-for rising accuracy, one head hash on every miner, ``chain verify`` and
-``chain show`` on the chains, and equality with ``simulate`` (selected,
-accepted and rejected sets, reputations, test accuracy). Other runs SIGKILL
-the primary after round 1 and restart it after round 2 (view change, then
-catch-up), interrupt ``network up`` with Ctrl-C (every node stops), and
-start every node by hand with ``cli.py node``, restarting the server after
-round 1 (the resumed run still equals ``simulate``).
+for rising accuracy, one head hash on every miner, selection seeds equal to
+the digests of the blocks that closed the previous rounds, ``chain verify``
+and ``chain show`` on the chains. The same run with ``--selection-seed run``
+is checked for equality with ``simulate`` (selected, accepted and rejected
+sets, reputations, test accuracy). Other runs SIGKILL the primary after
+round 1 and restart it after round 2 (view change, then catch-up), interrupt
+``network up`` with Ctrl-C (every node stops), and start every node by hand
+with ``cli.py node`` and ``--selection-seed run``, restarting the server
+after round 1 (the resumed run still equals ``simulate``).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from fl.config import RunConfig
 from fl.data import load_mnist
 from fl.simulator import run_simulation
 from node.chaintools import read_blocks
+from node.records import Registration, RoundSummary, Selection, decode_operation
 
 ROOT = Path(__file__).resolve().parents[2]
 OPTIONS = {
@@ -69,13 +72,26 @@ def finish(process: subprocess.Popen) -> str:
     return output
 
 
-@pytest.fixture(scope="module")
-def network_run(tmp_path_factory: pytest.TempPathFactory, mnist_root: Path) -> dict[str, Any]:
-    run_dir = tmp_path_factory.mktemp("net") / "run"
-    finish(network_up(run_dir, mnist_root))
+def finished_run(run_dir: Path, mnist_root: Path, *extra: str) -> dict[str, Any]:
+    finish(network_up(run_dir, mnist_root, *extra))
     doc = json.loads((run_dir / "metrics.json").read_text())
     doc["_run_dir"] = run_dir
     return doc
+
+
+@pytest.fixture(scope="module")
+def network_run(tmp_path_factory: pytest.TempPathFactory, mnist_root: Path) -> dict[str, Any]:
+    """Default selection seeds: the digests of the blocks that closed the previous rounds."""
+    return finished_run(tmp_path_factory.mktemp("net") / "run", mnist_root)
+
+
+@pytest.fixture(scope="module")
+def run_seeded_network(
+    tmp_path_factory: pytest.TempPathFactory, mnist_root: Path
+) -> dict[str, Any]:
+    """Selection seeds from --seed, as in ``simulate``."""
+    run_dir = tmp_path_factory.mktemp("net-run-seed") / "run"
+    return finished_run(run_dir, mnist_root, "--selection-seed", "run")
 
 
 def test_accuracy_rises_over_the_rounds(network_run: dict[str, Any]) -> None:
@@ -88,6 +104,35 @@ def test_every_miner_has_the_same_head(network_run: dict[str, Any]) -> None:
     heads = network_run["chain_heads"]
     assert sorted(heads) == ["miner-0", "miner-1", "miner-2", "miner-3"]
     assert len(set(heads.values())) == 1
+
+
+def test_selection_seeds_are_the_blocks_that_closed_the_previous_rounds(
+    network_run: dict[str, Any],
+) -> None:
+    # Prepare: each block's records, in chain order
+    blocks = read_blocks(network_run["_run_dir"] / "miner-0" / "chain.db")
+    registered: set[str] = set()
+    closed_by: dict[int, bytes] = {}  # round -> digest of the block that made it due
+    seeds: dict[int, bytes] = {}
+    last_timestamp: dict[str, int] = {}
+    # Execute
+    for block in blocks:
+        for request in block.requests():
+            if request.timestamp <= last_timestamp.get(request.client, -1):
+                continue  # a re-submission, skipped at execution
+            last_timestamp[request.client] = request.timestamp
+            record = decode_operation(request.operation)[1]
+            if isinstance(record, Registration):
+                registered.add(record.client)
+                if len(registered) == OPTIONS["clients"]:
+                    closed_by.setdefault(1, block.digest)
+            elif isinstance(record, RoundSummary):
+                closed_by[record.round + 1] = block.digest
+            elif isinstance(record, Selection):
+                seeds[record.round] = record.seed
+    # Assert
+    assert sorted(seeds) == [1, 2, 3]
+    assert seeds == {rnd: closed_by[rnd] for rnd in seeds}
 
 
 def test_chain_verify_passes_on_every_miner(network_run: dict[str, Any]) -> None:
@@ -130,7 +175,7 @@ def test_chain_show_lists_verdicts_reputations_and_summaries(network_run: dict[s
     assert "reputation: client-000" in result.stdout
 
 
-def test_network_and_simulate_agree(network_run: dict[str, Any], mnist_root: Path) -> None:
+def test_network_and_simulate_agree(run_seeded_network: dict[str, Any], mnist_root: Path) -> None:
     # Prepare
     config = RunConfig(**OPTIONS)  # type: ignore[arg-type]
     splits = load_mnist(
@@ -139,7 +184,7 @@ def test_network_and_simulate_agree(network_run: dict[str, Any], mnist_root: Pat
     # Execute
     simulated = run_simulation(config, splits, clock=time.perf_counter)
     # Assert
-    for net, sim in zip(network_run["rounds"], simulated["rounds"], strict=True):
+    for net, sim in zip(run_seeded_network["rounds"], simulated["rounds"], strict=True):
         assert net["selected"] == sim["selected"]
         assert net["accepted"] == sim["accepted"]
         assert net["rejected"] == sim["rejected"]
@@ -281,6 +326,7 @@ def test_nodes_started_by_hand_and_a_restarted_server_match_simulate(
     cli = [sys.executable, str(ROOT / "cli.py")]
     hosts_file = str(tmp_path / "hosts.json")
     init = [*cli, "network", "init", "--out", str(net), "--host-map", hosts_file, *run_options]
+    init += ["--selection-seed", "run"]  # compared with simulate below
     subprocess.run(init, check=True, cwd=ROOT, capture_output=True)
     env = {**os.environ, "LLBCFL_DATA": str(mnist_root)}
     node = [*cli, "node", "--genesis", str(net / "genesis.toml")]

@@ -18,10 +18,11 @@ from node.client import ClientHost, ClientServicer
 from node.daemon import NodeLog, add_servicer
 from node.genesis import Genesis
 from node.identity import Identity
-from node.records import Registration
+from node.records import REGISTRATION_TIMESTAMP, Registration
 from node.server import Server, ServerServicer
 from proto import llbcfl_pb2 as pb
 from proto import llbcfl_pb2_grpc as pb_grpc
+from tests.node.blocks import commit
 
 CONFIG = RunConfig(clients=3, frac=0.67, rounds=2, model="mlp", train_size=300)
 
@@ -100,8 +101,11 @@ def fl_server(small_genesis: Genesis, identities: dict[str, Identity], tmp_path:
     s = Server(
         small_genesis, identities["server"], run_dir=tmp_path, test=test, log=NodeLog("server")
     )
-    for c in small_genesis.membership.clients:
-        s.state.apply_record(c.node_id, Registration(c.node_id, 100, (0, 1), 1.0, 0.32, 4, 0.0))
+    registrations = [
+        (c.node_id, Registration(c.node_id, 100, (0, 1), 1.0, 0.32, 4, 0.0), REGISTRATION_TIMESTAMP)
+        for c in small_genesis.membership.clients
+    ]
+    commit(s.state, registrations)  # a block: its digest seeds round 1's selection
     selection = s.state.expected_selection(1)
     s.state.apply_record("server", selection)
     weights = s.models.weights(1, s.state, s.blobs)

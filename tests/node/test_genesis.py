@@ -34,6 +34,39 @@ def test_write_then_read_gives_the_same_genesis(tmp_path, genesis):
     assert loaded.digest == genesis.digest
 
 
+@pytest.mark.parametrize("seed", ["block", "run"])
+def test_selection_seed_round_trips_through_the_file(tmp_path, genesis, seed):
+    # Prepare
+    path = tmp_path / "genesis.toml"
+    chosen = Genesis(
+        protocol=ProtocolParams(selection_seed=seed),
+        selection=genesis.selection,
+        run=genesis.run,
+        nodes=genesis.nodes,
+    )
+    # Execute
+    write_genesis(chosen, path)
+    loaded = read_genesis(path)
+    # Assert
+    assert f'selection_seed = "{seed}"' in path.read_text()
+    assert loaded.protocol.selection_seed == seed
+    assert loaded == chosen
+
+
+def test_selection_seed_defaults_to_block_and_is_part_of_the_digest(genesis):
+    # Prepare: a [protocol] table without the key
+    doc = genesis.to_dict()
+    del doc["protocol"]["selection_seed"]
+    run_doc = copy.deepcopy(doc)
+    run_doc["protocol"]["selection_seed"] = "run"
+    # Execute
+    implicit, run = Genesis.from_dict(doc), Genesis.from_dict(run_doc)
+    # Assert
+    assert implicit.protocol.selection_seed == "block"
+    assert implicit.digest == genesis.digest
+    assert run.digest != genesis.digest
+
+
 def test_digest_changes_with_any_field(genesis):
     # Prepare
     doc = genesis.to_dict()
@@ -126,6 +159,16 @@ CASES = [
     ("bad port", _node(1, address="localhost:70000"), "host:port"),
     ("bad node id", _node(1, id="../etc"), "letters, digits"),
     ("chunk too big", _set(("protocol", "chunk_bytes"), 2 << 20), "chunk_bytes must be in"),
+    (
+        "unknown selection seed",
+        _set(("protocol", "selection_seed"), "hash"),
+        "protocol.selection_seed must be 'block' or 'run', got 'hash'",
+    ),
+    (
+        "selection seed type",
+        _set(("protocol", "selection_seed"), 1),
+        "protocol.selection_seed must be str, got 1",
+    ),
     ("negative weight", _set(("selection", "w5"), -1.0), "selection.w5"),
     ("run value", _set(("run", "frac"), 2.0), "--frac must be in"),
     ("run type", _set(("run", "lr"), "fast"), "run.lr must be float"),

@@ -25,6 +25,7 @@ from node.identity import Identity
 from node.miner import Miner, MinerServicer
 from node.offchain import initial_weights
 from node.records import (
+    REGISTRATION_TIMESTAMP,
     Registration,
     RoundSummary,
     RoundVerdicts,
@@ -34,6 +35,7 @@ from node.records import (
 from node.tensors import tensor_stream, weights_digest
 from proto import llbcfl_pb2 as pb
 from proto import llbcfl_pb2_grpc as pb_grpc
+from tests.node.blocks import commit
 
 CONFIG = RunConfig(clients=3, frac=0.67, rounds=2, model="mlp", val_size=20, test_size=20)
 
@@ -56,8 +58,11 @@ def miner(small_genesis: Genesis, identities: dict[str, Identity], tmp_path: Pat
         validation=validation,
         log=NodeLog("miner-1", tmp_path / "log"),
     )
-    for c in small_genesis.membership.clients:
-        m.state.apply_record(c.node_id, Registration(c.node_id, 100, (0, 1), 1.0, 0.32, 4, 0.0))
+    registrations = [
+        (c.node_id, Registration(c.node_id, 100, (0, 1), 1.0, 0.32, 4, 0.0), REGISTRATION_TIMESTAMP)
+        for c in small_genesis.membership.clients
+    ]
+    commit(m.state, registrations)  # a block: its digest seeds round 1's selection
     m.state.apply_record("server", m.state.expected_selection(1))
     yield m
     m.store.close()
@@ -306,7 +311,11 @@ def block_with(miner: Miner, signer: Identity, record: RoundVerdicts) -> Block:
     envelope = signed_record(signer, record, timestamp=1)
     request = Request(signer.node_id, 1, bytes(envelope.payload), bytes(envelope.signature))
     return Block.propose(
-        height=1, previous_hash=bytes(32), view=0, proposer=0, payload=encode_batch([request])
+        height=miner.state.height + 1,
+        previous_hash=miner.state.head_hash,
+        view=0,
+        proposer=0,
+        payload=encode_batch([request]),
     )
 
 

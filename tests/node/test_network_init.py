@@ -36,6 +36,17 @@ def test_writes_genesis_and_one_private_key_per_node(tmp_path):
     assert "4 miners (f = 1), 12 clients" in result.output
 
 
+@pytest.mark.parametrize(
+    ("args", "expected"), [((), "block"), (("--selection-seed", "run"), "run")]
+)
+def test_selection_seed_goes_into_the_genesis(tmp_path, args, expected):
+    # Execute
+    result = init("--out", str(tmp_path / "net"), "--clients", "3", *args)
+    # Assert
+    assert result.exit_code == 0, result.output
+    assert read_genesis(tmp_path / "net" / "genesis.toml").protocol.selection_seed == expected
+
+
 def test_refuses_to_overwrite_without_force(tmp_path):
     # Prepare
     out = tmp_path / "net"
@@ -89,6 +100,7 @@ def test_host_map_places_nodes(tmp_path):
         (["--miners", "1"], 1, "--miners must be 3f+1"),
         (["--clients", "0"], 2, "--clients must be >= 1"),
         (["--base-port", "70000"], 1, "ran out of ports"),
+        (["--selection-seed", "hash"], 2, "'hash' is not one of 'block', 'run'"),
     ],
 )
 def test_bad_input_is_a_plain_one_line_error(tmp_path, args, code, message):
@@ -123,6 +135,7 @@ def test_help_lists_network_and_run_options():
         "--host-map",
         "--base-port",
         "--force",
+        "--selection-seed",
         "--clients",
         "--dp",
     ):

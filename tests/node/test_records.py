@@ -9,7 +9,9 @@ import pytest
 from consensus.canonical import MalformedMessage
 from consensus.ledger import Block, Request, encode_batch
 from fl.config import RunConfig
+from fl.rounds import selection_seed
 from node.records import (
+    REGISTRATION_TIMESTAMP,
     ChainState,
     Registration,
     RoundSummary,
@@ -18,8 +20,13 @@ from node.records import (
     UpdateRecord,
     decode_operation,
     encode_operation,
+    selection_timestamp,
+    summary_timestamp,
     verdicts_agree,
+    verdicts_timestamp,
 )
+from tests.node.blocks import commit, next_block
+from tests.node.blocks import record_request as request
 
 CLIENTS = ("client-000", "client-001", "client-002", "client-003")
 CONFIG = RunConfig(clients=4, frac=0.5, rounds=3, model="mlp")
@@ -34,10 +41,10 @@ def registration(cid: str, n: int = 100) -> Registration:
     return Registration(cid, n, tuple(range(10)), 1.0, 0.32, 4, 0.0)
 
 
-def registered_state() -> ChainState:
-    state = ChainState(CONFIG, clients=CLIENTS)
-    for cid in CLIENTS:
-        state.apply_record(cid, registration(cid))
+def registered_state(selection_seed: str = "block") -> ChainState:
+    """Every client registered, in one committed block (height 1)."""
+    state = ChainState(CONFIG, clients=CLIENTS, selection_seed=selection_seed)
+    commit(state, [(cid, registration(cid), REGISTRATION_TIMESTAMP) for cid in CLIENTS])
     return state
 
 
@@ -47,19 +54,29 @@ def block_of(requests: list[Request], height: int = 1) -> Block:
     )
 
 
-def request(submitter: str, record: object, timestamp: int) -> Request:
-    return Request(submitter, timestamp, encode_operation(record, timestamp=timestamp), b"sig")
-
-
 def update(cid: str, accepted: bool = True) -> UpdateRecord:
     return UpdateRecord(cid, bytes([1]) * 32, bytes(32), 100, 0.5, accepted, "r", b"s")
 
 
-def verdicts_for(state: ChainState, selected: tuple[str, ...]) -> RoundVerdicts:
-    draft = RoundVerdicts(1, tuple(update(c) for c in selected), (), (), ())
+def verdicts_for(state: ChainState, selected: tuple[str, ...], rnd: int = 1) -> RoundVerdicts:
+    draft = RoundVerdicts(rnd, tuple(update(c) for c in selected), (), (), ())
     return RoundVerdicts(
-        1, draft.updates, (), state.reputations_after(1, draft), state.privacy_after(draft)
+        rnd, draft.updates, (), state.reputations_after(rnd, draft), state.privacy_after(draft)
     )
+
+
+def play_round(state: ChainState, rnd: int) -> Block:
+    """Commit round ``rnd``'s selection, verdicts and summary in three blocks; the last one."""
+    selection = state.expected_selection(rnd)
+    commit(state, [("server", selection, selection_timestamp(rnd))])
+    verdicts = verdicts_for(state, selection.selected, rnd)
+    commit(state, [("miner-0", verdicts, verdicts_timestamp(rnd))])
+    summary = RoundSummary(rnd, bytes([rnd]) * 32, 0.5, 0.5)
+    return commit(state, [("server", summary, summary_timestamp(rnd))])
+
+
+def check(state: ChainState, requests: list[Request]) -> str:
+    return state.check_block(next_block(state, requests), verify=always, role_of=ROLES)
 
 
 @pytest.mark.parametrize(
@@ -184,3 +201,115 @@ def test_replica_check_of_verdicts_is_exact_on_verdict_and_tolerant_on_accuracy(
     assert "verdict" in verdicts_agree(claimed, {"client-000": (False, "r", 0.5)})
     assert "accuracy" in verdicts_agree(claimed, {"client-000": (True, "r", 0.51)})
     assert "other clients" in verdicts_agree(claimed, {"client-001": (True, "r", math.nan)})
+
+
+# The selection seed ------------------------------------------------------------
+
+
+def test_round_1_seed_is_the_digest_of_the_block_with_the_last_registration() -> None:
+    # Prepare: registrations in two blocks, then an empty block
+    state = ChainState(CONFIG, clients=CLIENTS)
+    first = [(cid, registration(cid), REGISTRATION_TIMESTAMP) for cid in CLIENTS[:2]]
+    rest = [(cid, registration(cid), REGISTRATION_TIMESTAMP) for cid in CLIENTS[2:]]
+    commit(state, first)
+    last_registration = commit(state, rest)
+    later = commit(state, [])
+    # Execute
+    selection = state.expected_selection(1)
+    # Assert
+    assert selection.seed == last_registration.digest
+    assert selection.seed != later.digest
+    assert check(state, [request("server", selection, selection_timestamp(1))]) == ""
+
+
+def test_round_r_seed_is_the_digest_of_the_block_with_the_summary_of_r_minus_1() -> None:
+    # Prepare: round 1 played; a late duplicate verdict record commits after the summary
+    state = registered_state()
+    summary_block = play_round(state, 1)
+    late = RoundVerdicts(1, (), state.selections[1].selected, (), ())
+    commit(state, [("miner-1", late, verdicts_timestamp(1))])
+    # Execute
+    selection = state.expected_selection(2)
+    # Assert
+    assert selection.seed == summary_block.digest
+    assert state.head_hash != summary_block.digest
+    assert check(state, [request("server", selection, selection_timestamp(2))]) == ""
+
+
+def test_selection_in_the_same_block_as_the_summary_it_follows_is_refused() -> None:
+    # Prepare: round 1 selected and judged; its summary not yet committed
+    state = registered_state()
+    selection = state.expected_selection(1)
+    commit(state, [("server", selection, selection_timestamp(1))])
+    verdicts = verdicts_for(state, selection.selected)
+    commit(state, [("miner-0", verdicts, verdicts_timestamp(1))])
+    summary = RoundSummary(1, b"\x01" * 32, 0.5, 0.5)
+    # The only seeds a proposer could know: the round-1 anchor and the current head
+    seeds = (state.anchors[1], state.head_hash)
+    forged = [Selection(2, seed, selection.selected, ()) for seed in seeds]
+    # Execute
+    problems = [
+        check(
+            state,
+            [
+                request("server", summary, summary_timestamp(1)),
+                request("server", record, selection_timestamp(2)),
+            ],
+        )
+        for record in forged
+    ]
+    alone = check(state, [request("server", summary, summary_timestamp(1))])
+    # Assert
+    assert alone == ""
+    assert all("belongs in a later block" in p for p in problems), problems
+
+
+def test_selection_in_the_same_block_as_the_last_registration_is_refused() -> None:
+    # Prepare: all but the last client registered
+    state = ChainState(CONFIG, clients=CLIENTS)
+    commit(state, [(cid, registration(cid), REGISTRATION_TIMESTAMP) for cid in CLIENTS[:-1]])
+    last = request(CLIENTS[-1], registration(CLIENTS[-1]), REGISTRATION_TIMESTAMP)
+    forged = Selection(1, state.head_hash, CLIENTS[: CONFIG.clients_per_round], ())
+    # Execute
+    problem = check(state, [last, request("server", forged, selection_timestamp(1))])
+    # Assert
+    assert "belongs in a later block" in problem
+
+
+def test_run_derived_seed_is_refused_under_block_seeds() -> None:
+    # Prepare
+    state = registered_state("block")
+    expected = state.expected_selection(1)
+    forged = Selection(1, selection_seed(CONFIG, 1), expected.selected, expected.declined)
+    # Execute
+    problem = check(state, [request("server", forged, selection_timestamp(1))])
+    # Assert
+    assert "has seed" in problem and "selection_seed = block" in problem
+
+
+def test_block_seed_is_refused_under_run_seeds() -> None:
+    # Prepare
+    state = registered_state("run")
+    expected = state.expected_selection(1)
+    forged = Selection(1, state.head_hash, expected.selected, expected.declined)
+    # Execute
+    problem = check(state, [request("server", forged, selection_timestamp(1))])
+    # Assert
+    assert expected.seed == selection_seed(CONFIG, 1)
+    assert "has seed" in problem and "selection_seed = run" in problem
+
+
+def test_run_seeds_equal_the_simulators_in_every_round() -> None:
+    # Prepare
+    state = registered_state("run")
+    play_round(state, 1)
+    # Execute
+    selection = state.expected_selection(2)
+    # Assert
+    assert selection.seed == selection_seed(CONFIG, 2)
+    assert check(state, [request("server", selection, selection_timestamp(2))]) == ""
+
+
+def test_unknown_selection_seed_is_refused() -> None:
+    with pytest.raises(ValueError, match="selection_seed must be one of"):
+        ChainState(CONFIG, clients=CLIENTS, selection_seed="hash")
