@@ -82,6 +82,13 @@ def _run_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         ),
         click.option("--lr", type=float, default=DEFAULTS.lr, show_default=True),
         click.option("--momentum", type=float, default=DEFAULTS.momentum, show_default=True),
+        click.option(
+            "--dropout/--no-dropout",
+            default=DEFAULTS.dropout,
+            show_default=True,
+            help="the CNN's dropout during local training (off helps DP-SGD: the "
+            "noise already regularises)",
+        ),
         click.option("--seed", type=int, default=DEFAULTS.seed, show_default=True),
         click.option(
             "--aggregation",

@@ -35,6 +35,7 @@ class RunConfig:
     batch_size: int = 10
     lr: float = 0.01
     momentum: float = 0.5
+    dropout: bool = True
     seed: int = 0
     aggregation: str = "fedavg"
     server_momentum: float = 0.0

@@ -46,6 +46,7 @@ def train_config(config: RunConfig) -> TrainConfig:
         batch_size=config.batch_size,
         lr=config.lr,
         momentum=config.momentum,
+        dropout=config.dropout,
     )
 
 
@@ -246,7 +247,9 @@ def declared_summary(
 
 
 def selection_seed(config: RunConfig, rnd: int) -> bytes:
-    """The simulator's stand-in for the previous block hash."""
+    """The run-derived selection seed: the simulator's, and the network's with
+    ``selection_seed = "run"`` (by default the network uses the hash of the
+    block that closed the previous round)."""
     return hashlib.sha256(
         b"LLBCFL/sim-seed/v1" + config.seed.to_bytes(8, "big", signed=True) + rnd.to_bytes(8, "big")
     ).digest()

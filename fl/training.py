@@ -27,6 +27,8 @@ class TrainConfig:
     batch_size: int = 10
     lr: float = 0.01
     momentum: float = 0.5
+    # The model's dropout while training (models without dropout ignore it).
+    dropout: bool = True
 
     def __post_init__(self) -> None:
         if not self.epochs > 0:
@@ -66,7 +68,11 @@ def train_local(
             if steps == budget:
                 break
             idx = order[start : start + config.batch_size]
-            masks = model.sample_masks(len(idx), generator) if model.mask_shapes else None
+            masks = (
+                model.sample_masks(len(idx), generator)
+                if config.dropout and model.mask_shapes
+                else None
+            )
             loss = F.cross_entropy(model(x[idx], masks), y[idx])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -137,7 +143,7 @@ def train_local_dp(
         loss = F.cross_entropy(logits, yi.unsqueeze(0))
         return loss, loss.detach()
 
-    n_masks = len(model.mask_shapes)
+    n_masks = len(model.mask_shapes) if config.dropout else 0
     per_sample = vmap(grad(sample_loss, has_aux=True), in_dims=(None, 0, 0, *([0] * n_masks)))
     n = int(y.shape[0])
     width = sum(p.numel() for p in params.values())

@@ -142,3 +142,27 @@ def test_per_sample_chunking_changes_nothing_but_rounding(monkeypatch, chunk):
     torch.testing.assert_close(parts, whole, rtol=1e-5, atol=1e-6)
     assert parts_stats.samples == whole_stats.samples > 0
     assert parts_stats.mean_loss == pytest.approx(whole_stats.mean_loss, rel=1e-5)
+
+
+def test_no_dropout_draws_no_masks_and_changes_the_update():
+    # Prepare: the paper CNN has dropout; the same data, plan and generator seed
+    data = synthetic_split(20, seed=6)
+    dp = DPConfig("gaussian", epsilon=10.0, clip=1.0, max_participations=1)
+    plan = StepPlan(sample_rate=1.0, steps=1, noise_multiplier_or_eps0=1.0, noise_scale=1.0)
+
+    def trained(dropout):
+        model = build_model("cnn", generator=torch.Generator().manual_seed(0))
+        gen = torch.Generator().manual_seed(3)
+        cfg = TrainConfig(batch_size=20, lr=0.1, momentum=0.0, dropout=dropout)
+        train_local_dp(model, data.x, data.y, config=cfg, dp=dp, plan=plan, generator=gen)
+        return torch.cat([p.detach().reshape(-1) for p in model.parameters()]), gen.get_state()
+
+    # Execute
+    with_dropout, state_with = trained(True)
+    without, state_without = trained(False)
+    # Assert: without dropout the generator only served the Poisson draw and
+    # the noise (fewer draws), and the step differs
+    assert not torch.equal(state_with, state_without)
+    assert not torch.allclose(with_dropout, without)
+    again, _ = trained(False)
+    assert torch.equal(again, without)
