@@ -10,7 +10,9 @@ chain: round 1 starts from the seeded initial model, and round r+1 from
 ``fl.rounds.aggregate_round`` over the updates the committed verdicts of
 round r accepted, exactly as the simulator and the server do. Miners use it
 to validate updates (and to check the server's round summary); the server
-uses it to aggregate.
+uses it to aggregate, and a restarted server can :meth:`GlobalModels.resume`
+it from a checkpoint (``node.checkpoints``) so that it aggregates only the
+rounds after it.
 """
 
 from __future__ import annotations
@@ -143,11 +145,34 @@ class GlobalModels:
         self._velocity: dict[int, torch.Tensor | None] = {1: None}
         self._digests: dict[int, bytes] = {}
 
+    def resume(
+        self, rnd: int, weights: OrderedDict[str, torch.Tensor], velocity: torch.Tensor | None
+    ) -> None:
+        """Start over from ``weights`` and ``velocity`` at the start of round ``rnd``.
+
+        The caller vouches for them (a checkpoint of round ``rnd - 1`` whose
+        digest the chain holds); rounds before ``rnd`` are no longer available.
+        """
+        self._weights = {rnd: OrderedDict(weights)}
+        self._velocity = {rnd: velocity}
+        self._digests = {}
+
+    @property
+    def first(self) -> int:
+        """The earliest round whose weights this can give (1 unless resumed)."""
+        return min(self._weights)
+
     def known(self, rnd: int) -> bool:
         return rnd in self._weights
 
+    def velocity(self, rnd: int) -> torch.Tensor | None:
+        """The server velocity at the start of round ``rnd`` (computed by :meth:`weights`)."""
+        return self._velocity[rnd]
+
     def weights(self, rnd: int, state: ChainState, blobs: BlobStore) -> OrderedDict | None:
         """Weights for round ``rnd`` (None while a needed blob or verdict is missing)."""
+        if rnd < self.first:
+            raise ValueError(f"round {rnd} is before round {self.first}, where this resumed")
         top = max(self._weights)
         while top < rnd:
             verdicts = state.verdicts.get(top)

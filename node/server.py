@@ -13,6 +13,11 @@ each client's signed claim and the digest); aggregate with
 ``fl.rounds.aggregate_round``; evaluate on the test split; checkpoint;
 submit the round summary and wait for it to commit.
 
+A restarted server first reads the chain up to a miner's head, then resumes
+from the newest checkpoint whose model digest the committed round summaries
+hold (``node.checkpoints``): it skips the rounds up to it and fetches only
+the updates of later rounds.
+
 The server learns of commits by following the chain: it polls a miner's
 ``FetchBlocks`` and accepts a block only with a valid commit certificate
 (2f+1 miner signatures, ``consensus.ledger.check_block``), so a single lying
@@ -23,7 +28,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import io
 import json
 import time
 from collections.abc import Callable
@@ -42,6 +46,7 @@ from fl.seeds import numpy_generator, torch_generator
 from fl.simulator import RoundRecord, metrics_document
 from fl.training import evaluate
 from fl.weights import set_weights
+from node.checkpoints import Checkpoint, newest_trusted_checkpoint, write_checkpoint
 from node.daemon import (
     NodeLog,
     NodeStatusServicer,
@@ -52,13 +57,7 @@ from node.daemon import (
     signed_record,
 )
 from node.genesis import Genesis
-from node.identity import (
-    Identity,
-    pbft_verifier,
-    signing_tag,
-    verify_signature,
-    write_file_atomically,
-)
+from node.identity import Identity, pbft_verifier, signing_tag, verify_signature
 from node.offchain import BlobStore, GlobalModels, initial_spec
 from node.records import (
     ChainState,
@@ -119,6 +118,8 @@ class Server:
         self.scratch = build_model(self.config.model, generator=torch_generator(0, "scratch"))
         self.current: tuple[int, Any, bytes] | None = None  # round, weights, digest
         self._miner_cursor = 0
+        # True once the follower has read the chain up to some miner's head.
+        self.caught_up = False
 
     # Chain following ------------------------------------------------------------
 
@@ -134,6 +135,7 @@ class Server:
                         async for item in stub.FetchBlocks(request, timeout=10):
                             if not self._accept_block(item.block):
                                 raise ValueError("bad block")
+                        self.caught_up = True
                         with contextlib.suppress(asyncio.TimeoutError):
                             await asyncio.wait_for(stop.wait(), POLL_SECONDS)
             except (grpc.aio.AioRpcError, ValueError):
@@ -222,6 +224,10 @@ class Server:
                     continue
                 if received.digest == digest:
                     self.blobs.put(received)
+                    self.log.info(
+                        f"fetched round {received.round} update {digest.hex()[:12]} "
+                        f"of {received.sender.node_id} from {miner.node_id}"
+                    )
                     break
             else:
                 raise RuntimeError(f"no miner holds update {digest.hex()}")
@@ -240,16 +246,45 @@ class Server:
         key = self.membership[u.client].public_key
         return verify_signature(key, signing_tag(UPDATE_KIND) + claim, u.claim_signature)
 
-    def checkpoint(self, rnd: int, weights: Any) -> None:
-        path = self.run_dir / "checkpoints" / f"round-{rnd:04d}.pt"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        buffer = io.BytesIO()
-        torch.save({"round": rnd, "weights": dict(weights)}, buffer)
-        write_file_atomically(path, buffer.getvalue(), mode=0o644)
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.run_dir / "checkpoints"
+
+    def checkpoint(self, rnd: int) -> None:
+        """Write the model after round ``rnd`` and the server velocity (atomically)."""
+        weights = self.models.weights(rnd + 1, self.state, self.blobs)
+        assert weights is not None
+        velocity = self.models.velocity(rnd + 1)
+        write_checkpoint(self.checkpoint_dir, Checkpoint(rnd, weights, velocity))
+
+    def resume_from_checkpoint(self) -> int:
+        """Seed the global models from the newest checkpoint the chain vouches for.
+
+        Returns its round (0: none, every round is recomputed from round 1).
+        Call it once the chain is read up to a miner's head: a checkpoint
+        newer than the last summary this server has seen is not trusted.
+        """
+        found = newest_trusted_checkpoint(
+            self.checkpoint_dir,
+            summaries=self.state.summaries,
+            spec=self.spec,
+            with_velocity=self.config.server_momentum > 0,
+            warn=self.log.warning,
+        )
+        if found is None:
+            return 0
+        self.models.resume(found.round + 1, found.weights, found.velocity)
+        self.log.info(
+            f"resuming from round-{found.round:04d}.pt: its model digest is the one "
+            f"committed for round {found.round}"
+        )
+        return found.round
 
     async def run_round(self, rnd: int, stop: asyncio.Event) -> None:
         state = self.state
         self.log.round = rnd
+        if rnd < self.models.first:
+            return  # resumed from a checkpoint after this round: its summary is committed
         if rnd not in state.selections:
             await self.wait_for(lambda: state.last_summarised == rnd - 1, stop)
             selection = state.expected_selection(rnd)
@@ -257,9 +292,15 @@ class Server:
             await self.submit(selection, timestamp=selection_timestamp(rnd))
             await self.wait_for(lambda: rnd in state.selections, stop)
         selection = state.selections[rnd]
-        # After a restart the blobs of earlier rounds are fetched again, and
-        # the global model is recomputed from the chain.
-        earlier = [u.digest for r in range(1, rnd) for u in state.verdicts[r].updates if u.accepted]
+        # After a restart the blobs of the rounds since the checkpoint it resumed
+        # from (or since round 1) are fetched again, and the global model is
+        # recomputed from the chain.
+        earlier = [
+            u.digest
+            for r in range(self.models.first, rnd)
+            for u in state.verdicts[r].updates
+            if u.accepted
+        ]
         await self.fetch_updates(earlier)
         weights = self.models.weights(rnd, state, self.blobs)
         assert weights is not None
@@ -278,7 +319,7 @@ class Server:
         assert new_weights is not None
         set_weights(self.scratch, new_weights)
         loss, acc = evaluate(self.scratch, self.test.x, self.test.y)
-        self.checkpoint(rnd, new_weights)
+        self.checkpoint(rnd)
         if rnd not in state.summaries:
             summary = RoundSummary(rnd, weights_digest(new_weights), acc, loss)
             await self.submit(summary, timestamp=summary_timestamp(rnd))
@@ -313,7 +354,8 @@ class Server:
     async def drive(self, stop: asyncio.Event, metrics_path: Path) -> dict[str, Any]:
         start = time.perf_counter()
         self.log.info("waiting for every client to register")
-        await self.wait_for(lambda: self.state.all_registered, stop)
+        await self.wait_for(lambda: self.caught_up and self.state.all_registered, stop)
+        self.resume_from_checkpoint()
         records = []
         for rnd in range(1, self.config.rounds + 1):
             t0 = time.perf_counter()

@@ -9,7 +9,8 @@ sets, reputations, test accuracy). Other runs SIGKILL the primary after
 round 1 and restart it after round 2 (view change, then catch-up), interrupt
 ``network up`` with Ctrl-C (every node stops), and start every node by hand
 with ``cli.py node`` and ``--selection-seed run``, restarting the server
-after round 1 (the resumed run still equals ``simulate``).
+after round 1 (it resumes from its checkpoint, fetches no update of the
+rounds before it, and the resumed run still equals ``simulate``).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import sqlite3
@@ -383,7 +385,13 @@ def test_nodes_started_by_hand_and_a_restarted_server_match_simulate(
                 process.wait(30)
         for log in logs:
             log.close()
-    # Assert
+    # Assert: the restarted server resumed from a checkpoint, fetched no update of
+    # a round up to it, and gives the same numbers as simulate
+    restarted_log = (tmp_path / "server.log").read_text().split("server listening on")[-1]
+    resumed = re.findall(r"resuming from round-(\d+)\.pt", restarted_log)
+    assert len(resumed) == 1, restarted_log
+    fetched = [int(r) for r in re.findall(r"fetched round (\d+) update", restarted_log)]
+    assert all(r > int(resumed[0]) for r in fetched), restarted_log
     network_doc = json.loads((tmp_path / "metrics.json").read_text())
     config = RunConfig(**options)  # type: ignore[arg-type]
     splits = load_mnist(mnist_root, train_size=2000, val_size=200, test_size=500)
