@@ -28,11 +28,19 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 # Hyper-parameters per mechanism (clients' local training; chosen on seed 0 by
-# short runs, see docs/RESULTS.md). No DP keeps the paper's B=10, lr=0.01.
-NO_DP: dict[str, Any] = {"batch_size": 10, "lr": 0.01, "momentum": 0.5, "local_epochs": 1.0}
+# 100-round runs, see docs/RESULTS.md). No DP keeps the paper's B=10 and E=1
+# with twice its step and no dropout (97.2% -> 98% non-IID at 20/round).
+NO_DP: dict[str, Any] = {
+    "batch_size": 10,
+    "lr": 0.02,
+    "momentum": 0.5,
+    "local_epochs": 1.0,
+    "dropout": False,
+}
 # Both DP mechanisms train full-batch (q = 1), one step per round, with server
 # momentum: for a fixed budget this gives the least noise per unit of progress
-# (see docs/RESULTS.md) and no client drift on non-IID data.
+# (see docs/RESULTS.md) and no client drift on non-IID data. Dropout is off:
+# the DP noise already regularises, and without it DP-SGD converges faster.
 GAUSSIAN: dict[str, Any] = {
     "dp": "gaussian",
     "batch_size": 600,
@@ -41,6 +49,7 @@ GAUSSIAN: dict[str, Any] = {
     "local_epochs": 1.0,
     "clip": 1.0,
     "server_momentum": 0.9,
+    "dropout": False,
 }
 # Laplace noise grows with the dimension it is added in, so it is added in a
 # 128-dimensional random public subspace of the parameters (--dp-subspace).
@@ -53,6 +62,7 @@ LAPLACE: dict[str, Any] = {
     "clip": 1.0,
     "server_momentum": 0.9,
     "dp_subspace": 128,
+    "dropout": False,
 }
 PLOTS = (
     "ref_gaussian.png",
@@ -63,10 +73,10 @@ PLOTS = (
 )
 BEGIN, END = "<!-- bench/accuracy.py:begin -->", "<!-- bench/accuracy.py:end -->"
 PLAIN = {"selection": "random", "validation": False, "reputation": False}
-GAUSS_EPS = (1, 2, 5, 10, 20, 30, 50)
+GAUSS_EPS = (1, 2, 5, 10, 20, 50)
 LAPLACE_EPS = (1, 2, 5, 10, 20, 50, 100)
 ATTACKS = ("labelflip", "noise", "scale")
-ATTACK_ROUNDS = 40
+ATTACK_ROUNDS = 30
 # Published by a widely used open DP-FL implementation (same CNN, non-IID, 20/round).
 REFERENCE = {
     "none": {0: 90.1},
@@ -75,11 +85,17 @@ REFERENCE = {
 }
 
 
+def gauss_lr(epsilon: float) -> float:
+    """The Gaussian client step: halved below epsilon 5, where the noise
+    multiplier is 4-8x that at epsilon 10 and lr 2 stalls."""
+    return GAUSSIAN["lr"] if epsilon >= 5 else GAUSSIAN["lr"] / 2
+
+
 def runs() -> dict[str, dict[str, Any]]:
     ref = {"dist": "noniid", "frac": 0.2, "rounds": 100}
     out: dict[str, dict[str, Any]] = {"ref_nodp": {**ref, **NO_DP}}
     for eps in GAUSS_EPS:
-        out[f"ref_gauss_{eps}"] = {**ref, **GAUSSIAN, "epsilon": float(eps)}
+        out[f"ref_gauss_{eps}"] = {**ref, **GAUSSIAN, "epsilon": float(eps), "lr": gauss_lr(eps)}
     for eps in LAPLACE_EPS:
         out[f"ref_laplace_{eps}"] = {**ref, **LAPLACE, "epsilon": float(eps)}
     paper = {"frac": 0.1, "rounds": 100}

@@ -153,16 +153,64 @@ def claim_bytes(
     )
 
 
-def _parts(
-    header: pb.TensorStreamHeader, data: bytes, trailer: pb.TensorStreamTrailer, chunk_bytes: int
-) -> Iterator[pb.TensorStreamPart]:
+Layout = list[tuple[str, str, tuple[int, ...], int, int]]  # name, dtype, shape, offset, nbytes
+
+
+def _layout(specs: Iterable[tuple[str, str, tuple[int, ...]]]) -> Layout:
+    """Where each tensor's bytes lie in the stream (tensors in the given order)."""
+    layout, offset = [], 0
+    for name, dtype, shape in specs:
+        nbytes = _nbytes(dtype, shape)
+        layout.append((name, dtype, shape, offset, nbytes))
+        offset += nbytes
+    return layout
+
+
+class _StreamHasher:
+    """:func:`_digest` of a stream's tensors, fed with the data as it arrives.
+
+    Sender and receiver hash each chunk as it passes, so hashing overlaps
+    the transfer instead of following it.
+    """
+
+    def __init__(self, layout: Layout) -> None:
+        self._layout = layout
+        self._hasher = hashlib.sha256(_DIGEST_TAG + pack_u32(len(layout)))
+        self._next = 0  # index of the tensor being hashed
+        self._opened = False  # its record header is hashed
+        self._done = 0  # stream bytes hashed
+
+    def feed(self, data: bytes | bytearray, end: int) -> None:
+        """Hash the stream bytes up to ``end``; ``data`` holds at least ``[0, end)``."""
+        with memoryview(data) as view:
+            while self._next < len(self._layout):
+                name, dtype, shape, offset, nbytes = self._layout[self._next]
+                if not self._opened:
+                    self._hasher.update(_tensor_record(name, dtype, shape, nbytes))
+                    self._opened = True
+                stop = min(end, offset + nbytes)
+                if stop > self._done:
+                    self._hasher.update(view[self._done : stop])
+                    self._done = stop
+                if self._done < offset + nbytes:
+                    return
+                self._next += 1
+                self._opened = False
+
+    def digest(self) -> bytes:
+        if self._next != len(self._layout):
+            raise ValueError("digest of an incomplete stream")
+        return self._hasher.digest()
+
+
+def _check_chunk_bytes(chunk_bytes: int) -> None:
     if not 1 <= chunk_bytes <= CHUNK_BYTES:
         raise ValueError(f"chunk_bytes must be in [1, {CHUNK_BYTES}], got {chunk_bytes}")
-    yield pb.TensorStreamPart(header=header)
-    for offset in range(0, len(data), chunk_bytes):
-        chunk = pb.TensorChunk(offset=offset, data=data[offset : offset + chunk_bytes])
-        yield pb.TensorStreamPart(chunk=chunk)
-    yield pb.TensorStreamPart(trailer=trailer)
+
+
+def _chunk(data: bytes, offset: int, chunk_bytes: int) -> pb.TensorStreamPart:
+    piece = data[offset : offset + chunk_bytes]
+    return pb.TensorStreamPart(chunk=pb.TensorChunk(offset=offset, data=piece))
 
 
 def tensor_stream(
@@ -175,28 +223,43 @@ def tensor_stream(
     num_samples: int = 0,
     chunk_bytes: int = CHUNK_BYTES,
 ) -> Iterator[pb.TensorStreamPart]:
-    """The stream that sends ``weights`` as ``identity``: header, chunks, signed trailer."""
-    names = sorted(weights)
-    specs = [(name, _dtype_name(weights[name]), tuple(weights[name].shape)) for name in names]
-    raws = [_raw(weights[name]) for name in names]
-    digest = _digest((*spec, raw) for spec, raw in zip(specs, raws, strict=True))
+    """The stream that sends ``weights`` as ``identity``: header, chunks, signed trailer.
+
+    The digest is computed chunk by chunk as the stream is consumed (only the
+    trailer needs it), so the first chunk leaves before the data is hashed.
+    """
+    _check_chunk_bytes(chunk_bytes)
+    specs = [(n, _dtype_name(weights[n]), tuple(weights[n].shape)) for n in sorted(weights)]
+    layout = _layout(specs)
     header = pb.TensorStreamHeader(
         round=round,
         sender_id=identity.node_id,
         base_digest=base_digest,
         num_samples=num_samples,
         tensors=[pb.TensorSpec(name=n, dtype=d, shape=s) for n, d, s in specs],
-        total_bytes=sum(len(raw) for raw in raws),
+        total_bytes=sum(item[4] for item in layout),
     )
-    claim = claim_bytes(
-        round=round,
-        sender_id=identity.node_id,
-        base_digest=base_digest,
-        digest=digest,
-        num_samples=num_samples,
-    )
-    trailer = pb.TensorStreamTrailer(digest=digest, claim=identity.sign(kind, claim))
-    return _parts(header, b"".join(raws), trailer, chunk_bytes)
+    data = b"".join(_raw(weights[name]) for name, _, _ in specs)
+
+    def parts() -> Iterator[pb.TensorStreamPart]:
+        yield pb.TensorStreamPart(header=header)
+        hasher = _StreamHasher(layout)
+        for offset in range(0, len(data), chunk_bytes):
+            hasher.feed(data, min(len(data), offset + chunk_bytes))
+            yield _chunk(data, offset, chunk_bytes)
+        hasher.feed(data, len(data))  # empty tensors at the end
+        digest = hasher.digest()
+        claim = claim_bytes(
+            round=round,
+            sender_id=identity.node_id,
+            base_digest=base_digest,
+            digest=digest,
+            num_samples=num_samples,
+        )
+        trailer = pb.TensorStreamTrailer(digest=digest, claim=identity.sign(kind, claim))
+        yield pb.TensorStreamPart(trailer=trailer)
+
+    return parts()
 
 
 @dataclass(frozen=True, eq=False)
@@ -226,10 +289,18 @@ def relay_stream(
     received: ReceivedTensors, *, chunk_bytes: int = CHUNK_BYTES
 ) -> Iterator[pb.TensorStreamPart]:
     """The same stream again, with the original sender's claim (miners serve FetchUpdate)."""
+    _check_chunk_bytes(chunk_bytes)
     names = [spec.name for spec in received.header.tensors]
     data = b"".join(_raw(received.weights[name]) for name in names)
     trailer = pb.TensorStreamTrailer(digest=received.digest, claim=received.claim)
-    return _parts(received.header, data, trailer, chunk_bytes)
+
+    def parts() -> Iterator[pb.TensorStreamPart]:
+        yield pb.TensorStreamPart(header=received.header)
+        for offset in range(0, len(data), chunk_bytes):
+            yield _chunk(data, offset, chunk_bytes)
+        yield pb.TensorStreamPart(trailer=trailer)
+
+    return parts()
 
 
 def _invalid(reason: str, *, sender: str | None = None) -> UpdateRejected:
@@ -269,6 +340,7 @@ class TensorStreamReceiver:
         self._trailer: pb.TensorStreamTrailer | None = None
         self._buffer = bytearray()
         self._received = 0
+        self._hasher = _StreamHasher([])
 
     def add(self, part: pb.TensorStreamPart) -> None:
         which = part.WhichOneof("part")
@@ -316,6 +388,7 @@ class TensorStreamReceiver:
             raise _invalid("header lacks the sender id")
         self.header = header
         self._buffer = bytearray(total)
+        self._hasher = _StreamHasher(self._stream_layout())
 
     def _add_chunk(self, chunk: pb.TensorChunk) -> None:
         size = len(chunk.data)
@@ -333,6 +406,7 @@ class TensorStreamReceiver:
             raise _invalid(f"data past the declared {len(self._buffer)} bytes")
         self._buffer[self._received : end] = chunk.data
         self._received = end
+        self._hasher.feed(self._buffer, end)
 
     def finish(self, *, membership: Membership, kind: str) -> ReceivedTensors:
         """Complete the checks (data, digest, claim, values); the decoded tensors."""
@@ -345,12 +419,9 @@ class TensorStreamReceiver:
             raise _invalid(f"truncated stream: {self._received} of {len(self._buffer)} bytes")
         if trailer is None:
             raise _invalid("stream ended without a trailer")
-        layout = self._layout()
-        view = memoryview(self._buffer)
-        digest = _digest(
-            (name, dtype, shape, view[offset : offset + nbytes])
-            for name, dtype, shape, offset, nbytes in layout
-        )
+        layout = self._stream_layout()
+        self._hasher.feed(self._buffer, self._received)
+        digest = self._hasher.digest()
         if trailer.digest != digest:
             raise _invalid("digest mismatch: the trailer's digest is not the data's")
         sender = self._check_claim(header, trailer.claim, digest, membership, kind)
@@ -370,15 +441,9 @@ class TensorStreamReceiver:
                 raise error
         return received
 
-    def _layout(self) -> list[tuple[str, str, tuple[int, ...], int, int]]:
+    def _stream_layout(self) -> Layout:
         """(name, dtype, shape, offset, nbytes) per tensor, in stream order."""
-        layout, offset = [], 0
-        for name in self._names:
-            dtype, shape = self._expected[name]
-            nbytes = _nbytes(dtype, tuple(shape))
-            layout.append((name, dtype, tuple(shape), offset, nbytes))
-            offset += nbytes
-        return layout
+        return _layout((n, self._expected[n][0], tuple(self._expected[n][1])) for n in self._names)
 
     def _decode(self, dtype: str, shape: tuple[int, ...], offset: int) -> torch.Tensor:
         count = math.prod(shape)
