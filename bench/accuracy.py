@@ -129,7 +129,12 @@ def _run(
     if smoke:  # a quick check of the script itself, not of the numbers
         spec = {**spec, "rounds": 2, "train_size": 6_000}
     cfg = RunConfig(data_dir=data_dir, clients=100, seed=seed, delta=1e-5, **EVAL, **spec)
-    splits = load_mnist(resolve_data_root(data_dir))
+    splits = load_mnist(
+        resolve_data_root(data_dir),
+        train_size=cfg.train_size,
+        val_size=cfg.val_size,
+        test_size=cfg.test_size,
+    )
     doc = run_simulation(cfg, splits, clock=time.perf_counter)
     write_json_atomic(Path(out_dir) / f"{name}.json", doc)
     return doc

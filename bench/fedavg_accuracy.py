@@ -62,7 +62,12 @@ def _run(
         server_lr=server_lr,
         **{k: v for k, v in spec.items() if k != "stop_at"},
     )
-    splits = load_mnist(resolve_data_root(data_dir))
+    splits = load_mnist(
+        resolve_data_root(data_dir),
+        train_size=cfg.train_size,
+        val_size=cfg.val_size,
+        test_size=cfg.test_size,
+    )
 
     def until(record) -> bool:
         print(
