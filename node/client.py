@@ -41,6 +41,7 @@ from node.offchain import initial_spec
 from node.records import REGISTRATION_TIMESTAMP, Registration
 from node.tensors import (
     MODEL_KIND,
+    MODEL_REQUEST_KIND,
     UPDATE_KIND,
     UpdateRejected,
     receive_tensor_stream,
@@ -135,7 +136,8 @@ class ClientHost:
         server = self.membership.server
         async with channel(server.address) as ch:
             request = pb.ModelRequest(round=notice.round, client_id=cid)
-            parts = [p async for p in pb_grpc.ServerStub(ch).DownloadModel(request, timeout=60)]
+            envelope = self.identities[cid].sign(MODEL_REQUEST_KIND, request.SerializeToString())
+            parts = [p async for p in pb_grpc.ServerStub(ch).DownloadModel(envelope, timeout=60)]
         received = receive_tensor_stream(
             parts,
             expected=self.spec,

@@ -36,6 +36,7 @@ from typing import Any
 
 import grpc
 import torch
+from google.protobuf.message import DecodeError
 
 from consensus.canonical import MalformedMessage
 from consensus.ledger import Block, check_block
@@ -57,7 +58,14 @@ from node.daemon import (
     signed_record,
 )
 from node.genesis import Genesis
-from node.identity import Identity, pbft_verifier, signing_tag, verify_signature
+from node.identity import (
+    AuthError,
+    Identity,
+    pbft_verifier,
+    signing_tag,
+    verify_envelope,
+    verify_signature,
+)
 from node.offchain import BlobStore, GlobalModels, initial_spec
 from node.records import (
     ChainState,
@@ -69,7 +77,9 @@ from node.records import (
 )
 from node.runner import write_json_atomic
 from node.tensors import (
+    AUTH_CODES,
     MODEL_KIND,
+    MODEL_REQUEST_KIND,
     UPDATE_KIND,
     UpdateRejected,
     claim_bytes,
@@ -385,7 +395,25 @@ class ServerServicer(pb_grpc.ServerServicer):
     def __init__(self, server: Server) -> None:
         self.s = server
 
-    async def DownloadModel(self, request: pb.ModelRequest, context: Any) -> Any:
+    async def DownloadModel(self, envelope: pb.Envelope, context: Any) -> Any:
+        try:
+            signer = verify_envelope(
+                envelope,
+                self.s.membership,
+                expected_kind=MODEL_REQUEST_KIND,
+                allowed_roles=("client",),
+            )
+        except AuthError as exc:
+            await context.abort(AUTH_CODES[exc.reason], str(exc))
+        try:
+            request = pb.ModelRequest.FromString(envelope.payload)
+        except DecodeError:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "malformed model request")
+        if request.client_id != signer.node_id:
+            await context.abort(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"{signer.node_id} asks for the model as {request.client_id!r}",
+            )
         current = self.s.current
         if current is None or request.round != current[0]:
             await context.abort(

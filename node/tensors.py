@@ -55,6 +55,7 @@ if TYPE_CHECKING:
 CHUNK_BYTES: Final = 1 << 20
 UPDATE_KIND: Final = "update"
 MODEL_KIND: Final = "model"
+MODEL_REQUEST_KIND: Final = "model-request"
 # Who may sign a stream of each kind.
 SIGNER_ROLES: Final = {UPDATE_KIND: ("client",), MODEL_KIND: ("server",)}
 _DIGEST_TAG: Final = b"LLBCFL/tensors/v1\x00"
@@ -307,7 +308,7 @@ def _invalid(reason: str, *, sender: str | None = None) -> UpdateRejected:
     return UpdateRejected(grpc.StatusCode.INVALID_ARGUMENT, reason, sender=sender)
 
 
-_AUTH_CODES: Final = {
+AUTH_CODES: Final = {
     "unknown-signer": grpc.StatusCode.UNAUTHENTICATED,
     "bad-signature": grpc.StatusCode.UNAUTHENTICATED,
     "wrong-kind": grpc.StatusCode.UNAUTHENTICATED,
@@ -467,7 +468,7 @@ class TensorStreamReceiver:
                 claim, membership, expected_kind=kind, allowed_roles=SIGNER_ROLES[kind]
             )
         except AuthError as exc:
-            raise UpdateRejected(_AUTH_CODES[exc.reason], str(exc)) from exc
+            raise UpdateRejected(AUTH_CODES[exc.reason], str(exc)) from exc
         if signer.node_id != header.sender_id:
             raise UpdateRejected(
                 grpc.StatusCode.PERMISSION_DENIED,

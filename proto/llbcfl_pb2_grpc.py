@@ -365,7 +365,7 @@ class ServerStub:
         """
         self.DownloadModel = channel.unary_stream(
                 '/llbcfl.v1.Server/DownloadModel',
-                request_serializer=proto_dot_llbcfl__pb2.ModelRequest.SerializeToString,
+                request_serializer=proto_dot_llbcfl__pb2.Envelope.SerializeToString,
                 response_deserializer=proto_dot_llbcfl__pb2.TensorStreamPart.FromString,
                 _registered_method=True)
 
@@ -375,7 +375,8 @@ class ServerServicer:
     """
 
     def DownloadModel(self, request, context):
-        """The global model for a round (kind "model", signed by the server).
+        """The global model for a round (kind "model", signed by the server), for
+        a selected client that signed the request.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -386,7 +387,7 @@ def add_ServerServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'DownloadModel': grpc.unary_stream_rpc_method_handler(
                     servicer.DownloadModel,
-                    request_deserializer=proto_dot_llbcfl__pb2.ModelRequest.FromString,
+                    request_deserializer=proto_dot_llbcfl__pb2.Envelope.FromString,
                     response_serializer=proto_dot_llbcfl__pb2.TensorStreamPart.SerializeToString,
             ),
     }
@@ -416,7 +417,7 @@ class Server:
             request,
             target,
             '/llbcfl.v1.Server/DownloadModel',
-            proto_dot_llbcfl__pb2.ModelRequest.SerializeToString,
+            proto_dot_llbcfl__pb2.Envelope.SerializeToString,
             proto_dot_llbcfl__pb2.TensorStreamPart.FromString,
             options,
             channel_credentials,

@@ -20,6 +20,7 @@ from node.genesis import Genesis
 from node.identity import Identity
 from node.records import REGISTRATION_TIMESTAMP, Registration
 from node.server import Server, ServerServicer
+from node.tensors import MODEL_REQUEST_KIND
 from proto import llbcfl_pb2 as pb
 from proto import llbcfl_pb2_grpc as pb_grpc
 from tests.node.blocks import commit
@@ -113,12 +114,17 @@ def fl_server(small_genesis: Genesis, identities: dict[str, Identity], tmp_path:
     return s
 
 
-def download_refusal(server: Server, request: pb.ModelRequest) -> grpc.StatusCode:
+def model_request(identity: Identity, *, round: int = 1, client_id: str | None = None):
+    request = pb.ModelRequest(round=round, client_id=client_id or identity.node_id)
+    return identity.sign(MODEL_REQUEST_KIND, request.SerializeToString())
+
+
+def download_refusal(server: Server, envelope: pb.Envelope) -> grpc.StatusCode:
     codes = []
 
     async def body(ch: Any) -> None:
         try:
-            async for _ in pb_grpc.ServerStub(ch).DownloadModel(request):
+            async for _ in pb_grpc.ServerStub(ch).DownloadModel(envelope):
                 pass
         except grpc.aio.AioRpcError as exc:
             codes.append(exc.code())
@@ -127,19 +133,52 @@ def download_refusal(server: Server, request: pb.ModelRequest) -> grpc.StatusCod
     return codes[0] if codes else grpc.StatusCode.OK
 
 
-def test_model_goes_only_to_selected_clients(fl_server: Server) -> None:
+def test_model_goes_only_to_selected_clients(
+    fl_server: Server, identities: dict[str, Identity]
+) -> None:
     selected = fl_server.state.selections[1].selected
     outsider = next(c for c in ("client-000", "client-001", "client-002") if c not in selected)
-    ok = download_refusal(fl_server, pb.ModelRequest(round=1, client_id=selected[0]))
-    refused = download_refusal(fl_server, pb.ModelRequest(round=1, client_id=outsider))
+    ok = download_refusal(fl_server, model_request(identities[selected[0]]))
+    refused = download_refusal(fl_server, model_request(identities[outsider]))
     assert ok == grpc.StatusCode.OK
     assert refused == grpc.StatusCode.PERMISSION_DENIED
 
 
-def test_model_of_another_round_is_refused(fl_server: Server) -> None:
+def test_model_of_another_round_is_refused(
+    fl_server: Server, identities: dict[str, Identity]
+) -> None:
     selected = fl_server.state.selections[1].selected
-    code = download_refusal(fl_server, pb.ModelRequest(round=2, client_id=selected[0]))
+    code = download_refusal(fl_server, model_request(identities[selected[0]], round=2))
     assert code == grpc.StatusCode.FAILED_PRECONDITION
+
+
+def test_model_request_must_be_signed_by_the_client_it_names(
+    fl_server: Server, identities: dict[str, Identity]
+) -> None:
+    selected = fl_server.state.selections[1].selected
+    outsider = next(c for c in ("client-000", "client-001", "client-002") if c not in selected)
+    # An unselected client asking in a selected client's name
+    impostor = model_request(identities[outsider], client_id=selected[0])
+    assert download_refusal(fl_server, impostor) == grpc.StatusCode.PERMISSION_DENIED
+    # A forged signature (payload changed after signing)
+    forged = model_request(identities[selected[0]])
+    forged.payload = pb.ModelRequest(round=1, client_id=outsider).SerializeToString()
+    assert download_refusal(fl_server, forged) == grpc.StatusCode.UNAUTHENTICATED
+    # A miner is not a client; an unsigned (empty) envelope is nobody
+    miner = model_request(identities["miner-0"], client_id=selected[0])
+    assert download_refusal(fl_server, miner) == grpc.StatusCode.PERMISSION_DENIED
+    assert download_refusal(fl_server, pb.Envelope()) == grpc.StatusCode.UNAUTHENTICATED
+    # A signed envelope of another kind is not a model request
+    other = identities[selected[0]].sign("update", b"")
+    assert download_refusal(fl_server, other) == grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_malformed_model_request_is_refused(
+    fl_server: Server, identities: dict[str, Identity]
+) -> None:
+    selected = fl_server.state.selections[1].selected
+    garbage = identities[selected[0]].sign(MODEL_REQUEST_KIND, b"\xff\xff\xff")
+    assert download_refusal(fl_server, garbage) == grpc.StatusCode.INVALID_ARGUMENT
 
 
 def test_daemons_serve_the_grpc_health_service() -> None:
