@@ -5,7 +5,8 @@ for rising accuracy, one head hash on every miner, selection seeds equal to
 the digests of the blocks that closed the previous rounds, ``chain verify``
 and ``chain show`` on the chains. The same run with ``--selection-seed run``
 is checked for equality with ``simulate`` (selected, accepted and rejected
-sets, reputations, test accuracy). Other runs SIGKILL the primary after
+sets, reputations, test accuracy). Other runs SIGKILL a backup miner after
+round 1 (the other three finish the run), SIGKILL the primary after
 round 1 and restart it after round 2 (view change, then catch-up), interrupt
 ``network up`` with Ctrl-C (every node stops), and start every node by hand
 with ``cli.py node`` and ``--selection-seed run``, restarting the server
@@ -245,6 +246,35 @@ def test_killed_primary_is_replaced_and_catches_up_after_restart(
     assert len(set(doc["chain_heads"].values())) == 1
     views = [b.header.view for b in read_blocks(run_dir / "miner-0" / "chain.db")]
     assert max(views) > min(views)  # a view change happened
+
+
+def test_killed_backup_miner_does_not_stop_the_run(tmp_path: Path, mnist_root: Path) -> None:
+    # Prepare
+    run_dir = tmp_path / "run"
+    process = network_up(run_dir, mnist_root)
+    try:
+        wait_for_round(run_dir, process, 1)
+        primary = last_proposer(run_dir / "miner-0" / "chain.db")
+        victim = f"miner-{(primary + 1) % 4}"
+        nodes = json.loads((run_dir / "pids.json").read_text())
+        # Execute: SIGKILL one backup (non-primary) miner after round 1
+        os.kill(nodes[victim]["pid"], signal.SIGKILL)
+        finish(process)
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGINT)
+            process.communicate(timeout=60)
+    # Assert: every round done by the three others, which agree on one chain;
+    # the killed miner's chain is a prefix of it
+    doc = json.loads((run_dir / "metrics.json").read_text())
+    assert [r["round"] for r in doc["rounds"]] == [1, 2, 3]
+    alive = {m: h for m, h in doc["chain_heads"].items() if m != victim}
+    assert len(alive) == 3 and len(set(alive.values())) == 1
+    survivor = next(iter(alive))
+    full = [b.digest for b in read_blocks(run_dir / survivor / "chain.db")]
+    killed = [b.digest for b in read_blocks(run_dir / victim / "chain.db")]
+    assert 0 < len(killed) < len(full)
+    assert killed == full[: len(killed)]
 
 
 def test_chain_verify_names_the_first_tampered_height(
