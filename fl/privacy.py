@@ -306,31 +306,27 @@ def noisy_sum(
 
 
 def private_gradient(
-    per_sample: Grads,
+    per_sample: torch.Tensor,
     *,
     config: DPConfig,
     plan: StepPlan,
     n_samples: int,
     generator: torch.Generator,
-) -> Grads:
-    """One DP-SGD gradient: clip, sum, noise, divide by the expected batch ``q * N``.
+) -> torch.Tensor:
+    """One DP-SGD gradient from ``[batch, params]``: clip, sum, noise, divide by ``q * N``.
 
     Dividing by the expected rather than the realised batch size keeps the
     sensitivity fixed (the realised size itself depends on the data). With
-    ``mechanism="none"`` there is no clipping and no noise.
+    ``mechanism="none"`` there is no clipping and no noise. Training calls
+    the two halves, :func:`clipped_sum` (per chunk) and :func:`noisy_average`.
     """
-    clipped = (
-        per_sample
-        if config.mechanism == "none"
-        else clip_per_sample(per_sample, norm=config.clip_norm, bound=config.clip)
+    return noisy_average(
+        clipped_sum(per_sample, config=config),
+        config=config,
+        plan=plan,
+        n_samples=n_samples,
+        generator=generator,
     )
-    summed = noisy_sum(
-        clipped, mechanism=config.mechanism, scale=plan.noise_scale, generator=generator
-    )
-    expected = plan.sample_rate * n_samples
-    if isinstance(summed, torch.Tensor):
-        return summed / expected
-    return [s / expected for s in summed]
 
 
 def clipped_sum(per_sample: torch.Tensor, *, config: DPConfig) -> torch.Tensor:
