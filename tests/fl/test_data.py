@@ -4,8 +4,20 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
-from fl.data import IMAGE_MAGIC, LABEL_MAGIC, DataError, load_mnist, parse_idx, resolve_data_root
+from fl.data import (
+    IMAGE_MAGIC,
+    LABEL_MAGIC,
+    DataError,
+    evaluation_order,
+    load_mnist,
+    parse_idx,
+    resolve_data_root,
+)
+
+# Pinned: changing the order would silently change every published figure.
+EVALUATION_ORDER_HEAD = [1928, 3298, 6045, 5452, 4396]
 
 
 def idx_images(count: int, rows: int = 2, cols: int = 3, magic: int = IMAGE_MAGIC) -> bytes:
@@ -80,7 +92,30 @@ def test_load_mnist_splits_sizes(tmp_path, gz):
     assert splits.train.x.shape == (20, 1, 28, 28)
     assert len(splits.validation) == 4
     assert len(splits.test) == 8
-    assert splits.test.y.tolist() == [4, 5, 6, 7, 8, 9, 0, 1]
+    # Labels of the fake test file are i % 10, so they name the images taken.
+    order = [int(i) for i in evaluation_order(12)]
+    assert splits.validation.y.tolist() == [i % 10 for i in order[:4]]
+    assert splits.test.y.tolist() == [i % 10 for i in order[4:12]]
+
+
+def test_evaluation_order_is_a_fixed_shuffle():
+    # Execute
+    order = evaluation_order(10_000)
+    # Assert: a permutation, not the file's order, and the same on every call
+    assert sorted(order.tolist()) == list(range(10_000))
+    assert order.tolist() != list(range(10_000))
+    assert order[:5].tolist() == EVALUATION_ORDER_HEAD
+    assert evaluation_order(10_000).tolist() == order.tolist()
+    # Both halves of MNIST's test file are about evenly represented in any prefix.
+    assert 450 <= int((order[:1_000] < 5_000).sum()) <= 550
+
+
+def test_validation_set_does_not_depend_on_test_size(tmp_path):
+    write_fake_mnist(tmp_path, n_test=12)
+    small = load_mnist(tmp_path, train_size=20, val_size=4, test_size=2)
+    large = load_mnist(tmp_path, train_size=20, val_size=4, test_size=8)
+    assert torch.equal(small.validation.x, large.validation.x)
+    assert torch.equal(small.test.x, large.test.x[:2])
 
 
 def test_load_mnist_missing_file_says_what_to_do(tmp_path):
