@@ -2,9 +2,14 @@
 
 Hard checks (any failure rejects, with the reason): the update has exactly
 the model's tensor names, each with the model's shape and dtype; every value
-is finite; its L2 norm is within the absolute bound (if set) and within
+is finite; its L2 norm is within the absolute bound (if set), within
 ``norm_factor`` times the round's median norm (a boosted update stands out
-even when DP noise makes every norm large).
+even when DP noise makes every norm large), and, with the relative rule,
+at most ``median + k * max(MAD, norm_mad_floor * median)`` of the round's
+norms. Under local DP the noise sets nearly every honest norm (its length
+is fixed by sigma, clip and the dimension), so honest norms bunch within a
+few percent, while a poisoned direction such as label flipping adds a large
+coherent gradient on top: its accuracy can look ordinary, its norm does not.
 
 Algorithm 2 scores each surviving update by the accuracy of
 ``global + update`` on the miners' validation set.  Because local DP noise
@@ -42,6 +47,7 @@ class ValidationParams:
     min_accuracy: float = 0.5
     norm_bound: float | None = None
     norm_factor: float = 3.0
+    norm_mad_floor: float = 0.03
 
     def __post_init__(self) -> None:
         if self.rule not in RULES:
@@ -50,6 +56,8 @@ class ValidationParams:
             )
         if not self.mad_k > 0 or not self.mad_floor >= 0 or not self.norm_factor > 1:
             raise ValueError("need mad_k > 0, mad_floor >= 0 and norm_factor > 1")
+        if not self.norm_mad_floor >= 0:
+            raise ValueError(f"norm MAD floor must be >= 0, got {self.norm_mad_floor}")
         if not 0 <= self.min_accuracy <= 1:
             raise ValueError(f"min accuracy must be in [0, 1], got {self.min_accuracy}")
         if self.norm_bound is not None and not self.norm_bound > 0:
@@ -141,14 +149,23 @@ def validate_updates(
         norms[cid] = norm
     if norms:
         median_norm = statistics.median(sorted(norms.values()))
+        mad_norm = statistics.median(sorted(abs(n - median_norm) for n in norms.values()))
+        spread_cut = median_norm + params.mad_k * max(mad_norm, params.norm_mad_floor * median_norm)
         for cid, norm in list(norms.items()):
             if median_norm > 0 and norm > params.norm_factor * median_norm:
                 reason = (
                     f"update norm {norm:.3f} > {params.norm_factor:g} x "
                     f"round median {median_norm:.3f}"
                 )
-                verdicts[cid] = Verdict(cid, False, reason, norm=norm)
-                del norms[cid]
+            elif params.rule == "relative" and norm > spread_cut:
+                reason = (
+                    f"update norm {norm:.3f} > round median {median_norm:.3f} "
+                    f"+ {params.mad_k:g}*MAD = {spread_cut:.3f}"
+                )
+            else:
+                continue
+            verdicts[cid] = Verdict(cid, False, reason, norm=norm)
+            del norms[cid]
     accuracies: dict[str, float] = {}
     deltas = dict(updates)
     for cid in norms:

@@ -92,6 +92,36 @@ def test_validate_updates_rejects_boosted_and_nan_before_scoring():
     assert all(verdicts[f"h{i}"].accuracy is not None for i in range(4))
 
 
+def test_relative_rule_rejects_a_norm_outside_the_rounds_spread():
+    # Prepare: DP-like updates, a common noise length 1.0 each; one also carries
+    # a coherent 0.3x-longer push (as label flipping does), under 3x the median.
+    model = build_model("mlp", generator=torch.Generator().manual_seed(0))
+    gw = get_weights(model)
+    g = torch.Generator().manual_seed(2)
+
+    def unit_noise() -> OrderedDict:
+        d = OrderedDict((k, torch.randn(v.shape, generator=g)) for k, v in gw.items())
+        norm = update_norm(d)
+        return OrderedDict((k, v / norm) for k, v in d.items())
+
+    updates = [(f"h{i}", unit_noise()) for i in range(6)]
+    updates.append(("flip", OrderedDict((k, 1.3 * v) for k, v in unit_noise().items())))
+    val = synthetic_split(50, seed=0)
+
+    def judge(params: ValidationParams) -> dict:
+        return validate_updates(
+            model=model, global_weights=gw, updates=updates, x_val=val.x, y_val=val.y, params=params
+        )
+
+    # Execute
+    relative, absolute = judge(ValidationParams()), judge(ValidationParams(rule="absolute"))
+    # Assert: median 1.0, MAD ~0 -> floor 0.03 -> cut 1.0 + 3 * 0.03 = 1.09
+    assert relative["flip"].reason == "update norm 1.300 > round median 1.000 + 3*MAD = 1.090"
+    assert all(relative[f"h{i}"].accuracy is not None for i in range(6))
+    # The paper's absolute rule has no spread test: only accuracy decides.
+    assert absolute["flip"].accuracy is not None
+
+
 def test_absolute_norm_bound():
     model = build_model("mlp", generator=torch.Generator().manual_seed(0))
     gw = get_weights(model)
