@@ -203,6 +203,13 @@ def _run_options(fn: Callable[..., Any]) -> Callable[..., Any]:
             help="reject updates whose L2 norm exceeds this [default: no absolute bound]",
         ),
         click.option(
+            "--val-norm-spread/--no-val-norm-spread",
+            default=DEFAULTS.val_norm_spread,
+            show_default=True,
+            help="relative rule: also reject norms above the round median + k*MAD (for IID "
+            "DP runs under attack; on non-IID data it rejects honest clients)",
+        ),
+        click.option(
             "--reputation/--no-reputation",
             default=DEFAULTS.reputation,
             show_default=True,

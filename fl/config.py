@@ -55,6 +55,7 @@ class RunConfig:
     val_k: float = 3.0
     val_threshold: float = 0.5
     norm_bound: float | None = None
+    val_norm_spread: bool = False
     reputation: bool = True
     rep_threshold: float = 0.4
     freshness: float = 0.9

@@ -66,6 +66,7 @@ def validation_params(config: RunConfig) -> ValidationParams:
         mad_k=config.val_k,
         min_accuracy=config.val_threshold,
         norm_bound=config.norm_bound,
+        norm_spread=config.val_norm_spread,
     )
 
 

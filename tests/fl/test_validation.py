@@ -114,11 +114,14 @@ def test_relative_rule_rejects_a_norm_outside_the_rounds_spread():
         )
 
     # Execute
-    relative, absolute = judge(ValidationParams()), judge(ValidationParams(rule="absolute"))
+    spread = judge(ValidationParams(norm_spread=True))
+    default = judge(ValidationParams())
+    absolute = judge(ValidationParams(rule="absolute", norm_spread=True))
     # Assert: median 1.0, MAD ~0 -> floor 0.03 -> cut 1.0 + 3 * 0.03 = 1.09
-    assert relative["flip"].reason == "update norm 1.300 > round median 1.000 + 3*MAD = 1.090"
-    assert all(relative[f"h{i}"].accuracy is not None for i in range(6))
-    # The paper's absolute rule has no spread test: only accuracy decides.
+    assert spread["flip"].reason == "update norm 1.300 > round median 1.000 + 3*MAD = 1.090"
+    assert all(spread[f"h{i}"].accuracy is not None for i in range(6))
+    # Off by default, and the paper's absolute rule has no spread test.
+    assert default["flip"].accuracy is not None
     assert absolute["flip"].accuracy is not None
 
 
