@@ -36,7 +36,7 @@ from __future__ import annotations
 import hashlib
 import math
 from collections import OrderedDict
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
 
@@ -209,9 +209,23 @@ def _check_chunk_bytes(chunk_bytes: int) -> None:
         raise ValueError(f"chunk_bytes must be in [1, {CHUNK_BYTES}], got {chunk_bytes}")
 
 
-def _chunk(data: bytes, offset: int, chunk_bytes: int) -> pb.TensorStreamPart:
-    piece = data[offset : offset + chunk_bytes]
-    return pb.TensorStreamPart(chunk=pb.TensorChunk(offset=offset, data=piece))
+def _parts(
+    header: pb.TensorStreamHeader,
+    data: bytes,
+    chunk_bytes: int,
+    trailer: Callable[[], pb.TensorStreamTrailer],
+    before_chunk: Callable[[int], None] = lambda end: None,
+) -> Iterator[pb.TensorStreamPart]:
+    """Header, ``data`` in chunks, then the trailer, built once the chunks are out.
+
+    ``before_chunk(end)`` sees each chunk's end offset before the chunk leaves.
+    """
+    yield pb.TensorStreamPart(header=header)
+    for offset in range(0, len(data), chunk_bytes):
+        before_chunk(min(len(data), offset + chunk_bytes))
+        piece = data[offset : offset + chunk_bytes]
+        yield pb.TensorStreamPart(chunk=pb.TensorChunk(offset=offset, data=piece))
+    yield pb.TensorStreamPart(trailer=trailer())
 
 
 def tensor_stream(
@@ -241,13 +255,9 @@ def tensor_stream(
         total_bytes=sum(item[4] for item in layout),
     )
     data = b"".join(_raw(weights[name]) for name, _, _ in specs)
+    hasher = _StreamHasher(layout)
 
-    def parts() -> Iterator[pb.TensorStreamPart]:
-        yield pb.TensorStreamPart(header=header)
-        hasher = _StreamHasher(layout)
-        for offset in range(0, len(data), chunk_bytes):
-            hasher.feed(data, min(len(data), offset + chunk_bytes))
-            yield _chunk(data, offset, chunk_bytes)
+    def signed_trailer() -> pb.TensorStreamTrailer:
         hasher.feed(data, len(data))  # empty tensors at the end
         digest = hasher.digest()
         claim = claim_bytes(
@@ -257,10 +267,9 @@ def tensor_stream(
             digest=digest,
             num_samples=num_samples,
         )
-        trailer = pb.TensorStreamTrailer(digest=digest, claim=identity.sign(kind, claim))
-        yield pb.TensorStreamPart(trailer=trailer)
+        return pb.TensorStreamTrailer(digest=digest, claim=identity.sign(kind, claim))
 
-    return parts()
+    return _parts(header, data, chunk_bytes, signed_trailer, lambda end: hasher.feed(data, end))
 
 
 @dataclass(frozen=True, eq=False)
@@ -294,14 +303,7 @@ def relay_stream(
     names = [spec.name for spec in received.header.tensors]
     data = b"".join(_raw(received.weights[name]) for name in names)
     trailer = pb.TensorStreamTrailer(digest=received.digest, claim=received.claim)
-
-    def parts() -> Iterator[pb.TensorStreamPart]:
-        yield pb.TensorStreamPart(header=received.header)
-        for offset in range(0, len(data), chunk_bytes):
-            yield _chunk(data, offset, chunk_bytes)
-        yield pb.TensorStreamPart(trailer=trailer)
-
-    return parts()
+    return _parts(received.header, data, chunk_bytes, lambda: trailer)
 
 
 def _invalid(reason: str, *, sender: str | None = None) -> UpdateRejected:
