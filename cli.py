@@ -210,6 +210,13 @@ def _run_options(fn: Callable[..., Any]) -> Callable[..., Any]:
             "DP runs under attack; on non-IID data it rejects honest clients)",
         ),
         click.option(
+            "--val-cosine-spread/--no-val-cosine-spread",
+            default=DEFAULTS.val_cosine_spread,
+            show_default=True,
+            help="relative rule: also reject updates whose cosine with the round's other "
+            "updates is below the median - k*MAD (for IID DP runs under attack)",
+        ),
+        click.option(
             "--reputation/--no-reputation",
             default=DEFAULTS.reputation,
             show_default=True,

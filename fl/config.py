@@ -56,6 +56,7 @@ class RunConfig:
     val_threshold: float = 0.5
     norm_bound: float | None = None
     val_norm_spread: bool = False
+    val_cosine_spread: bool = False
     reputation: bool = True
     rep_threshold: float = 0.4
     freshness: float = 0.9

@@ -67,6 +67,7 @@ def validation_params(config: RunConfig) -> ValidationParams:
         min_accuracy=config.val_threshold,
         norm_bound=config.norm_bound,
         norm_spread=config.val_norm_spread,
+        cosine_spread=config.val_cosine_spread,
     )
 
 

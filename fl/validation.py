@@ -15,6 +15,21 @@ little noise honest norms differ by client, and the test rejected enough
 honest updates (3-4 of 20 a round at epsilon 20 and 50) to starve the
 federation.
 
+With ``cosine_spread`` on (relative rule only), each surviving update is
+also compared in direction with the others of its round: the cosine between
+the update and the sum of the others is rejected below ``median - k *
+max(MAD, cosine_mad_floor)`` of the round's cosines, the MAD taken over the
+upper half. On IID data honest DP
+updates share the round's descent direction and their cosines bunch within a
+few hundredths; a label-flipped update points elsewhere (cosine 0.0-0.1 where
+honest ones are 0.25-0.3 in the first rounds). This is what catches label
+flipping under DP while the model is still near random, where neither the
+accuracy nor the norm of one noisy update tells it apart. Later in a run a
+group of flipped updates can agree with each other more than honest ones do,
+so the test is one-sided and the norm spread test covers those rounds. Off
+by default for the same reason as ``norm_spread``: clients of non-IID data
+legitimately point in different directions.
+
 Algorithm 2 scores each surviving update by the accuracy of
 ``global + update`` on the miners' validation set.  Because local DP noise
 lowers every update's accuracy, the paper's absolute threshold rejects
@@ -53,6 +68,8 @@ class ValidationParams:
     norm_factor: float = 3.0
     norm_spread: bool = False
     norm_mad_floor: float = 0.03
+    cosine_spread: bool = False
+    cosine_mad_floor: float = 0.02
 
     def __post_init__(self) -> None:
         if self.rule not in RULES:
@@ -61,8 +78,8 @@ class ValidationParams:
             )
         if not self.mad_k > 0 or not self.mad_floor >= 0 or not self.norm_factor > 1:
             raise ValueError("need mad_k > 0, mad_floor >= 0 and norm_factor > 1")
-        if not self.norm_mad_floor >= 0:
-            raise ValueError(f"norm MAD floor must be >= 0, got {self.norm_mad_floor}")
+        if not self.norm_mad_floor >= 0 or not self.cosine_mad_floor >= 0:
+            raise ValueError("norm and cosine MAD floors must be >= 0")
         if not 0 <= self.min_accuracy <= 1:
             raise ValueError(f"min accuracy must be in [0, 1], got {self.min_accuracy}")
         if self.norm_bound is not None and not self.norm_bound > 0:
@@ -97,6 +114,51 @@ def structural_problem(delta: Mapping[str, torch.Tensor], reference: Weights) ->
         if not bool(torch.isfinite(t).all()):
             return f"{name}: contains NaN or infinite values"
     return None
+
+
+def direction_outliers(
+    deltas: Mapping[str, Mapping[str, torch.Tensor]], *, mad_k: float, floor: float
+) -> dict[str, str]:
+    """Updates pointing away from the rest of their round, with the reason.
+
+    For each update, the cosine with the sum of the round's other updates
+    (float64, summed in client-id order, so every miner gets the same
+    numbers); rejected below ``median - mad_k * max(MAD, floor)`` of those
+    cosines, the MAD taken over the upper half (the honest side). Needs three
+    updates; zero vectors are left to the other tests.
+    """
+    if len(deltas) < 3:
+        return {}
+    ids = sorted(deltas)
+    flat = {
+        cid: torch.cat([t.detach().double().reshape(-1) for t in deltas[cid].values()])
+        for cid in ids
+    }
+    total = torch.zeros_like(flat[ids[0]])
+    for cid in ids:
+        total += flat[cid]
+    cosines: dict[str, float] = {}
+    for cid in ids:
+        others = total - flat[cid]
+        scale = float(flat[cid].norm()) * float(others.norm())
+        if scale > 0:
+            cosines[cid] = float(flat[cid] @ others) / scale
+    if len(cosines) < 3:
+        return {}
+    values = sorted(cosines.values())
+    med = statistics.median(values)
+    # The spread of the upper half only: updates pointing away sit below the
+    # median and would widen a two-sided MAD (three or four of ten can).
+    mad = statistics.median(v - med for v in values if v >= med)
+    cut = med - mad_k * max(mad, floor)
+    return {
+        cid: (
+            f"direction: cosine with the round's other updates {c:.3f} < round median "
+            f"{med:.3f} - {mad_k:g}*MAD = {cut:.3f}"
+        )
+        for cid, c in cosines.items()
+        if c < cut
+    }
 
 
 def judge_accuracies(
@@ -171,8 +233,13 @@ def validate_updates(
                 continue
             verdicts[cid] = Verdict(cid, False, reason, norm=norm)
             del norms[cid]
-    accuracies: dict[str, float] = {}
     deltas = dict(updates)
+    if params.cosine_spread and params.rule == "relative":
+        for cid, reason in direction_outliers(
+            {cid: deltas[cid] for cid in norms}, mad_k=params.mad_k, floor=params.cosine_mad_floor
+        ).items():
+            verdicts[cid] = Verdict(cid, False, reason, norm=norms.pop(cid))
+    accuracies: dict[str, float] = {}
     for cid in norms:
         candidate = {k: global_weights[k] + deltas[cid][k] for k in global_weights}
         set_weights(model, candidate)

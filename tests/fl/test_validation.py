@@ -6,6 +6,7 @@ import torch
 from fl.models import build_model
 from fl.validation import (
     ValidationParams,
+    direction_outliers,
     judge_accuracies,
     structural_problem,
     update_norm,
@@ -123,6 +124,61 @@ def test_relative_rule_rejects_a_norm_outside_the_rounds_spread():
     # Off by default, and the paper's absolute rule has no spread test.
     assert default["flip"].accuracy is not None
     assert absolute["flip"].accuracy is not None
+
+
+def test_relative_rule_rejects_an_update_pointing_away_from_its_round():
+    # Prepare: unit-length updates (so no norm test fires); honest ones share a
+    # common direction under their own noise, the "flip" one does not.
+    model = build_model("mlp", generator=torch.Generator().manual_seed(0))
+    gw = get_weights(model)
+    g = torch.Generator().manual_seed(3)
+    common = OrderedDict((k, torch.randn(v.shape, generator=g)) for k, v in gw.items())
+
+    def unit(share: float) -> OrderedDict:
+        d = OrderedDict(
+            (k, share * common[k] / update_norm(common) + torch.randn(v.shape, generator=g) * 0.01)
+            for k, v in gw.items()
+        )
+        norm = update_norm(d)
+        return OrderedDict((k, v / norm) for k, v in d.items())
+
+    updates = [(f"h{i}", unit(1.0)) for i in range(6)]
+    updates.append(("flip", unit(0.0)))
+    val = synthetic_split(50, seed=0)
+
+    def judge(params: ValidationParams) -> dict:
+        return validate_updates(
+            model=model, global_weights=gw, updates=updates, x_val=val.x, y_val=val.y, params=params
+        )
+
+    # Execute
+    spread = judge(ValidationParams(cosine_spread=True))
+    default = judge(ValidationParams())
+    absolute = judge(ValidationParams(rule="absolute", cosine_spread=True))
+    # Assert: the flip is rejected for its direction and carries its norm;
+    # every honest update goes on to the accuracy test.
+    assert spread["flip"].reason.startswith("direction: cosine with the round's other updates")
+    assert not spread["flip"].accepted and spread["flip"].norm == pytest.approx(1.0)
+    assert all(spread[f"h{i}"].accuracy is not None for i in range(6))
+    # Off by default, and the paper's absolute rule has no direction test.
+    assert default["flip"].accuracy is not None
+    assert absolute["flip"].accuracy is not None
+
+
+def test_direction_outliers_needs_three_updates_and_is_order_free():
+    g = torch.Generator().manual_seed(4)
+    c = torch.randn(50, generator=g)
+    honest = {f"h{i}": {"w": c + 0.01 * torch.randn(50, generator=g)} for i in range(3)}
+    away = {"w": -c}
+    assert direction_outliers(dict(list(honest.items())[:2]), mad_k=3.0, floor=0.02) == {}
+    forward = direction_outliers({**honest, "away": away}, mad_k=3.0, floor=0.02)
+    backward = direction_outliers(
+        {"away": away, **dict(reversed(honest.items()))}, mad_k=3.0, floor=0.02
+    )
+    assert forward == backward
+    assert (
+        list(forward) == ["away"] and "cosine with the round's other updates -" in forward["away"]
+    )
 
 
 def test_absolute_norm_bound():
