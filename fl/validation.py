@@ -19,12 +19,12 @@ With ``cosine_spread`` on (relative rule only), each surviving update is
 also compared in direction with the others of its round: the cosine between
 the update and the sum of the others is rejected below ``median - k *
 max(MAD, cosine_mad_floor)`` of the round's cosines, the MAD taken over the
-upper half. On IID data honest DP
-updates share the round's descent direction and their cosines bunch within a
-few hundredths; a label-flipped update points elsewhere (cosine 0.0-0.1 where
-honest ones are 0.25-0.3 in the first rounds). This is what catches label
-flipping under DP while the model is still near random, where neither the
-accuracy nor the norm of one noisy update tells it apart. Later in a run a
+upper half. On IID data honest DP updates share the round's descent
+direction and their cosines bunch within a few hundredths; a label-flipped
+update points elsewhere (cosine 0.0-0.1 where honest ones are 0.25-0.3 in
+the first rounds). This is what catches label flipping under DP while the
+model is still near random, where neither the accuracy nor the norm of one
+noisy update tells it apart. Later in a run a
 group of flipped updates can agree with each other more than honest ones do,
 so the test is one-sided and the norm spread test covers those rounds. Off
 by default for the same reason as ``norm_spread``: clients of non-IID data
@@ -122,16 +122,17 @@ def direction_outliers(
     """Updates pointing away from the rest of their round, with the reason.
 
     For each update, the cosine with the sum of the round's other updates
-    (float64, summed in client-id order, so every miner gets the same
-    numbers); rejected below ``median - mad_k * max(MAD, floor)`` of those
-    cosines, the MAD taken over the upper half (the honest side). Needs three
+    (float64, tensors in name order, summed in client-id order, so the
+    numbers do not depend on the order updates or tensors arrived in);
+    rejected below ``median - mad_k * max(MAD, floor)`` of those cosines,
+    the MAD taken over the upper half (the honest side). Needs three
     updates; zero vectors are left to the other tests.
     """
     if len(deltas) < 3:
         return {}
     ids = sorted(deltas)
     flat = {
-        cid: torch.cat([t.detach().double().reshape(-1) for t in deltas[cid].values()])
+        cid: torch.cat([deltas[cid][k].detach().double().reshape(-1) for k in sorted(deltas[cid])])
         for cid in ids
     }
     total = torch.zeros_like(flat[ids[0]])

@@ -179,6 +179,10 @@ def test_direction_outliers_needs_three_updates_and_is_order_free():
     assert (
         list(forward) == ["away"] and "cosine with the round's other updates -" in forward["away"]
     )
+    # Tensor order inside an update does not matter either.
+    split = {k: {"a": v["w"][:20], "b": v["w"][20:]} for k, v in {**honest, "away": away}.items()}
+    split["h0"] = {"b": split["h0"]["b"], "a": split["h0"]["a"]}
+    assert direction_outliers(split, mad_k=3.0, floor=0.02) == forward
 
 
 def test_absolute_norm_bound():
