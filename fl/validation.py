@@ -44,7 +44,7 @@ from __future__ import annotations
 
 import math
 import statistics
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -116,6 +116,17 @@ def structural_problem(delta: Mapping[str, torch.Tensor], reference: Weights) ->
     return None
 
 
+def median_and_mad(values: Iterable[float], *, upper_half: bool = False) -> tuple[float, float]:
+    """The median and the median absolute deviation from it; with
+    ``upper_half`` the deviation is taken over the values at or above the
+    median only (the side outliers below it cannot widen)."""
+    ordered = sorted(values)
+    med = statistics.median(ordered)
+    return med, statistics.median(
+        sorted(abs(v - med) for v in ordered if not upper_half or v >= med)
+    )
+
+
 def direction_outliers(
     deltas: Mapping[str, Mapping[str, torch.Tensor]], *, mad_k: float, floor: float
 ) -> dict[str, str]:
@@ -146,11 +157,9 @@ def direction_outliers(
             cosines[cid] = float(flat[cid] @ others) / scale
     if len(cosines) < 3:
         return {}
-    values = sorted(cosines.values())
-    med = statistics.median(values)
     # The spread of the upper half only: updates pointing away sit below the
     # median and would widen a two-sided MAD (three or four of ten can).
-    mad = statistics.median(v - med for v in values if v >= med)
+    med, mad = median_and_mad(cosines.values(), upper_half=True)
     cut = med - mad_k * max(mad, floor)
     return {
         cid: (
@@ -176,9 +185,7 @@ def judge_accuracies(
             reason = f"validation accuracy {acc:.4f} {relation} threshold {params.min_accuracy:.4f}"
             verdicts[cid] = Verdict(cid, ok, reason, acc)
         return verdicts
-    values = sorted(accuracies.values())
-    med = statistics.median(values)
-    mad = statistics.median(abs(v - med) for v in values)
+    med, mad = median_and_mad(accuracies.values())
     cut = med - params.mad_k * max(mad, params.mad_floor)
     for cid, acc in accuracies.items():
         ok = acc >= cut
@@ -216,8 +223,7 @@ def validate_updates(
             continue
         norms[cid] = norm
     if norms:
-        median_norm = statistics.median(sorted(norms.values()))
-        mad_norm = statistics.median(sorted(abs(n - median_norm) for n in norms.values()))
+        median_norm, mad_norm = median_and_mad(norms.values())
         spread_cut = median_norm + params.mad_k * max(mad_norm, params.norm_mad_floor * median_norm)
         for cid, norm in list(norms.items()):
             if median_norm > 0 and norm > params.norm_factor * median_norm:

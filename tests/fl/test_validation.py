@@ -93,20 +93,18 @@ def test_validate_updates_rejects_boosted_and_nan_before_scoring():
     assert all(verdicts[f"h{i}"].accuracy is not None for i in range(4))
 
 
-def test_relative_rule_rejects_a_norm_outside_the_rounds_spread():
-    # Prepare: DP-like updates, a common noise length 1.0 each; one also carries
-    # a coherent 0.3x-longer push (as label flipping does), under 3x the median.
+def _mlp() -> tuple:
     model = build_model("mlp", generator=torch.Generator().manual_seed(0))
-    gw = get_weights(model)
-    g = torch.Generator().manual_seed(2)
+    return model, get_weights(model)
 
-    def unit_noise() -> OrderedDict:
-        d = OrderedDict((k, torch.randn(v.shape, generator=g)) for k, v in gw.items())
-        norm = update_norm(d)
-        return OrderedDict((k, v / norm) for k, v in d.items())
 
-    updates = [(f"h{i}", unit_noise()) for i in range(6)]
-    updates.append(("flip", OrderedDict((k, 1.3 * v) for k, v in unit_noise().items())))
+def _unit(d: OrderedDict) -> OrderedDict:
+    norm = update_norm(d)
+    return OrderedDict((k, v / norm) for k, v in d.items())
+
+
+def _judge_on_off_absolute(model, gw, updates, **test_on) -> tuple[dict, dict, dict]:
+    """Verdicts with the test on, off (the default), and on under the absolute rule."""
     val = synthetic_split(50, seed=0)
 
     def judge(params: ValidationParams) -> dict:
@@ -114,10 +112,27 @@ def test_relative_rule_rejects_a_norm_outside_the_rounds_spread():
             model=model, global_weights=gw, updates=updates, x_val=val.x, y_val=val.y, params=params
         )
 
+    return (
+        judge(ValidationParams(**test_on)),
+        judge(ValidationParams()),
+        judge(ValidationParams(rule="absolute", **test_on)),
+    )
+
+
+def test_relative_rule_rejects_a_norm_outside_the_rounds_spread():
+    # Prepare: DP-like updates, a common noise length 1.0 each; one also carries
+    # a coherent 0.3x-longer push (as label flipping does), under 3x the median.
+    model, gw = _mlp()
+    g = torch.Generator().manual_seed(2)
+
+    def unit_noise() -> OrderedDict:
+        return _unit(OrderedDict((k, torch.randn(v.shape, generator=g)) for k, v in gw.items()))
+
+    updates = [(f"h{i}", unit_noise()) for i in range(6)]
+    updates.append(("flip", OrderedDict((k, 1.3 * v) for k, v in unit_noise().items())))
+
     # Execute
-    spread = judge(ValidationParams(norm_spread=True))
-    default = judge(ValidationParams())
-    absolute = judge(ValidationParams(rule="absolute", norm_spread=True))
+    spread, default, absolute = _judge_on_off_absolute(model, gw, updates, norm_spread=True)
     # Assert: median 1.0, MAD ~0 -> floor 0.03 -> cut 1.0 + 3 * 0.03 = 1.09
     assert spread["flip"].reason == "update norm 1.300 > round median 1.000 + 3*MAD = 1.090"
     assert all(spread[f"h{i}"].accuracy is not None for i in range(6))
@@ -129,32 +144,23 @@ def test_relative_rule_rejects_a_norm_outside_the_rounds_spread():
 def test_relative_rule_rejects_an_update_pointing_away_from_its_round():
     # Prepare: unit-length updates (so no norm test fires); honest ones share a
     # common direction under their own noise, the "flip" one does not.
-    model = build_model("mlp", generator=torch.Generator().manual_seed(0))
-    gw = get_weights(model)
+    model, gw = _mlp()
     g = torch.Generator().manual_seed(3)
-    common = OrderedDict((k, torch.randn(v.shape, generator=g)) for k, v in gw.items())
+    common = _unit(OrderedDict((k, torch.randn(v.shape, generator=g)) for k, v in gw.items()))
 
     def unit(share: float) -> OrderedDict:
-        d = OrderedDict(
-            (k, share * common[k] / update_norm(common) + torch.randn(v.shape, generator=g) * 0.01)
-            for k, v in gw.items()
+        return _unit(
+            OrderedDict(
+                (k, share * common[k] + torch.randn(v.shape, generator=g) * 0.01)
+                for k, v in gw.items()
+            )
         )
-        norm = update_norm(d)
-        return OrderedDict((k, v / norm) for k, v in d.items())
 
     updates = [(f"h{i}", unit(1.0)) for i in range(6)]
     updates.append(("flip", unit(0.0)))
-    val = synthetic_split(50, seed=0)
-
-    def judge(params: ValidationParams) -> dict:
-        return validate_updates(
-            model=model, global_weights=gw, updates=updates, x_val=val.x, y_val=val.y, params=params
-        )
 
     # Execute
-    spread = judge(ValidationParams(cosine_spread=True))
-    default = judge(ValidationParams())
-    absolute = judge(ValidationParams(rule="absolute", cosine_spread=True))
+    spread, default, absolute = _judge_on_off_absolute(model, gw, updates, cosine_spread=True)
     # Assert: the flip is rejected for its direction and carries its norm;
     # every honest update goes on to the accuracy test.
     assert spread["flip"].reason.startswith("direction: cosine with the round's other updates")
