@@ -49,6 +49,7 @@ class RunConfig:
     clip: float = 1.0
     dp_participations: int | None = None
     dp_subspace: int = 0
+    dp_augmentations: int = 1
     # Trust (DESIGN.md section 6).
     validation: bool = True
     val_rule: str = "relative"
@@ -113,6 +114,10 @@ class RunConfig:
             yield f"--clip must be positive, got {self.clip}"
         if self.dp_participations is not None and self.dp_participations < 1:
             yield f"--dp-participations must be >= 1, got {self.dp_participations}"
+        if self.dp_augmentations < 1:
+            yield f"--dp-augmentations must be >= 1, got {self.dp_augmentations}"
+        elif self.dp_augmentations > 1 and self.dp == "none":
+            yield "--dp-augmentations needs --dp gaussian or laplace (it shapes DP-SGD's gradients)"
         if self.dp_subspace < 0:
             yield f"--dp-subspace must be >= 0, got {self.dp_subspace}"
         if not 0 <= self.malicious < 1:

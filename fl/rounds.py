@@ -47,6 +47,7 @@ def train_config(config: RunConfig) -> TrainConfig:
         lr=config.lr,
         momentum=config.momentum,
         dropout=config.dropout,
+        augmentations=config.dp_augmentations,
     )
 
 

@@ -38,6 +38,13 @@ def test_bad_option_value_is_a_plain_usage_error():
     assert "Traceback" not in result.output
 
 
+def test_augmentations_without_dp_is_a_plain_usage_error():
+    result = CliRunner().invoke(cli.main, ["simulate", "--dp-augmentations", "4"])
+    assert result.exit_code == 2
+    assert "--dp-augmentations needs --dp gaussian or laplace" in result.output
+    assert "Traceback" not in result.output
+
+
 def test_simulate_without_data_says_how_to_get_it(tmp_path):
     result = CliRunner().invoke(
         cli.main, ["simulate", "--data-dir", str(tmp_path), "--rounds", "1"]

@@ -166,3 +166,65 @@ def test_no_dropout_draws_no_masks_and_changes_the_update():
     assert not torch.allclose(with_dropout, without)
     again, _ = trained(False)
     assert torch.equal(again, without)
+
+
+def test_shift_images_moves_pixels_and_fills_black():
+    x = torch.arange(2 * 1 * 5 * 6, dtype=torch.float32).reshape(2, 1, 5, 6)
+    shifts = torch.tensor([[0, 0], [1, -2]])
+    out = training.shift_images(x, shifts)
+    assert torch.equal(out[0], x[0])  # (0, 0) leaves the image alone
+    # (1 down, 2 left): out[r, c] = x[r - 1, c + 2]; the top row and the two
+    # rightmost columns come from outside the image, so they are black.
+    assert torch.equal(out[1, 0, 1:, :4], x[1, 0, :4, 2:])
+    assert torch.all(out[1, 0, 0, :] == training.BLACK)
+    assert torch.all(out[1, 0, :, 4:] == training.BLACK)
+    with pytest.raises(ValueError, match="within"):
+        training.shift_images(x, torch.tensor([[0, 0], [training.MAX_SHIFT + 1, 0]]))
+
+
+def test_augmented_step_clips_the_mean_gradient_over_each_records_copies():
+    # Prepare: as the hand-written test above, with 3 copies of each record
+    data = synthetic_split(12, seed=0)
+    model = build_model("mlp", generator=torch.Generator().manual_seed(0))
+    before = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    dp = DPConfig("gaussian", epsilon=5.0, clip=0.5, max_participations=1)
+    plan = StepPlan(sample_rate=1.0, steps=1, noise_multiplier_or_eps0=1.3, noise_scale=0.65)
+    cfg = TrainConfig(batch_size=12, lr=0.1, momentum=0.0, augmentations=3)
+    g = torch.Generator().manual_seed(7)
+    torch.rand(12, generator=g)  # the Poisson draw
+    shifts = torch.randint(-2, 3, (2, 12, 2), generator=g)  # two shifted copies per record
+    copies = [
+        data.x,
+        training.shift_images(data.x, shifts[0]),
+        training.shift_images(data.x, shifts[1]),
+    ]
+
+    def grad_of(x1, y1):
+        model.zero_grad()
+        F.cross_entropy(model(x1), y1).backward()
+        return torch.cat([p.grad.reshape(-1) for p in model.parameters()])
+
+    # Expected: per record, the mean of its three gradients, then clipped
+    per_record = torch.stack(
+        [sum(grad_of(c[i : i + 1], data.y[i : i + 1]) for c in copies) / 3 for i in range(12)]
+    )
+    clipped = clip_per_sample(per_record, norm="l2", bound=0.5)
+    expected = before - 0.1 * noisy_sum(clipped, mechanism="gaussian", scale=0.65, generator=g) / 12
+    # Execute
+    train_local_dp(
+        model,
+        data.x,
+        data.y,
+        config=cfg,
+        dp=dp,
+        plan=plan,
+        generator=torch.Generator().manual_seed(7),
+    )
+    # Assert
+    got = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_augmentations_must_be_positive():
+    with pytest.raises(ValueError, match="augmentations must be >= 1"):
+        TrainConfig(augmentations=0)
