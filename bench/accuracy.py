@@ -294,7 +294,8 @@ def report(summary: dict[str, Any], path: Path, command: str) -> None:
                 )
     lines += [
         "",
-        "### Paper setting: K=100, 10 clients/round, 100 rounds, Gaussian epsilon=10",
+        "### Paper setting: K=100, 10 clients/round, 100 rounds, Gaussian epsilon=10, "
+        f"{PAPER_AUGMENTATIONS} augmented copies per record",
         "",
         "| partition | final | mean of last 5 |",
         "|---|---|---|",
