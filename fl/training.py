@@ -175,6 +175,8 @@ def train_local_dp(
     for _ in range(plan.steps):
         chosen = torch.nonzero(torch.rand(n, generator=generator) < plan.sample_rate).squeeze(1)
         masks = model.sample_masks(len(chosen), generator) if n_masks and len(chosen) else []
+        # All of the step's shifts at once, so they do not depend on the chunking.
+        shifts = random_shifts(copies - 1, len(chosen), generator) if copies > 1 else None
         summed = torch.zeros(width if projection is None else projection.shape[1])
         loss_sum = 0.0
         # Per-sample gradients a chunk at a time: the sum of clipped rows is
@@ -184,8 +186,8 @@ def train_local_dp(
             part = chosen[start : start + chunk]
             xs, ys = x[part], y[part]
             part_masks = [m[start : start + len(part)] for m in masks]
-            if copies > 1:
-                xs = augmented_copies(xs, copies, generator).flatten(end_dim=1)
+            if shifts is not None:
+                xs = augmented_copies(xs, shifts[:, start : start + len(part)]).flatten(end_dim=1)
                 ys = ys.repeat(copies)
                 part_masks = [m.repeat(copies, *([1] * (m.dim() - 1))) for m in part_masks]
             grads, losses = per_sample(params, xs, ys, *part_masks)
@@ -231,10 +233,14 @@ def shift_images(x: torch.Tensor, shifts: torch.Tensor) -> torch.Tensor:
     ]
 
 
-def augmented_copies(x: torch.Tensor, copies: int, generator: torch.Generator) -> torch.Tensor:
-    """``[copies, n, C, H, W]``: the images themselves, then ``copies - 1`` randomly
-    shifted versions (shifts drawn from ``generator``, uniform in +-``MAX_SHIFT``)."""
-    shifts = torch.randint(-MAX_SHIFT, MAX_SHIFT + 1, (copies - 1, len(x), 2), generator=generator)
+def random_shifts(copies: int, n: int, generator: torch.Generator) -> torch.Tensor:
+    """``[copies, n, 2]`` (down, right) shifts, uniform in +-``MAX_SHIFT``."""
+    return torch.randint(-MAX_SHIFT, MAX_SHIFT + 1, (copies, n, 2), generator=generator)
+
+
+def augmented_copies(x: torch.Tensor, shifts: torch.Tensor) -> torch.Tensor:
+    """``[1 + len(shifts), n, C, H, W]``: the images themselves, then one shifted
+    version of them per ``[n, 2]`` entry of ``shifts``."""
     return torch.stack([x, *(shift_images(x, s) for s in shifts)])
 
 

@@ -114,9 +114,11 @@ def test_subspace_training_moves_only_within_the_public_subspace():
     assert residual.norm() < 1e-3 * change.norm()  # float32 rounding of the weights
 
 
+@pytest.mark.parametrize("augmentations", [1, 3])
 @pytest.mark.parametrize("chunk", [1, 7, 1_000])
-def test_per_sample_chunking_changes_nothing_but_rounding(monkeypatch, chunk):
-    # Prepare: a CNN (dropout masks are sliced per chunk too), Gaussian, q=0.8, 2 steps
+def test_per_sample_chunking_changes_nothing_but_rounding(monkeypatch, chunk, augmentations):
+    # Prepare: a CNN (dropout masks are sliced per chunk too), Gaussian, q=0.8,
+    # 2 steps; with augmented copies the shifts are sliced per chunk as well
     data = synthetic_split(30, seed=5)
     dp = DPConfig("gaussian", epsilon=10.0, clip=0.7, max_participations=2)
     plan = StepPlan(sample_rate=0.8, steps=2, noise_multiplier_or_eps0=1.1, noise_scale=0.77)
@@ -128,7 +130,7 @@ def test_per_sample_chunking_changes_nothing_but_rounding(monkeypatch, chunk):
             model,
             data.x,
             data.y,
-            config=TrainConfig(batch_size=24, lr=0.5, momentum=0.5),
+            config=TrainConfig(batch_size=24, lr=0.5, momentum=0.5, augmentations=augmentations),
             dp=dp,
             plan=plan,
             generator=torch.Generator().manual_seed(9),
@@ -192,7 +194,7 @@ def test_augmented_step_clips_the_mean_gradient_over_each_records_copies():
     cfg = TrainConfig(batch_size=12, lr=0.1, momentum=0.0, augmentations=3)
     g = torch.Generator().manual_seed(7)
     torch.rand(12, generator=g)  # the Poisson draw
-    shifts = torch.randint(-2, 3, (2, 12, 2), generator=g)  # two shifted copies per record
+    shifts = training.random_shifts(2, 12, g)  # two shifted copies per record
     copies = [
         data.x,
         training.shift_images(data.x, shifts[0]),
