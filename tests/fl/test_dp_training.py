@@ -9,26 +9,36 @@ from fl.training import TrainConfig, evaluate, subspace_projection, train_local_
 from tests.fl.synthetic import synthetic_split
 
 
-def test_one_dp_step_matches_a_hand_written_per_sample_loop():
-    # Prepare: full batch (q=1), one step, no momentum, an MLP (no dropout)
+def _one_step_by_hand_and_by_train_local_dp(augmentations: int):
+    """(trained, expected) weights after one full-batch DP step on 12 records:
+    expected from per-record gradients taken one example at a time with
+    autograd (the mean over the record's copies), clipped and noised by hand."""
     data = synthetic_split(12, seed=0)
     model = build_model("mlp", generator=torch.Generator().manual_seed(0))
-    before = {k: v.detach().clone() for k, v in model.named_parameters()}
+    before = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
     dp = DPConfig("gaussian", epsilon=5.0, clip=0.5, max_participations=1)
     plan = StepPlan(sample_rate=1.0, steps=1, noise_multiplier_or_eps0=1.3, noise_scale=0.65)
-    cfg = TrainConfig(batch_size=12, lr=0.1, momentum=0.0)
-    # Expected: per-sample gradients one example at a time with autograd
-    per_sample = []
-    for i in range(12):
-        model.zero_grad()
-        F.cross_entropy(model(data.x[i : i + 1]), data.y[i : i + 1]).backward()
-        per_sample.append(torch.cat([p.grad.reshape(-1) for p in model.parameters()]))
+    cfg = TrainConfig(batch_size=12, lr=0.1, momentum=0.0, augmentations=augmentations)
     g = torch.Generator().manual_seed(7)
     torch.rand(12, generator=g)  # the Poisson draw train_local_dp makes first
-    clipped = clip_per_sample(torch.stack(per_sample), norm="l2", bound=0.5)
-    noisy = noisy_sum(clipped, mechanism="gaussian", scale=0.65, generator=g) / 12
-    expected = torch.cat([v.reshape(-1) for v in before.values()]) - 0.1 * noisy
-    # Execute
+    copies = [data.x]
+    if augmentations > 1:  # then the step's shifts, one [12, 2] set per extra copy
+        shifts = training.random_shifts(augmentations - 1, 12, g)
+        copies += [training.shift_images(data.x, s) for s in shifts]
+
+    def grad_of(x1, y1):
+        model.zero_grad()
+        F.cross_entropy(model(x1), y1).backward()
+        return torch.cat([p.grad.reshape(-1) for p in model.parameters()])
+
+    per_record = torch.stack(
+        [
+            sum(grad_of(c[i : i + 1], data.y[i : i + 1]) for c in copies) / len(copies)
+            for i in range(12)
+        ]
+    )
+    clipped = clip_per_sample(per_record, norm="l2", bound=0.5)
+    expected = before - 0.1 * noisy_sum(clipped, mechanism="gaussian", scale=0.65, generator=g) / 12
     train_local_dp(
         model,
         data.x,
@@ -38,8 +48,13 @@ def test_one_dp_step_matches_a_hand_written_per_sample_loop():
         plan=plan,
         generator=torch.Generator().manual_seed(7),
     )
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()]), expected
+
+
+def test_one_dp_step_matches_a_hand_written_per_sample_loop():
+    # Prepare, execute: full batch (q=1), one step, no momentum, an MLP (no dropout)
+    got, expected = _one_step_by_hand_and_by_train_local_dp(augmentations=1)
     # Assert
-    got = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
 
 
@@ -185,45 +200,9 @@ def test_shift_images_moves_pixels_and_fills_black():
 
 
 def test_augmented_step_clips_the_mean_gradient_over_each_records_copies():
-    # Prepare: as the hand-written test above, with 3 copies of each record
-    data = synthetic_split(12, seed=0)
-    model = build_model("mlp", generator=torch.Generator().manual_seed(0))
-    before = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
-    dp = DPConfig("gaussian", epsilon=5.0, clip=0.5, max_participations=1)
-    plan = StepPlan(sample_rate=1.0, steps=1, noise_multiplier_or_eps0=1.3, noise_scale=0.65)
-    cfg = TrainConfig(batch_size=12, lr=0.1, momentum=0.0, augmentations=3)
-    g = torch.Generator().manual_seed(7)
-    torch.rand(12, generator=g)  # the Poisson draw
-    shifts = training.random_shifts(2, 12, g)  # two shifted copies per record
-    copies = [
-        data.x,
-        training.shift_images(data.x, shifts[0]),
-        training.shift_images(data.x, shifts[1]),
-    ]
-
-    def grad_of(x1, y1):
-        model.zero_grad()
-        F.cross_entropy(model(x1), y1).backward()
-        return torch.cat([p.grad.reshape(-1) for p in model.parameters()])
-
-    # Expected: per record, the mean of its three gradients, then clipped
-    per_record = torch.stack(
-        [sum(grad_of(c[i : i + 1], data.y[i : i + 1]) for c in copies) / 3 for i in range(12)]
-    )
-    clipped = clip_per_sample(per_record, norm="l2", bound=0.5)
-    expected = before - 0.1 * noisy_sum(clipped, mechanism="gaussian", scale=0.65, generator=g) / 12
-    # Execute
-    train_local_dp(
-        model,
-        data.x,
-        data.y,
-        config=cfg,
-        dp=dp,
-        plan=plan,
-        generator=torch.Generator().manual_seed(7),
-    )
+    # Prepare, execute: as above, with 3 copies of each record (itself and two shifts)
+    got, expected = _one_step_by_hand_and_by_train_local_dp(augmentations=3)
     # Assert
-    got = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
 
 
