@@ -7,7 +7,9 @@ speed of a bare PyTorch loop (measured by ``bench/throughput.py``).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -110,6 +112,26 @@ def evaluate(
     return loss_sum / n, correct / n
 
 
+def per_sample_gradients(model: FLModel, *, n_masks: int = 0) -> Callable[..., Any]:
+    """``f(params, xs, ys, *masks) -> (grads, losses)``: the cross-entropy
+    gradient of each example of ``xs`` with respect to ``params`` (a name ->
+    tensor dict), as a dict of ``[batch, *shape]`` tensors, and each example's
+    loss; ``vmap`` over ``grad`` of a ``functional_call`` (``torch.func``), so
+    the model needs no wrapping. ``n_masks`` dropout masks (0 or
+    ``len(model.mask_shapes)``) are plain inputs, sliced per example like the data.
+    """
+
+    def sample_loss(
+        p: dict[str, torch.Tensor], xi: torch.Tensor, yi: torch.Tensor, *masks: torch.Tensor
+    ):
+        batch_masks = [m.unsqueeze(0) for m in masks] if masks else None
+        logits = functional_call(model, p, (xi.unsqueeze(0), batch_masks))
+        loss = F.cross_entropy(logits, yi.unsqueeze(0))
+        return loss, loss.detach()
+
+    return vmap(grad(sample_loss, has_aux=True), in_dims=(None, 0, 0, *([0] * n_masks)))
+
+
 def train_local_dp(
     model: FLModel,
     x: torch.Tensor,
@@ -143,9 +165,7 @@ def train_local_dp(
 
     Each step Poisson-samples the records at rate ``plan.sample_rate`` (the
     accounting in ``fl.privacy`` assumes exactly that), takes per-sample
-    gradients with ``torch.func`` (``vmap`` over ``grad`` of a
-    ``functional_call``: no model wrapping, and the dropout masks are plain
-    inputs, so they are sliced per example like the data), ``PER_SAMPLE_CHUNK``
+    gradients with ``torch.func`` (``per_sample_gradients``), ``PER_SAMPLE_CHUNK``
     records at a time, and hands them to ``clipped_sum`` and ``noisy_average``
     (``fl.privacy``) for clipping, noise and averaging.  Momentum acts on the
     privatised gradient, which is post-processing.
@@ -154,17 +174,8 @@ def train_local_dp(
     params = {k: v.detach() for k, v in model.named_parameters()}
     names = list(params)
     shapes = [params[k].shape for k in names]
-
-    def sample_loss(
-        p: dict[str, torch.Tensor], xi: torch.Tensor, yi: torch.Tensor, *masks: torch.Tensor
-    ):
-        batch_masks = [m.unsqueeze(0) for m in masks] if masks else None
-        logits = functional_call(model, p, (xi.unsqueeze(0), batch_masks))
-        loss = F.cross_entropy(logits, yi.unsqueeze(0))
-        return loss, loss.detach()
-
     n_masks = len(model.mask_shapes) if config.dropout else 0
-    per_sample = vmap(grad(sample_loss, has_aux=True), in_dims=(None, 0, 0, *([0] * n_masks)))
+    per_sample = per_sample_gradients(model, n_masks=n_masks)
     n = int(y.shape[0])
     width = sum(p.numel() for p in params.values())
     velocity = torch.zeros(width)
