@@ -225,6 +225,14 @@ def _run_options(fn: Callable[..., Any]) -> Callable[..., Any]:
             "updates is below the median - k*MAD (for IID DP runs under attack)",
         ),
         click.option(
+            "--val-reference-cosine/--no-val-reference-cosine",
+            default=DEFAULTS.val_reference_cosine,
+            show_default=True,
+            help="relative rule: also reject updates whose cosine with the validation set's "
+            "clipped descent direction (at --clip) is below the round median - k*MAD (for IID "
+            "runs under attack; colluding attackers cannot move this reference)",
+        ),
+        click.option(
             "--reputation/--no-reputation",
             default=DEFAULTS.reputation,
             show_default=True,

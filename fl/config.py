@@ -58,6 +58,7 @@ class RunConfig:
     norm_bound: float | None = None
     val_norm_spread: bool = False
     val_cosine_spread: bool = False
+    val_reference_cosine: bool = False
     reputation: bool = True
     rep_threshold: float = 0.4
     freshness: float = 0.9

@@ -69,6 +69,8 @@ def validation_params(config: RunConfig) -> ValidationParams:
         norm_bound=config.norm_bound,
         norm_spread=config.val_norm_spread,
         cosine_spread=config.val_cosine_spread,
+        reference_cosine=config.val_reference_cosine,
+        reference_clip=config.clip,
     )
 
 

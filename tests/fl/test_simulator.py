@@ -7,7 +7,7 @@ import torch
 
 from fl.attacks import ATTACKS
 from fl.config import RunConfig
-from fl.rounds import Federation
+from fl.rounds import Federation, validation_params
 from fl.simulator import run_simulation, simulate_rounds
 from tests.fl.synthetic import synthetic_splits
 
@@ -88,3 +88,20 @@ def test_federation_subset_holds_the_same_states_for_hosted_clients():
         a, b = full.client(cid), part.client(cid)
         assert torch.equal(a.x, b.x) and torch.equal(a.y, b.y)
         assert (a.summary, a.attack, a.plan) == (b.summary, b.attack, b.plan)
+
+
+def test_reference_direction_test_is_switched_on_by_the_run_config():
+    # Prepare: label flipping under Gaussian DP, full-batch clients.
+    dp_run = dict(
+        rounds=1, malicious=0.3, attack="labelflip", dp="gaussian", batch_size=200, lr=2.0
+    )
+    # Execute
+    on = run(**dp_run, momentum=0.0, dropout=False, val_reference_cosine=True)
+    off = run(**dp_run, momentum=0.0, dropout=False)
+    # Assert: the attackers are rejected for their direction only when asked,
+    # and the test clips the reference at the clients' bound.
+    bad = on["config"]["malicious_clients"]
+    assert all("validation set's clipped descent" in on["rounds"][0]["rejected"][c] for c in bad)
+    assert not any("clipped descent" in r for r in off["rounds"][0]["rejected"].values())
+    params = validation_params(RunConfig(clip=0.5, val_reference_cosine=True))
+    assert (params.reference_cosine, params.reference_clip) == (True, 0.5)

@@ -1,18 +1,23 @@
+import math
 from collections import OrderedDict
 
 import pytest
 import torch
+import torch.nn.functional as F
 
+from fl import validation
 from fl.models import build_model
 from fl.validation import (
     ValidationParams,
     direction_outliers,
     judge_accuracies,
+    reference_direction,
+    reference_outliers,
     structural_problem,
     update_norm,
     validate_updates,
 )
-from fl.weights import get_weights
+from fl.weights import get_weights, set_weights
 from tests.fl.synthetic import synthetic_split
 
 REF = OrderedDict(w=torch.zeros(2, 3), b=torch.zeros(3))
@@ -205,3 +210,112 @@ def test_absolute_norm_bound():
         params=ValidationParams(norm_bound=1.0),
     )
     assert "exceeds bound 1" in verdicts["c"].reason
+
+
+def _hand_reference(model, gw, x, y, clip: float) -> torch.Tensor:
+    """Minus the mean of the clipped per-sample gradients, one backward pass per example."""
+    set_weights(model, gw)
+    rows = []
+    for i in range(len(y)):
+        model.zero_grad()
+        F.cross_entropy(model(x[i : i + 1]), y[i : i + 1]).backward()
+        g = torch.cat([p.grad.detach().double().reshape(-1) for p in model.parameters()])
+        rows.append(g * min(1.0, clip / float(g.norm())))
+    return -torch.stack(rows).mean(dim=0)
+
+
+def test_reference_direction_is_minus_the_mean_clipped_per_sample_gradient(monkeypatch):
+    # Prepare: 7 examples in chunks of 3, a clip that cuts some gradients and not others.
+    monkeypatch.setattr(validation, "PER_SAMPLE_CHUNK", 3)
+    model, gw = _mlp()
+    val = synthetic_split(7, seed=5)
+    unclipped = _hand_reference(model, gw, val.x, val.y, clip=float("inf"))
+    norms = [
+        float(_hand_reference(model, gw, val.x[i : i + 1], val.y[i : i + 1], float("inf")).norm())
+        for i in range(7)
+    ]
+    clip = sorted(norms)[3]
+    # Execute
+    ref = reference_direction(model, gw, val.x, val.y, clip=clip)
+    # Assert
+    assert list(ref) == list(gw)
+    flat = torch.cat([t.reshape(-1) for t in ref.values()])
+    assert flat.dtype == torch.float64
+    torch.testing.assert_close(
+        flat, _hand_reference(model, gw, val.x, val.y, clip), rtol=1e-5, atol=1e-7
+    )
+    assert not torch.allclose(flat, unclipped, rtol=1e-3)
+
+
+def _at_cosines(cosines: dict[str, float], dim: int) -> tuple[dict, dict]:
+    """A reference along the first axis and one update per id at exactly its cosine to it."""
+    reference = {"w": torch.zeros(dim, dtype=torch.float64)}
+    reference["w"][0] = 2.0
+    deltas = {}
+    for axis, (cid, c) in enumerate(cosines.items(), 1):
+        w = torch.zeros(dim, dtype=torch.float64)
+        w[0], w[axis] = c, math.sqrt(1 - c * c)
+        deltas[cid] = {"w": 3.0 * w}
+    return deltas, reference
+
+
+def test_reference_floor_is_the_noise_spread_at_the_medians_angle():
+    # Prepare: honest cosines bunched at 0.84 (MAD 0.001), as in a round where the
+    # global model swings; a label-flipped update at 0.80.
+    honest = {f"h{i}": 0.84 + 0.001 * i for i in range(6)}
+    deltas, reference = _at_cosines({**honest, "flip": 0.80}, dim=20_000)
+    med = 0.842  # the median of the seven cosines
+    floor = 3.0 * math.sqrt((1 - med * med) / 20_000)
+    # Execute
+    tight = reference_outliers(deltas, reference, mad_k=3.0, floor_sds=3.0)
+    loose = reference_outliers(deltas, reference, mad_k=3.0, floor_sds=6.0)
+    # Assert: cut = 0.842 - 3 * 0.0113 = 0.808 rejects the flip; a floor twice as wide
+    # (cut 0.774) would not.
+    assert tight == {
+        "flip": "direction: cosine with the validation set's clipped descent 0.800 < round "
+        f"median 0.842 - 3*MAD = {med - 3 * floor:.3f}"
+    }
+    assert f"{med - 3 * floor:.3f}" == "0.808"
+    assert loose == {}
+    # Fewer than three updates: no test.
+    assert reference_outliers(dict(list(deltas.items())[:2]), reference, mad_k=3, floor_sds=3) == {}
+
+
+def test_relative_rule_rejects_colluders_against_the_validation_descent():
+    # Prepare: 6 honest updates along the validation set's clipped descent under
+    # their own noise; 4 colluders share another direction that still has a
+    # positive part along it (a label flip on a swinging model does).
+    model, gw = _mlp()
+    val = synthetic_split(50, seed=0)
+    ref = reference_direction(model, gw, val.x, val.y, clip=1.0)
+    g = torch.Generator().manual_seed(6)
+    along = _unit(OrderedDict((k, v.float()) for k, v in ref.items()))
+    other = _unit(OrderedDict((k, torch.randn(v.shape, generator=g)) for k, v in gw.items()))
+
+    def update(a: float, b: float) -> OrderedDict:
+        return _unit(
+            OrderedDict(
+                (k, a * along[k] + b * other[k] + 0.02 * torch.randn(v.shape, generator=g))
+                for k, v in gw.items()
+            )
+        )
+
+    updates = [(f"h{i}", update(1.0, 0.0)) for i in range(6)]
+    updates += [(f"m{i}", update(0.6, 0.8)) for i in range(4)]
+    # Execute
+    on, default, absolute = _judge_on_off_absolute(model, gw, updates, reference_cosine=True)
+    round_only, _, _ = _judge_on_off_absolute(model, gw, updates, cosine_spread=True)
+    backward, _, _ = _judge_on_off_absolute(model, gw, updates[::-1], reference_cosine=True)
+    # Assert: every colluder is rejected for its direction, every honest update
+    # goes on to the accuracy test, and arrival order changes nothing.
+    assert sorted(c for c, v in on.items() if v.reason.startswith("direction: ")) == [
+        f"m{i}" for i in range(4)
+    ]
+    assert all("validation set's clipped descent" in on[f"m{i}"].reason for i in range(4))
+    assert all(on[f"h{i}"].accuracy is not None for i in range(6))
+    assert backward == on
+    # The round's own sum, which the colluders pull their way, lets them through.
+    assert all(round_only[f"m{i}"].accuracy is not None for i in range(4))
+    # Off by default, and the paper's absolute rule has no direction test.
+    assert all(default[f"m{i}"].accuracy is not None for i in range(4))
+    assert all(absolute[f"m{i}"].accuracy is not None for i in range(4))
