@@ -120,13 +120,17 @@ def runs() -> dict[str, dict[str, Any]]:
     # (--val-norm-spread) catches label flipping, whose accuracy under DP
     # looks ordinary but whose norm does not, from round ~11; the direction
     # test (--val-cosine-spread) catches it in the first rounds, where the
-    # flipped update points away from the honest ones (docs/RESULTS.md).
+    # flipped update points away from the honest ones (docs/RESULTS.md), and
+    # the reference test (--val-reference-cosine) in the rounds where the
+    # global model swings and colluding flipped updates lift each other over
+    # the round's own direction.
     gauss_atk = {
         **GAUSSIAN,
         "epsilon": 10.0,
         "norm_bound": 5.0,
         "val_norm_spread": True,
         "val_cosine_spread": True,
+        "val_reference_cosine": True,
         "freshness": 0.97,
     }
     for mech, hyper in (("nodp", NO_DP), ("gauss", gauss_atk)):
