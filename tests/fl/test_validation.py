@@ -269,8 +269,8 @@ def test_reference_floor_is_the_noise_spread_at_the_medians_angle():
     # Execute
     tight = reference_outliers(deltas, reference, mad_k=3.0, floor_sds=3.0)
     loose = reference_outliers(deltas, reference, mad_k=3.0, floor_sds=6.0)
-    # Assert: cut = 0.842 - 3 * 0.0113 = 0.808 rejects the flip; a floor twice as wide
-    # (cut 0.774) would not.
+    # Assert: cut = 0.842 - 3 * 0.0114 = 0.808 rejects the flip; a floor twice as wide
+    # (cut 0.773) would not.
     assert tight == {
         "flip": "direction: cosine with the validation set's clipped descent 0.800 < round "
         f"median 0.842 - 3*MAD = {med - 3 * floor:.3f}"
