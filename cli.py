@@ -16,7 +16,7 @@ from fl.config import SELECTIONS, SERVER_LR_DECAYS, RunConfig
 from fl.data import DataError, resolve_data_root
 from fl.models import MODEL_NAMES
 from fl.partition import DISTRIBUTIONS
-from fl.privacy import MECHANISMS
+from fl.privacy import ACCOUNTANTS, MECHANISMS
 from fl.validation import RULES
 from node.genesis import SELECTION_SEEDS
 
@@ -178,6 +178,29 @@ def _run_options(fn: Callable[..., Any]) -> Callable[..., Any]:
             "shifts of up to 2 pixels) before clipping; same privacy, less noisy gradient",
         ),
         click.option(
+            "--dp-accountant",
+            type=click.Choice(ACCOUNTANTS),
+            default=DEFAULTS.dp_accountant,
+            show_default=True,
+            help="Gaussian accounting: rdp (Renyi DP), prv (privacy loss random variables), "
+            "or auto: calibrate with both and keep the one that needs less noise",
+        ),
+        click.option(
+            "--dp-registration-share",
+            type=float,
+            default=DEFAULTS.dp_registration_share,
+            show_default=True,
+            help="share of epsilon spent on the registration's noisy label histogram",
+        ),
+        click.option(
+            "--reproducible-noise",
+            is_flag=True,
+            default=DEFAULTS.reproducible_noise,
+            help="draw DP noise from the run seed instead of the OS's secret generator: "
+            "anyone with the seed can remove it, so there is NO privacy (tests and "
+            "equivalence checks only)",
+        ),
+        click.option(
             "--validation/--no-validation",
             default=DEFAULTS.validation,
             show_default=True,
@@ -300,11 +323,21 @@ def _run_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     return fn
 
 
+REPRODUCIBLE_NOISE_WARNING = (
+    "WARNING: --reproducible-noise draws the DP noise from the run seed; anyone who knows "
+    "the seed can remove it, so this run has NO differential privacy (tests and "
+    "equivalence checks only)"
+)
+
+
 def _config(kwargs: dict[str, Any]) -> RunConfig:
     try:
-        return RunConfig(**kwargs)
+        config = RunConfig(**kwargs)
     except ValueError as exc:
         raise click.UsageError(str(exc)) from exc
+    if config.reproducible_noise and config.dp != "none":
+        click.echo(REPRODUCIBLE_NOISE_WARNING, err=True)
+    return config
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -420,6 +453,12 @@ def network() -> None:
     help="first port; nodes without a port in --host-map get sequential ports",
 )
 @click.option("--force", is_flag=True, help="replace an existing genesis and its keys")
+@click.option(
+    "--testbed",
+    is_flag=True,
+    help="mark the network as a testbed for experiments on public data: only a testbed "
+    "may use --reproducible-noise",
+)
 @_selection_seed_option
 def network_init(
     out_dir: str,
@@ -427,6 +466,7 @@ def network_init(
     host_map: str | None,
     base_port: int,
     force: bool,
+    testbed: bool,
     selection_seed: str,
     **kwargs: Any,
 ) -> None:
@@ -448,7 +488,7 @@ def network_init(
             miners=miners,
             base_port=base_port,
             hosts=hosts,
-            protocol=ProtocolParams(selection_seed=selection_seed),
+            protocol=ProtocolParams(selection_seed=selection_seed, testbed=testbed),
             force=force,
         )
     except (GenesisError, OSError) as exc:
@@ -509,9 +549,9 @@ def network_up_command(
     """Start a whole network on 127.0.0.1 (one OS process per node), run it, stop it."""
     import time as _time
 
+    from node.durable import write_json_durably
     from node.genesis import GenesisError
     from node.launcher import network_up
-    from node.runner import write_json_atomic
 
     config = _config(kwargs)
 
@@ -544,7 +584,7 @@ def network_up_command(
         click.echo("interrupted; every node process was stopped", err=True)
         sys.exit(130)
     if metrics_out:
-        write_json_atomic(Path(metrics_out), doc)
+        write_json_durably(Path(metrics_out), doc)
     heads = set(doc["chain_heads"].values())
     click.echo(
         f"final accuracy {doc['final_accuracy']:.4f}, best {doc['best_accuracy']:.4f}, "
@@ -566,9 +606,20 @@ def network_up_command(
 @click.option("--data-dir", type=click.Path(file_okay=False), default=None)
 @click.option("--db", type=click.Path(dir_okay=False), default=None, help="miner chain (SQLite)")
 @click.option(
-    "--run-dir", type=click.Path(file_okay=False), default=None, help="state, blobs, checkpoints"
+    "--run-dir",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="miners and server: state, blobs, checkpoints",
 )
 @click.option("--metrics-out", type=click.Path(dir_okay=False), default=None, help="server only")
+@click.option(
+    "--privacy-ledger",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="clients: the privacy-budget ledger of the hosted clients' records; keep one per "
+    "machine and data set, runs on the same records add to it "
+    "[default: $XDG_STATE_HOME/llbcfl/privacy-ledger.json, else ~/.local/state/...]",
+)
 def node_command(
     role: str,
     genesis_path: str,
@@ -578,6 +629,7 @@ def node_command(
     db: str | None,
     run_dir: str | None,
     metrics_out: str | None,
+    privacy_ledger: str | None,
 ) -> None:
     """Run one node daemon (or, for clients, several client identities) until SIGINT/SIGTERM."""
     from node.roles import run_node
@@ -592,6 +644,7 @@ def node_command(
             db=Path(db) if db else None,
             run_dir=Path(run_dir) if run_dir else None,
             metrics_out=Path(metrics_out) if metrics_out else None,
+            privacy_ledger=Path(privacy_ledger) if privacy_ledger else None,
         )
     except ValueError as exc:
         raise click.ClickException(str(exc)) from exc

@@ -155,7 +155,7 @@ def _run(
     from fl.config import RunConfig
     from fl.data import load_mnist, resolve_data_root
     from fl.simulator import run_simulation
-    from node.runner import write_json_atomic
+    from node.durable import write_json_durably
 
     torch.set_num_threads(1)
     if smoke:  # a quick check of the script itself, not of the numbers
@@ -168,7 +168,7 @@ def _run(
         test_size=cfg.test_size,
     )
     doc = run_simulation(cfg, splits, clock=time.perf_counter)
-    write_json_atomic(Path(out_dir) / f"{name}.json", doc)
+    write_json_durably(Path(out_dir) / f"{name}.json", doc)
     return doc
 
 

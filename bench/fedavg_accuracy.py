@@ -42,7 +42,7 @@ def _run(
     from fl.config import RunConfig
     from fl.data import load_mnist, resolve_data_root
     from fl.simulator import run_simulation
-    from node.runner import write_json_atomic
+    from node.durable import write_json_durably
 
     torch.set_num_threads(1)
     stop_at = spec.get("stop_at")
@@ -76,7 +76,7 @@ def _run(
         return stop_at is not None and record.accuracy >= stop_at
 
     doc = run_simulation(cfg, splits, clock=time.perf_counter, until=until)
-    write_json_atomic(Path(out_dir) / f"{name}.json", doc)
+    write_json_durably(Path(out_dir) / f"{name}.json", doc)
     return doc
 
 

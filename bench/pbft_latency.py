@@ -96,7 +96,7 @@ def main() -> None:
             envelopes = [
                 signed_record(
                     load_identity(key_path(run_dir, c.node_id)),
-                    Registration(c.node_id, 600, (0, 1, 2), 0.5, 0.01, 60, 1.0),
+                    Registration(c.node_id, (200, 200, 200, 0, 0, 0, 0, 0, 0, 0, 0)),
                     timestamp=REGISTRATION_TIMESTAMP,
                 )
                 for c in genesis.membership.clients

@@ -25,6 +25,7 @@ MAX_ITEMS: Final = 1_000_000
 _U8: Final = struct.Struct(">B")
 _U32: Final = struct.Struct(">I")
 _U64: Final = struct.Struct(">Q")
+_I64: Final = struct.Struct(">q")
 
 
 class MalformedMessage(ValueError):
@@ -46,6 +47,10 @@ def pack_u32(value: int) -> bytes:
 
 def pack_u64(value: int) -> bytes:
     return _U64.pack(value)
+
+
+def pack_i64(value: int) -> bytes:
+    return _I64.pack(value)
 
 
 def pack_blob(data: bytes) -> bytes:
@@ -84,6 +89,9 @@ class Reader:
 
     def u64(self) -> int:
         return _U64.unpack(self.raw(8))[0]
+
+    def i64(self) -> int:
+        return _I64.unpack(self.raw(8))[0]
 
     def flag(self) -> bool:
         value = self.u8()

@@ -14,7 +14,7 @@ from fl.aggregation import AGGREGATIONS
 from fl.attacks import ATTACKS
 from fl.models import MODEL_NAMES
 from fl.partition import DISTRIBUTIONS
-from fl.privacy import MECHANISMS
+from fl.privacy import ACCOUNTANTS, DEFAULT_REGISTRATION_SHARE, MECHANISMS
 from fl.validation import RULES
 
 SELECTIONS: tuple[str, ...] = ("weighted", "paper", "random")
@@ -50,6 +50,13 @@ class RunConfig:
     dp_participations: int | None = None
     dp_subspace: int = 0
     dp_augmentations: int = 1
+    # Accountant for the Gaussian mechanism: rdp, prv, or auto (the tighter).
+    dp_accountant: str = "auto"
+    # Share of epsilon spent on the registration's noisy label histogram.
+    dp_registration_share: float = DEFAULT_REGISTRATION_SHARE
+    # Noise from a seeded generator: no privacy at all (tests, equivalence
+    # checks and testbeds only; a node refuses it outside a testbed genesis).
+    reproducible_noise: bool = False
     # Trust (DESIGN.md section 6).
     validation: bool = True
     val_rule: str = "relative"
@@ -92,6 +99,7 @@ class RunConfig:
             ("--server-lr-decay", self.server_lr_decay, SERVER_LR_DECAYS),
             ("--selection", self.selection, SELECTIONS),
             ("--dp", self.dp, MECHANISMS),
+            ("--dp-accountant", self.dp_accountant, ACCOUNTANTS),
             ("--val-rule", self.val_rule, RULES),
             ("--attack", self.attack, ATTACKS),
         ):
@@ -119,6 +127,8 @@ class RunConfig:
             yield f"--dp-augmentations must be >= 1, got {self.dp_augmentations}"
         elif self.dp_augmentations > 1 and self.dp == "none":
             yield "--dp-augmentations needs --dp gaussian or laplace (it shapes DP-SGD's gradients)"
+        if not 0 < self.dp_registration_share < 1:
+            yield (f"--dp-registration-share must be in (0, 1), got {self.dp_registration_share}")
         if self.dp_subspace < 0:
             yield f"--dp-subspace must be >= 0, got {self.dp_subspace}"
         if not 0 <= self.malicious < 1:
@@ -139,6 +149,11 @@ class RunConfig:
     @property
     def clients_per_round(self) -> int:
         return max(1, round(self.frac * self.clients))
+
+    @property
+    def expected_records(self) -> int:
+        """A client's equal share of the training set: the public figure DP plans use."""
+        return max(1, self.train_size // self.clients)
 
     @property
     def participations_budget(self) -> int:

@@ -143,6 +143,23 @@ class Split:
         return int(self.y.shape[0])
 
 
+def shard_digest(x: torch.Tensor, y: torch.Tensor) -> bytes:
+    """SHA-256 of a client's records (shapes, float32 images, int64 labels).
+
+    Binds a privacy ledger to the data it accounts for: runs on the same
+    records compose their privacy spend, whatever network they belong to.
+    """
+    h = hashlib.sha256(b"LLBCFL/shard/v1")
+    images = x.detach().to(torch.float32).contiguous()
+    labels = y.detach().to(torch.int64).contiguous()
+    for t in (images, labels):
+        h.update(len(t.shape).to_bytes(4, "big"))
+        for dim in t.shape:
+            h.update(int(dim).to_bytes(8, "big"))
+        h.update(t.numpy().astype(t.numpy().dtype.newbyteorder("<"), copy=False).tobytes())
+    return h.digest()
+
+
 @dataclass(frozen=True)
 class MnistSplits:
     train: Split

@@ -1,85 +1,206 @@
-"""Local differential privacy for one client: mechanisms and budget accounting.
+"""Local differential privacy for one client: mechanisms, secret noise, accounting.
 
-Implements the client side of DESIGN.md section 5. Privacy is *record-level*
-and *per client*: the neighbouring relation is add/remove-one, i.e. two local
-datasets are neighbours when one equals the other plus or minus a single
-record. Each client runs DP-SGD on its own data (Abadi et al., "Deep Learning
-with Differential Privacy", CCS 2016): per step, a Poisson-sampled batch
-(every record included independently with probability ``q``), per-sample
-gradients clipped to a norm bound ``C``, summed, noised, and divided by the
-*expected* batch size ``q * N``. Under add/remove-one, the clipped sum changes
-by at most ``C`` in the clipping norm, so ``C`` is the sensitivity.
+Implements the client side of the privacy design (docs/PRIVACY.md). Privacy
+is *record-level* and *per client* under **add/remove-one** adjacency: two
+local datasets are neighbours when one equals the other plus or minus a
+single record. The guarantee covers everything a client releases:
+
+1. **Registration**: a noisy label histogram (one bin per class and one for
+   records whose label is not a valid class). Adding or removing a record
+   changes one bin by one, so the histogram has L1 and L2 sensitivity 1.
+   Everything the chain holds about a client's data (record count, classes
+   present, quality, hence its self-assessment and FedAvg weight) is derived
+   from this release; nothing about the exact record count ``N`` is
+   published.
+2. **Updates**: DP-SGD (Abadi et al., "Deep Learning with Differential
+   Privacy", CCS 2016) on the client's data. Each step Poisson-samples the
+   records at rate ``q`` (secretly), clips each per-sample gradient to norm
+   ``C``, sums, adds noise, and divides by ``q * N~``, where ``N~`` is the
+   record count the registration released (public). Under add/remove-one the
+   clipped sum changes by at most ``C``, so ``C`` is the sensitivity, and
+   the divisor, ``q`` and the number of steps are all public: ``q`` and the
+   steps follow from the run configuration alone (:func:`public_schedule`),
+   never from ``N``.
 
 Two mechanisms:
 
 ``gaussian``
-    L2 clipping and Gaussian noise of standard deviation ``sigma * C``.
-    Accounted with Renyi DP for the Poisson-subsampled Gaussian mechanism
-    (Mironov, Talwar, Zhang, "Renyi Differential Privacy of the Sampled
-    Gaussian Mechanism", 2019) through Opacus's ``RDPAccountant``; the noise
-    multiplier ``sigma`` is found with Opacus's ``get_noise_multiplier``.
-    Nothing about RDP is re-derived here.
+    L2 clipping, Gaussian noise of standard deviation ``sigma * C``, a
+    Gaussian histogram. Accounted as a composition of Poisson-subsampled
+    Gaussian mechanisms with Opacus's accountants: Renyi DP (Mironov, Talwar,
+    Zhang 2019) or privacy loss random variables (PRV; Gopi, Lee, Wutschitz,
+    "Numerical Composition of Differential Privacy", NeurIPS 2021). Both give
+    valid upper bounds; calibration uses the tighter one (``accountant =
+    "auto"``) and both are reported.
 ``laplace``
-    L1 clipping and Laplace noise of scale ``C / eps0`` per coordinate, which
-    is ``eps0``-DP per step on the sampled batch. Poisson subsampling with
-    rate ``q`` amplifies that to ``ln(1 + q * (exp(eps0) - 1))`` under
-    add/remove-one (Li, Qardaji, Su, "On Sampling, Anonymization, and
-    Differential Privacy", AsiaCCS 2012; Balle, Barthe, Gaboardi, "Privacy
-    Amplification by Subsampling: Tight Analyses via Couplings and
-    Divergences", NeurIPS 2018, Theorem 8), and steps compose by basic
-    composition (the per-step epsilons add up).
+    L1 clipping, Laplace noise of scale ``C / eps0`` per coordinate and a
+    Laplace histogram: pure epsilon-DP. Poisson subsampling amplifies a step
+    to ``ln(1 + q (exp(eps0) - 1))`` (Balle, Barthe, Gaboardi, NeurIPS 2018,
+    Theorem 8) and releases compose by basic composition.
 
-The budget ``epsilon`` in :class:`DPConfig` is the total over the whole run;
-:func:`plan_participation` calibrates the noise so that ``max_participations``
-participations spend it exactly, and :class:`PrivacyAccountant` tracks what
-has been spent so that the client can decline instead of overspending.
+The budget ``epsilon`` in :class:`DPConfig` is the total over the whole run,
+the registration included: the histogram takes ``registration_share`` of it
+and :func:`plan_privacy` calibrates the training noise so that registration
+plus ``max_participations`` participations spend it exactly.
 
-All randomness comes from a caller-supplied ``torch.Generator``
-(DESIGN.md section 4).
+Randomness. The noise (and the Poisson sampling mask, which the subsampling
+amplification needs secret) comes from a :class:`NoiseSource`. The default,
+:class:`SecretNoise`, reads the operating system's CSPRNG, fresh for every
+draw: no other node can regenerate it from the run seed or the chain.
+:class:`SeededNoise` is the reproducible alternative for tests and
+equivalence checks only (``--reproducible-noise``). This is the one
+sanctioned exception to the rule that every draw is seeded.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
+import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, TypeVar
+from typing import Literal, Protocol, TypeVar
 
 import numpy as np
 import torch
-from opacus.accountants import RDPAccountant
+from opacus.accountants import PRVAccountant, RDPAccountant
 from opacus.accountants.analysis import rdp as privacy_analysis
-from opacus.accountants.utils import get_noise_multiplier
 
 Mechanism = Literal["none", "gaussian", "laplace"]
 Norm = Literal["l1", "l2"]
 MECHANISMS: tuple[Mechanism, ...] = ("none", "gaussian", "laplace")
+# "auto": calibrate with each valid accountant and keep the one that needs
+# the least noise for the budget.
+ACCOUNTANTS: tuple[str, ...] = ("auto", "rdp", "prv")
+GAUSSIAN_ACCOUNTANTS: tuple[str, ...] = ("rdp", "prv")
 
 # Relative slack when comparing spent epsilon with the budget: the spend after
-# exactly ``max_participations`` participations is computed by a different
-# sequence of float operations than the calibration, so it may land a few ulps
-# above the target; that must still count as "fits".
+# exactly ``max_participations`` participations may land a few ulps above the
+# target; that must still count as "fits".
 BUDGET_RTOL = 1e-9
 
-# Opacus's default binary-search tolerance: the calibrated noise spends a
-# budget within [epsilon - tol, epsilon].
+# Calibration spends a budget within [epsilon - tol, epsilon] (Opacus's default).
 DEFAULT_EPSILON_TOLERANCE = 0.01
+# PRV: the width of the accountant's own error band (its upper end is used).
+PRV_EPS_ERROR = 0.01
+# Share of the budget spent on the registration histogram by default.
+DEFAULT_REGISTRATION_SHARE = 0.05
+# A class counts as present when its noisy count is at least this many
+# standard deviations of the histogram noise (and at least one record).
+CLASS_PRESENT_SDS = 2.0
 
 Grads = TypeVar("Grads", torch.Tensor, Sequence[torch.Tensor])
+
+
+class BudgetExhausted(Exception):
+    """One more release would spend more than the client's privacy budget."""
+
+
+# Noise sources ------------------------------------------------------------------
+
+
+class NoiseSource(Protocol):
+    """Where a mechanism's random draws come from (float64 tensors)."""
+
+    secret: bool
+
+    def uniform(self, n: int) -> torch.Tensor:
+        """``n`` draws uniform on [0, 1)."""
+        ...
+
+    def gaussian(self, shape: torch.Size | tuple[int, ...], *, scale: float) -> torch.Tensor:
+        """N(0, scale^2) draws."""
+        ...
+
+    def laplace(self, shape: torch.Size | tuple[int, ...], *, scale: float) -> torch.Tensor:
+        """Laplace(0, scale) draws."""
+        ...
+
+
+def _exponentials_from(u: torch.Tensor) -> torch.Tensor:
+    # -log1p(-U) is Exp(1) and finite for every U in [0, 1), unlike the
+    # inverse CDF at U == 0.
+    return -torch.log1p(-u)
+
+
+class SecretNoise:
+    """Draws from the operating system's CSPRNG (``os.urandom``, i.e. getrandom(2)).
+
+    Each call reads fresh kernel randomness (ChaCha20 on Linux), so a draw
+    can be neither predicted nor regenerated by anyone else, and no state
+    lives in this process that a later output could reveal. A uniform is a
+    53-bit integer over 2^53; normals come from Box-Muller in float64.
+
+    Gaussian noise is the sum of four independent N(0, scale^2) draws, halved
+    (which is again N(0, scale^2)): Opacus's ``secure_mode`` does the same,
+    after Holohan and Braghin, "Secure Random Sampling in Differential
+    Privacy" (ESORICS 2021), against floating-point attacks on the low bits
+    of a single textbook sample (Mironov, CCS 2012).
+    """
+
+    secret = True
+
+    def uniform(self, n: int) -> torch.Tensor:
+        raw = np.frombuffer(os.urandom(8 * n), dtype=np.uint64) >> np.uint64(11)
+        return torch.from_numpy(raw.astype(np.float64) * 2.0**-53)
+
+    def _standard_normal(self, n: int) -> torch.Tensor:
+        pairs = (n + 1) // 2
+        u = self.uniform(2 * pairs).view(2, pairs)
+        radius = torch.sqrt(-2.0 * torch.log1p(-u[0]))  # 1 - U in (0, 1]
+        angle = 2.0 * math.pi * u[1]
+        return torch.cat([radius * torch.cos(angle), radius * torch.sin(angle)])[:n]
+
+    def gaussian(self, shape: torch.Size | tuple[int, ...], *, scale: float) -> torch.Tensor:
+        n = math.prod(shape)
+        total = self._standard_normal(4 * n).view(4, n).sum(dim=0) / 2.0
+        return scale * total.view(tuple(shape))
+
+    def laplace(self, shape: torch.Size | tuple[int, ...], *, scale: float) -> torch.Tensor:
+        n = math.prod(shape)
+        e = _exponentials_from(self.uniform(2 * n)).view(2, n)
+        return scale * (e[0] - e[1]).view(tuple(shape))
+
+
+class SeededNoise:
+    """Reproducible draws from a seeded ``torch.Generator``: tests and equivalence checks only.
+
+    Anyone who knows the seed regenerates the noise and subtracts it, so a
+    release made with this source carries **no** privacy.
+    """
+
+    secret = False
+
+    def __init__(self, generator: torch.Generator) -> None:
+        self.generator = generator
+
+    def uniform(self, n: int) -> torch.Tensor:
+        return torch.rand(n, generator=self.generator, dtype=torch.float64)
+
+    def gaussian(self, shape: torch.Size | tuple[int, ...], *, scale: float) -> torch.Tensor:
+        return scale * torch.randn(tuple(shape), generator=self.generator, dtype=torch.float64)
+
+    def laplace(self, shape: torch.Size | tuple[int, ...], *, scale: float) -> torch.Tensor:
+        e = _exponentials_from(self.uniform(2 * math.prod(shape))).view(2, -1)
+        return scale * (e[0] - e[1]).view(tuple(shape))
+
+
+# Configuration and plans --------------------------------------------------------
 
 
 @dataclass(frozen=True)
 class DPConfig:
     """A client's local-DP settings.
 
-    ``epsilon`` is the total budget over the whole run (use ``math.inf`` with
-    ``mechanism="none"``); ``delta`` is used by ``gaussian`` only;
-    ``clip`` is the per-sample norm bound (L2 for gaussian, L1 for laplace);
-    ``max_participations`` is how many rounds the client may take part in,
-    and the noise is calibrated so that this many participations spend
-    exactly ``epsilon``.
+    ``epsilon`` is the total budget over the whole run, registration included
+    (use ``math.inf`` with ``mechanism="none"``); ``delta`` is used by
+    ``gaussian`` only; ``clip`` is the per-sample norm bound (L2 for
+    gaussian, L1 for laplace); ``max_participations`` is how many rounds the
+    client may take part in; ``registration_share`` in (0, 1) is the part of
+    the budget the registration histogram gets; ``accountant`` is ``rdp``,
+    ``prv`` or ``auto`` (the tighter of the two).
     """
 
     mechanism: Mechanism
@@ -87,6 +208,8 @@ class DPConfig:
     delta: float = 1e-5
     clip: float = 1.0
     max_participations: int = 1
+    registration_share: float = DEFAULT_REGISTRATION_SHARE
+    accountant: str = "auto"
 
     def __post_init__(self) -> None:
         if self.mechanism not in MECHANISMS:
@@ -108,6 +231,10 @@ class DPConfig:
             raise ValueError(f"max_participations must be an int, got {self.max_participations!r}")
         if self.max_participations < 1:
             raise ValueError(f"max_participations must be >= 1, got {self.max_participations}")
+        if not 0 < self.registration_share < 1:
+            raise ValueError(f"registration_share must be in (0, 1), got {self.registration_share}")
+        if self.accountant not in ACCOUNTANTS:
+            raise ValueError(f"accountant must be one of {ACCOUNTANTS}, got {self.accountant!r}")
 
     @property
     def clip_norm(self) -> Norm:
@@ -130,6 +257,58 @@ class StepPlan:
     noise_multiplier_or_eps0: float
     noise_scale: float
 
+    @property
+    def release(self) -> Release:
+        return Release(self.noise_multiplier_or_eps0, self.sample_rate, self.steps)
+
+
+@dataclass(frozen=True)
+class Release:
+    """``steps`` identical steps of one mechanism: noise multiplier (gaussian)
+    or per-step epsilon (laplace), at Poisson rate ``sample_rate``; the unit
+    of privacy accounting, like an entry of Opacus's accountant history."""
+
+    noise: float
+    sample_rate: float
+    steps: int
+
+
+@dataclass(frozen=True)
+class PrivacyPlan:
+    """Everything a client releases and what it costs, fixed by the run configuration.
+
+    ``registration`` is the histogram release (one step at rate 1: noise
+    multiplier ``sigma_h``, sensitivity 1, or per-release epsilon ``eps_h``);
+    ``step`` is one participation; ``accountant`` is the accountant the noise
+    was calibrated with and the budget is checked against (``rdp`` or
+    ``prv`` for gaussian, ``basic`` for laplace, ``none``).
+    """
+
+    mechanism: Mechanism
+    accountant: str
+    registration: Release
+    step: StepPlan
+
+    @property
+    def histogram_scale(self) -> float:
+        """Standard deviation (gaussian) or scale (laplace) of the histogram noise."""
+        if self.mechanism == "gaussian":
+            return self.registration.noise
+        if self.mechanism == "laplace":
+            return 1.0 / self.registration.noise
+        return 0.0
+
+    @property
+    def histogram_sd(self) -> float:
+        """Standard deviation of the noise on each histogram bin."""
+        scale = self.histogram_scale
+        return scale * math.sqrt(2.0) if self.mechanism == "laplace" else scale
+
+    @property
+    def class_threshold(self) -> float:
+        """Noisy count from which a class counts as present."""
+        return max(1.0, CLASS_PRESENT_SDS * self.histogram_sd)
+
 
 def _check_rate_and_steps(sample_rate: float, steps: int) -> None:
     if not 0 < sample_rate <= 1:
@@ -138,44 +317,23 @@ def _check_rate_and_steps(sample_rate: float, steps: int) -> None:
         raise ValueError(f"steps must be >= 1, got {steps}")
 
 
-def calibrate_gaussian(
-    *,
-    epsilon: float,
-    delta: float,
-    sample_rate: float,
-    steps: int,
-    epsilon_tolerance: float = DEFAULT_EPSILON_TOLERANCE,
-) -> float:
-    """Noise multiplier ``sigma`` for ``steps`` Poisson-subsampled Gaussian steps.
+# Accounting -------------------------------------------------------------------------
 
-    Delegates to Opacus (RDP accountant, default orders). The result spends at
-    most ``epsilon`` (and at least ``epsilon - epsilon_tolerance``) at
-    ``delta`` under add/remove-one neighbours. Cached, because the binary
-    search costs about a second and every round asks the same question.
+
+def _merge(history: Sequence[Release], release: Release) -> list[Release]:
+    """``history`` plus ``release``, merged into the last entry when the steps are alike.
+
+    Merging makes the spend after ``max_participations`` participations the
+    very computation the calibration did (both accountants are exact in the
+    number of identical steps).
     """
-    _check_rate_and_steps(sample_rate, steps)
-    return _cached_noise_multiplier(
-        float(epsilon), float(delta), float(sample_rate), int(steps), float(epsilon_tolerance)
-    )
-
-
-# Positional and normalised arguments, so that equal questions share one entry.
-@functools.lru_cache(maxsize=1024)
-def _cached_noise_multiplier(
-    epsilon: float, delta: float, sample_rate: float, steps: int, epsilon_tolerance: float
-) -> float:
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
-        return float(
-            get_noise_multiplier(
-                target_epsilon=epsilon,
-                target_delta=delta,
-                sample_rate=sample_rate,
-                steps=steps,
-                accountant="rdp",
-                epsilon_tolerance=epsilon_tolerance,
-            )
-        )
+    _check_rate_and_steps(release.sample_rate, release.steps)
+    out = list(history)
+    if out and (out[-1].noise, out[-1].sample_rate) == (release.noise, release.sample_rate):
+        last = out.pop()
+        release = Release(last.noise, last.sample_rate, last.steps + release.steps)
+    out.append(release)
+    return out
 
 
 @functools.lru_cache(maxsize=1024)
@@ -188,12 +346,160 @@ def _one_step_rdp(sample_rate: float, noise_multiplier: float) -> np.ndarray:
     )
 
 
+@contextlib.contextmanager
+def _quiet_opacus() -> Iterator[None]:
+    # Opacus warns when the best RDP order is an end of its range (the bound
+    # is still valid, only not the tightest), and its PRV code takes
+    # log(1 - q) = -inf at q = 1 (the result is still right).
+    with warnings.catch_warnings(), np.errstate(divide="ignore", invalid="ignore"):
+        warnings.filterwarnings("ignore", message="Optimal order is the")
+        yield
+
+
+def _rdp_epsilon(history: tuple[Release, ...], delta: float) -> float:
+    # What RDPAccountant.get_epsilon computes, with the per-step RDP curve
+    # cached: Opacus's compute_rdp is exactly steps * (one step).
+    rdp = sum(_one_step_rdp(r.sample_rate, r.noise) * r.steps for r in history)
+    with _quiet_opacus():
+        eps, _ = privacy_analysis.get_privacy_spent(
+            orders=RDPAccountant.DEFAULT_ALPHAS, rdp=rdp, delta=delta
+        )
+    return float(eps)
+
+
+@functools.lru_cache(maxsize=4096)
+def _prv_epsilon(history: tuple[Release, ...], delta: float) -> float:
+    accountant = PRVAccountant()
+    accountant.history = [(r.noise, r.sample_rate, r.steps) for r in history]
+    with _quiet_opacus():
+        return float(accountant.get_epsilon(delta, eps_error=PRV_EPS_ERROR))
+
+
+def gaussian_epsilon(history: Sequence[Release], *, delta: float, accountant: str) -> float:
+    """Epsilon at ``delta`` of a composition of Poisson-subsampled Gaussian releases."""
+    if not history:
+        return 0.0
+    key = tuple(history)
+    if accountant == "rdp":
+        return _rdp_epsilon(key, delta)
+    if accountant == "prv":
+        return _prv_epsilon(key, delta)
+    raise ValueError(f"unknown Gaussian accountant {accountant!r}")
+
+
 def amplified_epsilon(*, eps0: float, sample_rate: float) -> float:
     """Epsilon of one Poisson-subsampled ``eps0``-DP step (add/remove-one)."""
     if sample_rate == 1:
         return eps0
     # log1p/expm1 keep precision when eps0 and q are small.
     return math.log1p(sample_rate * math.expm1(eps0))
+
+
+def laplace_epsilon(history: Sequence[Release]) -> float:
+    """Basic composition of (amplified) pure-DP releases."""
+    return math.fsum(
+        r.steps * amplified_epsilon(eps0=r.noise, sample_rate=r.sample_rate) for r in history
+    )
+
+
+def history_epsilon(
+    mechanism: Mechanism, history: Sequence[Release], *, delta: float, accountant: str
+) -> float:
+    if mechanism == "none" or not history:
+        return 0.0
+    if mechanism == "gaussian":
+        return gaussian_epsilon(history, delta=delta, accountant=accountant)
+    return laplace_epsilon(history)
+
+
+def composed_epsilon(
+    releases: Sequence[tuple[Mechanism, Release]], *, delta: float, accountant: str
+) -> float:
+    """Epsilon of releases of possibly different mechanisms on the same data.
+
+    Each mechanism's releases compose with its own accounting (Gaussian ones
+    at ``delta`` with ``accountant``, Laplace ones by basic composition); the
+    groups then add up by basic composition. This is how a client's spend
+    composes across runs on the same data.
+    """
+    total = 0.0
+    for mechanism in ("gaussian", "laplace"):
+        history: list[Release] = []
+        for kind, release in releases:
+            if kind == mechanism:
+                history = _merge(history, release)
+        total += history_epsilon(mechanism, history, delta=delta, accountant=accountant)
+    return total
+
+
+# Calibration --------------------------------------------------------------------------
+
+
+def _smallest_noise(spend: Callable[[float], float], *, target: float, tolerance: float) -> float:
+    """The smallest noise (to within the bisection) whose ``spend`` is in [target - tol, target].
+
+    The same search as Opacus's ``get_noise_multiplier``: double until under
+    the target, then bisect, and return the upper end (always within budget).
+    """
+    low, high = 0.0, 10.0
+    eps_high = spend(high)
+    while eps_high > target:
+        low, high = high, 2 * high
+        if high > 1e7:
+            raise ValueError(f"no noise reaches epsilon {target}")
+        eps_high = spend(high)
+    while target - eps_high > tolerance:
+        mid = (low + high) / 2
+        eps = spend(mid)
+        if eps < target:
+            high, eps_high = mid, eps
+        else:
+            low = mid
+    return high
+
+
+def calibrate_gaussian(
+    *,
+    epsilon: float,
+    delta: float,
+    sample_rate: float,
+    steps: int,
+    accountant: str = "rdp",
+    prefix: tuple[Release, ...] = (),
+    epsilon_tolerance: float = DEFAULT_EPSILON_TOLERANCE,
+) -> float:
+    """Noise multiplier ``sigma`` so that ``prefix`` plus ``steps`` subsampled Gaussian
+    steps spend at most ``epsilon`` (and at least ``epsilon - tolerance``) at ``delta``.
+
+    Cached: every round, and every node, asks the same question.
+    """
+    _check_rate_and_steps(sample_rate, steps)
+    return _cached_gaussian(
+        float(epsilon),
+        float(delta),
+        float(sample_rate),
+        int(steps),
+        accountant,
+        tuple(prefix),
+        float(epsilon_tolerance),
+    )
+
+
+@functools.lru_cache(maxsize=1024)
+def _cached_gaussian(
+    epsilon: float,
+    delta: float,
+    sample_rate: float,
+    steps: int,
+    accountant: str,
+    prefix: tuple[Release, ...],
+    epsilon_tolerance: float,
+) -> float:
+    def spend(sigma: float) -> float:
+        history = _merge(prefix, Release(sigma, sample_rate, steps))
+        return gaussian_epsilon(history, delta=delta, accountant=accountant)
+
+    return _smallest_noise(spend, target=epsilon, tolerance=epsilon_tolerance)
 
 
 def calibrate_laplace(*, epsilon: float, sample_rate: float, steps: int) -> float:
@@ -208,6 +514,197 @@ def calibrate_laplace(*, epsilon: float, sample_rate: float, steps: int) -> floa
     if sample_rate == 1:
         return per_step
     return math.log1p(math.expm1(per_step) / sample_rate)
+
+
+def local_steps(*, n_samples: int, batch_size: int, local_epochs: float) -> int:
+    """Steps in ``local_epochs`` epochs of ``ceil(n_samples / batch_size)`` steps (at least 1)."""
+    return max(1, round(local_epochs * -(-n_samples // batch_size)))
+
+
+def public_schedule(
+    *, expected_records: int, batch_size: int, local_epochs: float
+) -> tuple[float, int]:
+    """(Poisson rate ``q``, steps per participation) from public numbers only.
+
+    ``expected_records`` is a public figure (the run's equal share of the
+    training set), never a client's own count: ``q = min(1, B / n)`` and
+    ``local_epochs`` expected epochs of ``ceil(n / B)`` steps. Every client
+    of a run shares the schedule, so it reveals nothing about any of them.
+    """
+    if expected_records < 1 or batch_size < 1 or not local_epochs > 0:
+        raise ValueError(
+            "expected_records and batch_size must be >= 1 and local_epochs > 0, got "
+            f"{expected_records}, {batch_size}, {local_epochs}"
+        )
+    sample_rate = min(1.0, batch_size / expected_records)
+    steps = local_steps(
+        n_samples=expected_records, batch_size=batch_size, local_epochs=local_epochs
+    )
+    return sample_rate, steps
+
+
+def plan_privacy(
+    config: DPConfig,
+    *,
+    sample_rate: float,
+    steps: int,
+    epsilon_tolerance: float = DEFAULT_EPSILON_TOLERANCE,
+) -> PrivacyPlan:
+    """Calibrate the registration histogram and the training noise for ``config``.
+
+    Gaussian: the histogram's noise multiplier is ``sigma_1 / sqrt(share)``,
+    where ``sigma_1`` would spend the whole budget in one Gaussian release;
+    for a Gaussian composition (zero-concentrated DP, ``rho = 1 / (2 sigma^2)``
+    per release) that gives the histogram ``share`` of the budget's ``rho``.
+    The training noise is then the smallest that keeps registration plus
+    ``max_participations`` participations within ``epsilon``, under each
+    accountant ``config.accountant`` allows; the smaller noise wins.
+    Laplace: the histogram spends ``share * epsilon`` (scale ``1 / eps_h``),
+    the participations the rest, by basic composition.
+    """
+    _check_rate_and_steps(sample_rate, steps)
+    total_steps = steps * config.max_participations
+    if config.mechanism == "laplace":
+        eps_h = config.registration_share * config.epsilon
+        eps0 = calibrate_laplace(
+            epsilon=config.epsilon - eps_h, sample_rate=sample_rate, steps=total_steps
+        )
+        return PrivacyPlan(
+            "laplace",
+            "basic",
+            Release(eps_h, 1.0, 1),
+            StepPlan(sample_rate, steps, eps0, config.clip / eps0),
+        )
+    if config.mechanism == "none":
+        return PrivacyPlan(
+            "none", "none", Release(0.0, 1.0, 1), StepPlan(sample_rate, steps, 0.0, 0.0)
+        )
+    candidates = []
+    for accountant in GAUSSIAN_ACCOUNTANTS if config.accountant == "auto" else (config.accountant,):
+        sigma_1 = calibrate_gaussian(
+            epsilon=config.epsilon,
+            delta=config.delta,
+            sample_rate=1.0,
+            steps=1,
+            accountant=accountant,
+            epsilon_tolerance=epsilon_tolerance,
+        )
+        registration = Release(sigma_1 / math.sqrt(config.registration_share), 1.0, 1)
+        sigma = calibrate_gaussian(
+            epsilon=config.epsilon,
+            delta=config.delta,
+            sample_rate=sample_rate,
+            steps=total_steps,
+            accountant=accountant,
+            prefix=(registration,),
+            epsilon_tolerance=epsilon_tolerance,
+        )
+        candidates.append((sigma, accountant, registration))
+    sigma, accountant, registration = min(candidates)
+    return PrivacyPlan(
+        "gaussian",
+        accountant,
+        registration,
+        StepPlan(sample_rate, steps, sigma, sigma * config.clip),
+    )
+
+
+# Registration: the noisy label histogram -------------------------------------------
+
+
+def label_histogram(labels: torch.Tensor, *, num_classes: int) -> torch.Tensor:
+    """``[num_classes + 1]`` float64 counts: one per class, the last for invalid labels."""
+    y = labels.reshape(-1).to(torch.int64)
+    valid = (y >= 0) & (y < num_classes)
+    counts = torch.bincount(y[valid], minlength=num_classes).to(torch.float64)
+    return torch.cat([counts, torch.tensor([float((~valid).sum())], dtype=torch.float64)])
+
+
+def release_histogram(
+    labels: torch.Tensor, *, num_classes: int, plan: PrivacyPlan, noise: NoiseSource
+) -> tuple[int, ...]:
+    """The registration release: the label histogram plus noise, rounded to integers.
+
+    Rounding is post-processing (it costs no privacy) and drops the low bits
+    of the floating-point sum, where a single noisy double could betray the
+    exact count.
+    """
+    counts = label_histogram(labels, num_classes=num_classes)
+    if plan.mechanism == "gaussian":
+        counts = counts + noise.gaussian(counts.shape, scale=plan.histogram_scale)
+    elif plan.mechanism == "laplace":
+        counts = counts + noise.laplace(counts.shape, scale=plan.histogram_scale)
+    return tuple(int(v) for v in torch.round(counts).tolist())
+
+
+def released_count(histogram: Sequence[int]) -> int:
+    """The record count a histogram release implies (at least 1): the public divisor."""
+    return max(1, int(sum(histogram)))
+
+
+class PrivacyAccountant:
+    """Privacy spent by one client: its registration and its participations.
+
+    The history holds one :class:`Release` per run of identical steps, in
+    the order they happened, like Opacus's accountant history; epsilon is
+    computed with the plan's accountant (``spent_epsilon``), and with any
+    other valid one on request (``spent_epsilon(accountant=...)``).
+    """
+
+    def __init__(self, config: DPConfig, plan: PrivacyPlan) -> None:
+        self.config = config
+        self.plan = plan
+        self._history: list[Release] = []
+        self._participations = 0
+        self._registered = False
+
+    @property
+    def participations(self) -> int:
+        return self._participations
+
+    @property
+    def registered(self) -> bool:
+        return self._registered
+
+    @property
+    def history(self) -> list[Release]:
+        return list(self._history)
+
+    def _spent(self, history: Sequence[Release], accountant: str | None = None) -> float:
+        return history_epsilon(
+            self.config.mechanism,
+            history,
+            delta=self.config.delta,
+            accountant=accountant or self.plan.accountant,
+        )
+
+    def spent_epsilon(self, *, accountant: str | None = None) -> float:
+        """Epsilon spent so far (at ``config.delta`` for gaussian)."""
+        return self._spent(self._history, accountant)
+
+    def would_exceed(self) -> bool:
+        """True when one more participation would overspend the budget."""
+        if self.config.mechanism == "none":
+            return False
+        after = self._spent(_merge(self._history, self.plan.step.release))
+        return after > self.config.epsilon * (1 + BUDGET_RTOL)
+
+    def record_registration(self) -> None:
+        """Account for the registration histogram (once, before it is released)."""
+        if self._registered:
+            raise ValueError("the registration is already accounted")
+        if self.config.mechanism != "none":
+            self._history = _merge(self._history, self.plan.registration)
+        self._registered = True
+
+    def record_participation(self) -> None:
+        """Account for one participation (call before training starts)."""
+        if self.config.mechanism != "none":
+            self._history = _merge(self._history, self.plan.step.release)
+        self._participations += 1
+
+
+# Clipping and noise ------------------------------------------------------------------
 
 
 def _flatten(grads: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
@@ -248,51 +745,27 @@ def clip_per_sample(grads: Grads, *, norm: Norm, bound: float) -> Grads:
     return [g * factors.reshape(-1, *([1] * (g.dim() - 1))) for g in grads]
 
 
-def laplace_noise(
-    shape: torch.Size | tuple[int, ...], *, scale: float, generator: torch.Generator
-) -> torch.Tensor:
-    """Laplace(0, scale) draws from ``generator`` only (float64).
-
-    ``torch.distributions.Laplace`` samples from the global RNG, so the draw is
-    built here as the difference of two Exp(1) variables, each ``-log1p(-U)``
-    with ``U`` uniform on [0, 1): that is finite for every ``U`` torch can
-    return, unlike the inverse CDF at ``U == 0``.
-    """
-    u = torch.rand((2, *shape), generator=generator, dtype=torch.float64)
-    exponentials = -torch.log1p(-u)
-    return scale * (exponentials[0] - exponentials[1])
-
-
-def gaussian_noise(
-    shape: torch.Size | tuple[int, ...], *, scale: float, generator: torch.Generator
-) -> torch.Tensor:
-    """N(0, scale^2) draws from ``generator`` only (float64)."""
-    return scale * torch.randn(tuple(shape), generator=generator, dtype=torch.float64)
-
-
-def _noise(
-    shape: torch.Size, *, mechanism: Mechanism, scale: float, generator: torch.Generator
+def mechanism_noise(
+    shape: torch.Size, *, mechanism: Mechanism, scale: float, noise: NoiseSource
 ) -> torch.Tensor | None:
+    """The mechanism's noise of ``shape`` (None for ``none``)."""
     if mechanism == "none":
         return None
     if mechanism == "gaussian":
-        return gaussian_noise(shape, scale=scale, generator=generator)
+        return noise.gaussian(shape, scale=scale)
     if mechanism == "laplace":
-        return laplace_noise(shape, scale=scale, generator=generator)
+        return noise.laplace(shape, scale=scale)
     raise ValueError(f"unknown DP mechanism {mechanism!r}; expected one of {MECHANISMS}")
 
 
-def noisy_sum(
-    clipped: Grads, *, mechanism: Mechanism, scale: float, generator: torch.Generator
-) -> Grads:
+def noisy_sum(clipped: Grads, *, mechanism: Mechanism, scale: float, noise: NoiseSource) -> Grads:
     """Sum clipped per-sample gradients over the batch and add noise per coordinate.
 
     ``scale`` is the Gaussian standard deviation (``sigma * clip``) or the
     Laplace scale (``clip / eps0``); ``none`` adds nothing. For a sequence of
     per-parameter tensors, noise is drawn parameter by parameter in sequence
-    order, so the same generator state always gives the same noise. The
-    batch may be empty (Poisson sampling can pick no record); the noise is
-    still added, as the privacy analysis assumes.
+    order. The batch may be empty (Poisson sampling can pick no record); the
+    noise is still added, as the privacy analysis assumes.
     """
     if not scale >= 0:
         raise ValueError(f"noise scale must be >= 0, got {scale}")
@@ -300,33 +773,9 @@ def noisy_sum(
     out = []
     for t in tensors:
         total = t.sum(dim=0)
-        noise = _noise(total.shape, mechanism=mechanism, scale=scale, generator=generator)
-        out.append(total if noise is None else total + noise.to(total.dtype))
+        drawn = mechanism_noise(total.shape, mechanism=mechanism, scale=scale, noise=noise)
+        out.append(total if drawn is None else total + drawn.to(total.dtype))
     return out[0] if isinstance(clipped, torch.Tensor) else out
-
-
-def private_gradient(
-    per_sample: torch.Tensor,
-    *,
-    config: DPConfig,
-    plan: StepPlan,
-    n_samples: int,
-    generator: torch.Generator,
-) -> torch.Tensor:
-    """One DP-SGD gradient from ``[batch, params]``: clip, sum, noise, divide by ``q * N``.
-
-    Dividing by the expected rather than the realised batch size keeps the
-    sensitivity fixed (the realised size itself depends on the data). With
-    ``mechanism="none"`` there is no clipping and no noise. Training calls
-    the two halves, :func:`clipped_sum` (per chunk) and :func:`noisy_average`.
-    """
-    return noisy_average(
-        clipped_sum(per_sample, config=config),
-        config=config,
-        plan=plan,
-        n_samples=n_samples,
-        generator=generator,
-    )
 
 
 def clipped_sum(per_sample: torch.Tensor, *, config: DPConfig) -> torch.Tensor:
@@ -346,175 +795,53 @@ def noisy_average(
     *,
     config: DPConfig,
     plan: StepPlan,
-    n_samples: int,
-    generator: torch.Generator,
+    released_records: int,
+    noise: NoiseSource,
 ) -> torch.Tensor:
-    """The rest of :func:`private_gradient` after :func:`clipped_sum`: noise, then ``/ (q * N)``."""
+    """Noise the clipped sum, then divide by the public ``q * N~``.
+
+    ``released_records`` is ``N~``, the record count the client's
+    registration released, never its exact count: the divisor must not
+    depend on the data beyond what is already released (under add/remove-one
+    the exact count differs between neighbours, and it would show in the
+    scale of the update).
+    """
     noisy = noisy_sum(
-        summed.unsqueeze(0), mechanism=config.mechanism, scale=plan.noise_scale, generator=generator
+        summed.unsqueeze(0), mechanism=config.mechanism, scale=plan.noise_scale, noise=noise
     )
-    return noisy / (plan.sample_rate * n_samples)
+    return noisy / (plan.sample_rate * released_records)
 
 
-def local_steps(*, n_samples: int, batch_size: int, local_epochs: float) -> int:
-    """Steps in ``local_epochs`` epochs of ``ceil(n_samples / batch_size)`` steps (at least 1)."""
-    return max(1, round(local_epochs * -(-n_samples // batch_size)))
-
-
-def plan_participation(
-    config: DPConfig,
+def private_gradient(
+    per_sample: torch.Tensor,
     *,
-    n_samples: int,
-    batch_size: int,
-    local_epochs: float,
-    epsilon_tolerance: float = DEFAULT_EPSILON_TOLERANCE,
-) -> StepPlan:
-    """Sampling rate, steps and noise for one participation of this client.
+    config: DPConfig,
+    plan: StepPlan,
+    released_records: int,
+    noise: NoiseSource,
+) -> torch.Tensor:
+    """One DP-SGD gradient from ``[batch, params]``: clip, sum, noise, divide by ``q * N~``.
 
-    ``q = min(1, batch_size / n_samples)``; one expected epoch is ``ceil(1/q)``
-    steps (computed in integers as ``ceil(n_samples / batch_size)``), so a
-    participation is ``local_epochs * ceil(1/q)`` steps. The noise is
-    calibrated over ``steps * max_participations`` steps in total, so that
-    ``max_participations`` identical participations spend the whole budget.
+    With ``mechanism="none"`` there is no clipping and no noise. Training
+    calls the two halves, :func:`clipped_sum` (per chunk) and
+    :func:`noisy_average`.
     """
-    if n_samples < 1 or batch_size < 1 or not local_epochs > 0:
-        raise ValueError(
-            "n_samples and batch_size must be >= 1 and local_epochs > 0, got "
-            f"{n_samples}, {batch_size}, {local_epochs}"
-        )
-    sample_rate = min(1.0, batch_size / n_samples)
-    steps = local_steps(n_samples=n_samples, batch_size=batch_size, local_epochs=local_epochs)
-    total_steps = steps * config.max_participations
-    if config.mechanism == "gaussian":
-        sigma = calibrate_gaussian(
-            epsilon=config.epsilon,
-            delta=config.delta,
-            sample_rate=sample_rate,
-            steps=total_steps,
-            epsilon_tolerance=epsilon_tolerance,
-        )
-        return StepPlan(sample_rate, steps, sigma, sigma * config.clip)
-    if config.mechanism == "laplace":
-        eps0 = calibrate_laplace(epsilon=config.epsilon, sample_rate=sample_rate, steps=total_steps)
-        return StepPlan(sample_rate, steps, eps0, config.clip / eps0)
-    return StepPlan(sample_rate, steps, 0.0, 0.0)
+    return noisy_average(
+        clipped_sum(per_sample, config=config),
+        config=config,
+        plan=plan,
+        released_records=released_records,
+        noise=noise,
+    )
 
 
-class PrivacyAccountant:
-    """Privacy spent by one client over its participations.
+def poisson_mask(n: int, *, sample_rate: float, noise: NoiseSource) -> torch.Tensor:
+    """Indices of the records a step samples, each with probability ``sample_rate``.
 
-    The history holds one ``(noise_multiplier_or_eps0, sample_rate, steps)``
-    entry per run of identical steps, in the order they happened, exactly like
-    Opacus's accountant history. ``gaussian`` converts it to epsilon at the
-    config's delta through Opacus's ``RDPAccountant``; ``laplace`` adds up the
-    amplified per-step epsilons; ``none`` spends nothing and never runs out.
+    Drawn from the noise source: the amplification by subsampling holds
+    only if nobody else knows which records were sampled. At rate 1 every
+    record is taken and nothing is drawn.
     """
-
-    def __init__(self, config: DPConfig) -> None:
-        self.config = config
-        self._history: list[tuple[float, float, int]] = []
-        self._participations = 0
-
-    @property
-    def participations(self) -> int:
-        return self._participations
-
-    @property
-    def history(self) -> list[tuple[float, float, int]]:
-        return list(self._history)
-
-    def _spent(self, history: Sequence[tuple[float, float, int]]) -> float:
-        if self.config.mechanism == "none" or not history:
-            return 0.0
-        if self.config.mechanism == "gaussian":
-            # What RDPAccountant.get_epsilon computes, with the per-step RDP
-            # curve cached: Opacus's compute_rdp is exactly steps * (one step),
-            # and the one-step curve costs ~70 ms, far too slow per round.
-            rdp = sum(_one_step_rdp(q, sigma) * steps for sigma, q, steps in history)
-            with warnings.catch_warnings():
-                # Opacus warns when the best order is its largest alpha; the
-                # bound is still valid, only not the tightest possible.
-                warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
-                eps, _ = privacy_analysis.get_privacy_spent(
-                    orders=RDPAccountant.DEFAULT_ALPHAS, rdp=rdp, delta=self.config.delta
-                )
-            return float(eps)
-        return math.fsum(
-            steps * amplified_epsilon(eps0=eps0, sample_rate=q) for eps0, q, steps in history
-        )
-
-    def _with(
-        self, *, sample_rate: float, steps: int, noise_multiplier_or_eps0: float
-    ) -> list[tuple[float, float, int]]:
-        _check_rate_and_steps(sample_rate, steps)
-        if self.config.mechanism != "none" and not noise_multiplier_or_eps0 > 0:
-            raise ValueError(
-                f"noise_multiplier_or_eps0 must be > 0, got {noise_multiplier_or_eps0}"
-            )
-        entry = (float(noise_multiplier_or_eps0), float(sample_rate), int(steps))
-        history = list(self._history)
-        # Merging a run of identical steps makes the spend after
-        # max_participations participations the very computation the
-        # calibration did (Opacus's compute_rdp is linear in steps).
-        if history and history[-1][:2] == entry[:2]:
-            last = history.pop()
-            entry = (last[0], last[1], last[2] + entry[2])
-        history.append(entry)
-        return history
-
-    def spent_epsilon(self) -> float:
-        """Epsilon spent so far (at ``config.delta`` for gaussian)."""
-        return self._spent(self._history)
-
-    def spent_epsilon_after(
-        self, *, sample_rate: float, steps: int, noise_multiplier_or_eps0: float
-    ) -> float:
-        """Epsilon that would be spent after one more such participation."""
-        return self._spent(
-            self._with(
-                sample_rate=sample_rate,
-                steps=steps,
-                noise_multiplier_or_eps0=noise_multiplier_or_eps0,
-            )
-        )
-
-    def would_exceed(
-        self, *, sample_rate: float, steps: int, noise_multiplier_or_eps0: float
-    ) -> bool:
-        """True when one more such participation would overspend the budget."""
-        if self.config.mechanism == "none":
-            return False
-        after = self.spent_epsilon_after(
-            sample_rate=sample_rate, steps=steps, noise_multiplier_or_eps0=noise_multiplier_or_eps0
-        )
-        return after > self.config.epsilon * (1 + BUDGET_RTOL)
-
-    def record_participation(
-        self, *, sample_rate: float, steps: int, noise_multiplier_or_eps0: float
-    ) -> None:
-        """Account for one participation (call before the update leaves the client)."""
-        self._history = self._with(
-            sample_rate=sample_rate, steps=steps, noise_multiplier_or_eps0=noise_multiplier_or_eps0
-        )
-        self._participations += 1
-
-    def state_dict(self) -> dict[str, Any]:
-        """JSON-serialisable state (floats round-trip exactly through ``json``)."""
-        return {
-            "mechanism": self.config.mechanism,
-            "participations": self._participations,
-            "history": [[noise, q, steps] for noise, q, steps in self._history],
-        }
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state.get("mechanism") != self.config.mechanism:
-            raise ValueError(
-                f"accountant state is for mechanism {state.get('mechanism')!r}, "
-                f"but this accountant uses {self.config.mechanism!r}"
-            )
-        history = [(float(n), float(q), int(s)) for n, q, s in state["history"]]
-        participations = int(state["participations"])
-        if participations < 0:
-            raise ValueError(f"participations must be >= 0, got {participations}")
-        self._history = history
-        self._participations = participations
+    if sample_rate >= 1:
+        return torch.arange(n)
+    return torch.nonzero(noise.uniform(n) < sample_rate).squeeze(1)

@@ -1,13 +1,17 @@
 """One federated round, as steps the simulator and the network nodes share.
 
+- ``ClientState.register`` / ``Federation.create`` (client): the noisy label
+  histogram each client releases once (its data summary on the chain).
 - ``select_round`` (server): Algorithm 1 (or uniform sampling, the control).
-- ``ClientState.participate`` (client): check the privacy budget, train (with
-  DP when configured), account the spend, and return the update.
+- ``ClientState.participate`` (client): account the privacy spend, train
+  (with DP when configured), and return the update.
 - ``validate_round`` (miners): hard checks plus Algorithm 2.
 - ``aggregate_round`` (server): combine the accepted updates.
 
 Every random draw is derived from the run seed and what is being done
-(``fl.seeds``), so results do not depend on process layout or order.
+(``fl.seeds``), so results do not depend on process layout or order, except
+the DP noise and sampling mask: those come from ``fl.privacy.SecretNoise``
+unless the run asks for ``reproducible_noise`` (tests and testbeds only).
 """
 
 from __future__ import annotations
@@ -27,10 +31,30 @@ from fl.config import RunConfig
 from fl.data import NUM_CLASSES, Split
 from fl.models import FLModel, build_model, count_parameters
 from fl.partition import partition
-from fl.privacy import DPConfig, PrivacyAccountant, StepPlan, plan_participation
+from fl.privacy import (
+    GAUSSIAN_ACCOUNTANTS,
+    BudgetExhausted,
+    DPConfig,
+    NoiseSource,
+    PrivacyAccountant,
+    PrivacyPlan,
+    SecretNoise,
+    SeededNoise,
+    history_epsilon,
+    plan_privacy,
+    public_schedule,
+    release_histogram,
+    released_count,
+)
 from fl.reputation import ReputationParams
 from fl.seeds import numpy_generator, torch_generator
-from fl.selection import DataSummary, SelectionParams, select_clients, self_assessment
+from fl.selection import (
+    DataSummary,
+    SelectionParams,
+    select_clients,
+    self_assessment,
+    summary_from_histogram,
+)
 from fl.training import TrainConfig, subspace_projection, train_local, train_local_dp
 from fl.validation import ValidationParams, Verdict, validate_updates
 from fl.weights import Weights, flatten, set_weights, unflatten
@@ -58,7 +82,76 @@ def dp_config(config: RunConfig) -> DPConfig:
         delta=config.delta,
         clip=config.clip,
         max_participations=config.participations_budget,
+        registration_share=config.dp_registration_share,
+        accountant=config.dp_accountant,
     )
+
+
+def privacy_plan(config: RunConfig) -> PrivacyPlan:
+    """The run's privacy plan, from public settings only (every node derives the same)."""
+    sample_rate, steps = public_schedule(
+        expected_records=config.expected_records,
+        batch_size=config.batch_size,
+        local_epochs=config.local_epochs,
+    )
+    return plan_privacy(dp_config(config), sample_rate=sample_rate, steps=steps)
+
+
+def participation_noise(config: RunConfig, *, round: int, client: str) -> NoiseSource:
+    """Where one participation's noise and sampling mask come from.
+
+    Secret (the operating system's CSPRNG) unless the run asks for
+    reproducible noise; that seeded source is exactly what anyone holding
+    the run seed can regenerate, which is why it is for tests only.
+    """
+    if config.reproducible_noise:
+        return SeededNoise(torch_generator(config.seed, "noise", round, client))
+    return SecretNoise()
+
+
+def registration_noise(config: RunConfig, *, client: str) -> NoiseSource:
+    """Where the noise of a client's registration histogram comes from (as above)."""
+    if config.reproducible_noise:
+        return SeededNoise(torch_generator(config.seed, "registration", client))
+    return SecretNoise()
+
+
+def privacy_report(config: RunConfig) -> dict[str, object]:
+    """The privacy plan in force, for metrics files and ``privacy plan``."""
+    plan = privacy_plan(config)
+    dp = dp_config(config)
+    out: dict[str, object] = {
+        "mechanism": config.dp,
+        "adjacency": "add/remove one record",
+        "noise": "reproducible (NO PRIVACY)" if config.reproducible_noise else "secret",
+    }
+    if config.dp == "none":
+        return out
+    one = [plan.step.release]
+    full = [plan.registration] + [plan.step.release] * dp.max_participations
+    accountants = GAUSSIAN_ACCOUNTANTS if config.dp == "gaussian" else ("basic",)
+    out.update(
+        {
+            "epsilon": config.epsilon,
+            "delta": config.delta if config.dp == "gaussian" else 0.0,
+            "accountant": plan.accountant,
+            "participations": dp.max_participations,
+            "sample_rate": plan.step.sample_rate,
+            "steps": plan.step.steps,
+            "noise_multiplier_or_eps0": plan.step.noise_multiplier_or_eps0,
+            "histogram_sd": plan.histogram_sd,
+            "registration_share": config.dp_registration_share,
+            "epsilon_per_participation": {
+                a: history_epsilon(dp.mechanism, one, delta=dp.delta, accountant=a)
+                for a in accountants
+            },
+            "epsilon_total": {
+                a: history_epsilon(dp.mechanism, full, delta=dp.delta, accountant=a)
+                for a in accountants
+            },
+        }
+    )
+    return out
 
 
 def validation_params(config: RunConfig) -> ValidationParams:
@@ -94,29 +187,41 @@ class ClientUpdate:
 
 @dataclass
 class ClientState:
-    """One client: its private shard, declared summary, behaviour and privacy accountant."""
+    """One client: its private shard, its released histogram, behaviour and privacy accountant.
+
+    ``histogram`` is what the client's registration released (noisy under
+    DP); ``summary`` and ``released_records`` (the public divisor of its DP
+    steps and its FedAvg weight) are derived from it, never from the exact
+    shard size.
+    """
 
     client: str
     x: torch.Tensor
     y: torch.Tensor
-    summary: DataSummary
+    histogram: tuple[int, ...]
     attack: str | None
     accountant: PrivacyAccountant
-    plan: StepPlan = field(repr=False)
+    plan: PrivacyPlan = field(repr=False)
     projection: torch.Tensor | None = field(default=None, repr=False)
 
     @property
     def n_samples(self) -> int:
+        """The exact shard size: private, never released."""
         return int(self.y.shape[0])
+
+    @property
+    def released_records(self) -> int:
+        return released_count(self.histogram)
+
+    @property
+    def summary(self) -> DataSummary:
+        return summary_from_histogram(
+            self.client, self.histogram, class_threshold=self.plan.class_threshold
+        )
 
     def declines(self) -> bool:
         """True when one more participation would exceed the privacy budget."""
-        p = self.plan
-        return self.accountant.would_exceed(
-            sample_rate=p.sample_rate,
-            steps=p.steps,
-            noise_multiplier_or_eps0=p.noise_multiplier_or_eps0,
-        )
+        return self.accountant.would_exceed()
 
     def participate(
         self,
@@ -125,14 +230,20 @@ class ClientState:
         *,
         round: int,
         config: RunConfig,
+        noise: NoiseSource | None = None,
     ) -> ClientUpdate | None:
-        """Train on the global model and return the update (None: sends nothing).
+        """Account the spend, train on the global model and return the update.
 
-        The privacy spend is recorded before the update is returned, so a
-        crash after sending can never under-count it.
+        None: the client sends nothing (a silent attacker). The spend is
+        recorded before training starts, so no release is ever unaccounted;
+        :class:`BudgetExhausted` when it would exceed the budget. ``noise``
+        defaults to :func:`participation_noise`.
         """
         if self.attack == "silent":
             return None
+        if self.declines():
+            raise BudgetExhausted(f"{self.client}: privacy budget exhausted")
+        self.accountant.record_participation()
         set_weights(model, global_weights)
         gen = torch_generator(config.seed, "train", round, self.client)
         y = self.y if self.attack is None else poison_labels(self.attack, self.y, generator=gen)
@@ -145,15 +256,11 @@ class ClientState:
                 y,
                 config=train_config(config),
                 dp=self.accountant.config,
-                plan=self.plan,
+                plan=self.plan.step,
+                released_records=self.released_records,
+                noise=noise or participation_noise(config, round=round, client=self.client),
                 generator=gen,
                 projection=self.projection,
-            )
-            p = self.plan
-            self.accountant.record_participation(
-                sample_rate=p.sample_rate,
-                steps=p.steps,
-                noise_multiplier_or_eps0=p.noise_multiplier_or_eps0,
             )
         delta = OrderedDict(
             (name, param.detach() - global_weights[name])
@@ -161,7 +268,7 @@ class ClientState:
         )
         if self.attack is not None:
             delta = poison_update(self.attack, delta, generator=gen)
-        return ClientUpdate(self.client, round, delta, self.summary.n_samples, stats.mean_loss)
+        return ClientUpdate(self.client, round, delta, self.released_records, stats.mean_loss)
 
 
 @dataclass
@@ -193,6 +300,7 @@ class Federation:
             ids, fraction=config.malicious, rng=numpy_generator(config.seed, "malicious")
         )
         dp = dp_config(config)
+        plan = privacy_plan(config)
         projection = public_projection(config)
         clients: OrderedDict[str, ClientState] = OrderedDict()
         for cid, idx in zip(ids, shards, strict=True):
@@ -201,16 +309,16 @@ class Federation:
             index = torch.from_numpy(idx)
             x, y = train.x[index], train.y[index]
             attack = config.attack if cid in malicious else None
-            summary = declared_summary(cid, y, attack=attack, config=config)
-            plan = plan_participation(
-                dp,
-                n_samples=len(idx),
-                batch_size=config.batch_size,
-                local_epochs=config.local_epochs,
+            accountant = PrivacyAccountant(dp, plan)
+            accountant.record_registration()
+            histogram = registration_histogram(
+                y,
+                attack=attack,
+                config=config,
+                plan=plan,
+                noise=registration_noise(config, client=cid),
             )
-            clients[cid] = ClientState(
-                cid, x, y, summary, attack, PrivacyAccountant(dp), plan, projection
-            )
+            clients[cid] = ClientState(cid, x, y, histogram, attack, accountant, plan, projection)
         return cls(clients, malicious)
 
     def client(self, cid: str) -> ClientState:
@@ -239,16 +347,23 @@ def public_projection(config: RunConfig) -> torch.Tensor | None:
     )
 
 
-def declared_summary(
-    cid: str, y: torch.Tensor, *, attack: str | None, config: RunConfig
-) -> DataSummary:
-    """What the client registers; a liar claims the most data, perfect quality, every class."""
+def registration_histogram(
+    y: torch.Tensor,
+    *,
+    attack: str | None,
+    config: RunConfig,
+    plan: PrivacyPlan,
+    noise: NoiseSource,
+) -> tuple[int, ...]:
+    """What a client's registration releases: its noisy label histogram.
+
+    A liar (``--attack lie``) claims twice the equal share, spread over
+    every class, with no invalid label, whatever its data holds.
+    """
     if attack == "lie":
-        return DataSummary(cid, nominal_max_samples(config), tuple(range(NUM_CLASSES)), 1.0)
-    classes = tuple(int(c) for c in torch.unique(y).tolist())
-    # Quality: the share of records whose label is a valid class (1.0 for MNIST shards).
-    valid = float(((y >= 0) & (y < NUM_CLASSES)).float().mean()) if len(y) else 0.0
-    return DataSummary(cid, len(y), classes, valid)
+        per_class = -(-nominal_max_samples(config) // NUM_CLASSES)
+        return (per_class,) * NUM_CLASSES + (0,)
+    return release_histogram(y, num_classes=NUM_CLASSES, plan=plan, noise=noise)
 
 
 def selection_seed(config: RunConfig, rnd: int) -> bytes:

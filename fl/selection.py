@@ -25,7 +25,7 @@ from __future__ import annotations
 import hashlib
 import math
 import random
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -44,6 +44,28 @@ class DataSummary:
     n_samples: int
     classes_present: tuple[int, ...]
     quality: float
+
+
+def summary_from_histogram(
+    client: str, histogram: Sequence[int], *, class_threshold: float
+) -> DataSummary:
+    """What the chain derives from a registration's (noisy) label histogram.
+
+    ``histogram`` has one count per class and, last, the count of records
+    whose label is not a valid class. The record count is the sum of all
+    bins (at least 1); a class is present when its count reaches
+    ``class_threshold``; quality is the share of valid labels among the
+    non-negative counts. Everything here is post-processing of one DP
+    release, so it costs no privacy beyond it.
+    """
+    if len(histogram) < 2:
+        raise ValueError(f"a histogram needs a bin per class and one more, got {len(histogram)}")
+    *per_class, invalid = (int(c) for c in histogram)
+    classes = tuple(c for c, count in enumerate(per_class) if count >= class_threshold)
+    valid = sum(max(0, c) for c in per_class)
+    bad = max(0, invalid)
+    quality = valid / (valid + bad) if valid + bad > 0 else 0.0
+    return DataSummary(client, max(1, sum(per_class) + invalid), classes, quality)
 
 
 def _clamp01(x: float) -> float:

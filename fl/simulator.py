@@ -21,6 +21,7 @@ from fl.reputation import ReputationBook
 from fl.rounds import (
     Federation,
     aggregate_round,
+    privacy_report,
     reputation_params,
     select_round,
     selection_seed,
@@ -70,6 +71,7 @@ def metrics_document(
     accuracies = [r.accuracy for r in rounds]
     doc: dict[str, Any] = {
         "config": {**config.to_dict(), "malicious_clients": malicious_clients},
+        "privacy": privacy_report(config),
         "rounds": [r.to_dict() for r in rounds],
         "final_accuracy": accuracies[-1] if accuracies else None,
         "best_accuracy": max(accuracies) if accuracies else None,
@@ -134,6 +136,8 @@ def simulate_rounds(
         loss, acc = evaluate(model, splits.test.x, splits.test.y)
         spent = [c.accountant.spent_epsilon() for c in federation.clients.values()]
         extra: dict[str, Any] = {"declined": declined, "silent": silent}
+        if config.dp != "none":
+            extra["epsilon_spent_mean"] = sum(spent) / len(spent)
         if config.reputation:
             extra["reputation"] = {
                 k: round(v, 6) for k, v in book.scores(rnd, clients=federation.ids).items()

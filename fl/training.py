@@ -17,7 +17,15 @@ from torch.func import functional_call, grad, vmap
 
 from fl.data import MNIST_MEAN, MNIST_STD
 from fl.models import FLModel
-from fl.privacy import DPConfig, StepPlan, clipped_sum, local_steps, noisy_average
+from fl.privacy import (
+    DPConfig,
+    NoiseSource,
+    StepPlan,
+    clipped_sum,
+    local_steps,
+    noisy_average,
+    poisson_mask,
+)
 
 # Records whose per-sample gradients are held at once in DP training (a
 # memory bound only: the clipped sum does not depend on it beyond rounding).
@@ -140,10 +148,19 @@ def train_local_dp(
     config: TrainConfig,
     dp: DPConfig,
     plan: StepPlan,
+    released_records: int,
+    noise: NoiseSource,
     generator: torch.Generator,
     projection: torch.Tensor | None = None,
 ) -> TrainStats:
     """DP-SGD on (x, y) in place (Abadi et al. 2016), ``plan.steps`` steps.
+
+    ``noise`` draws what the privacy proof needs secret: the noise and the
+    Poisson sampling mask (``fl.privacy.SecretNoise`` unless reproducible
+    noise was asked for). ``generator`` draws what it does not: dropout
+    masks and augmentation shifts, which the clipping bounds whatever they
+    are. Each noisy gradient sum is divided by ``plan.sample_rate *
+    released_records``, the public record count of the client's registration.
 
     With ``projection`` (a public ``[params, r]`` matrix, see
     ``subspace_projection``) each per-sample gradient is first projected to
@@ -164,7 +181,8 @@ def train_local_dp(
     sum is signal.
 
     Each step Poisson-samples the records at rate ``plan.sample_rate`` (the
-    accounting in ``fl.privacy`` assumes exactly that), takes per-sample
+    accounting in ``fl.privacy`` assumes exactly that; at rate 1 it takes
+    every record and draws nothing), takes per-sample
     gradients with ``torch.func`` (``per_sample_gradients``), ``PER_SAMPLE_CHUNK``
     records at a time, and hands them to ``clipped_sum`` and ``noisy_average``
     (``fl.privacy``) for clipping, noise and averaging.  Momentum acts on the
@@ -184,7 +202,7 @@ def train_local_dp(
     copies = config.augmentations
     chunk = max(1, PER_SAMPLE_CHUNK // copies)
     for _ in range(plan.steps):
-        chosen = torch.nonzero(torch.rand(n, generator=generator) < plan.sample_rate).squeeze(1)
+        chosen = poisson_mask(n, sample_rate=plan.sample_rate, noise=noise)
         masks = model.sample_masks(len(chosen), generator) if n_masks and len(chosen) else []
         # All of the step's shifts at once, so they do not depend on the chunking.
         shifts = random_shifts(copies - 1, len(chosen), generator) if copies > 1 else None
@@ -213,7 +231,9 @@ def train_local_dp(
         if len(chosen):
             total += loss_sum / len(chosen)
             samples += len(chosen)
-        noisy = noisy_average(summed, config=dp, plan=plan, n_samples=n, generator=generator)
+        noisy = noisy_average(
+            summed, config=dp, plan=plan, released_records=released_records, noise=noise
+        )
         if projection is not None:
             noisy = projection @ noisy
         velocity = config.momentum * velocity + noisy

@@ -56,9 +56,10 @@ def read_blocks(db: Path) -> list[Block]:
 
 def _describe(record: object) -> str:
     if isinstance(record, Registration):
+        *per_class, invalid = record.histogram
         return (
-            f"register {record.client}: {record.n_samples} samples, "
-            f"{len(record.classes)} classes, quality {record.quality:.3f}"
+            f"register {record.client}: label counts {list(per_class)}, invalid {invalid} "
+            f"(noisy under DP)"
         )
     if isinstance(record, Selection):
         return f"selection round {record.round}: {', '.join(record.selected)}" + (

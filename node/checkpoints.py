@@ -29,7 +29,7 @@ from typing import Any, Final
 import torch
 
 from fl.weights import flatten
-from node.identity import write_file_atomically
+from node.durable import write_durably
 from node.records import RoundSummary
 from node.tensors import ModelSpec, model_spec, weights_digest
 
@@ -60,7 +60,7 @@ def write_checkpoint(directory: Path, checkpoint: Checkpoint) -> Path:
         document["velocity"] = checkpoint.velocity
     buffer = io.BytesIO()
     torch.save(document, buffer)
-    write_file_atomically(path, buffer.getvalue(), mode=0o644)
+    write_durably(path, buffer.getvalue(), mode=0o644)
     return path
 
 

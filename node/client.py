@@ -1,30 +1,44 @@
 """The client daemon: one process hosting one or more client identities.
 
 Each identity keeps its private shard (``fl.rounds.Federation``: the same
-deterministic partition as the simulator), its privacy accountant (persisted
-in ``RUN_DIR/<id>.privacy.json`` before an update leaves the process) and
-listens on its own genesis address. At start it registers its data summary
-and DP step plan on the chain. When the server's signed ``start-round``
-notice arrives, it downloads the global model (checking the server's
-signature and the digest the notice names), trains with
-``ClientState.participate`` (the simulator's call, with the same per-client
-generators, so the update is bit-identical), and streams the update, with
-its signed claim, to every miner.
+deterministic partition as the simulator) and listens on its own genesis
+address. Its privacy spend lives in the host's privacy ledger
+(``node.privacy_ledger``), keyed by the digest of its records, so spending
+composes across runs on the same data and survives restarts.
+
+At start a client reads the chain (``node.follower``: certified blocks only),
+takes the larger of its ledger and the chain (releases the chain shows are
+entered in the ledger), and registers its noisy label histogram: the one
+already entered for this network if there is one, so a restart never
+releases a second draw.
+
+A ``start-round`` notice from the server is accepted only for a round whose
+selection is committed on the chain with this client in it, whose model is
+the one the chain commits to, that this client has not trained before (in
+this network, even before a restart: ``ALREADY_EXISTS``) and whose spend
+fits the budget (else the client declines and says so). The client then
+downloads the model (checking the server's signature and the digest),
+*reserves* the round's spend in the ledger (durably, under a lock that
+covers every identity of the process and every process sharing the ledger),
+trains with ``ClientState.participate`` (the simulator's call, secret noise
+unless the testbed genesis asks for reproducible noise), and streams the
+update, with its signed claim, to every miner.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 from pathlib import Path
 from typing import Any
 
 import grpc
 import torch
 
+from fl.data import shard_digest
 from fl.models import build_model
-from fl.rounds import ClientState, Federation
+from fl.privacy import BudgetExhausted
+from fl.rounds import ClientState, Federation, privacy_plan
 from fl.seeds import torch_generator
 from node.daemon import (
     NodeLog,
@@ -35,9 +49,18 @@ from node.daemon import (
     load_node_splits,
     signed_record,
 )
+from node.follower import ChainFollower
 from node.genesis import Genesis
-from node.identity import AuthError, Identity, verify_envelope, write_file_atomically
-from node.offchain import initial_spec
+from node.identity import AuthError, Identity, verify_envelope
+from node.offchain import initial_spec, initial_weights
+from node.privacy_ledger import (
+    REGISTRATION_ROUND,
+    AlreadyReserved,
+    Budget,
+    LedgerEntry,
+    PrivacyLedger,
+    entry_for,
+)
 from node.records import REGISTRATION_TIMESTAMP, Registration
 from node.tensors import (
     MODEL_KIND,
@@ -46,61 +69,120 @@ from node.tensors import (
     UpdateRejected,
     receive_tensor_stream,
     tensor_stream,
+    weights_digest,
 )
 from proto import llbcfl_pb2 as pb
 from proto import llbcfl_pb2_grpc as pb_grpc
 
+# How long a starting client waits for a miner to answer before it goes on
+# without the chain (a new network's chain is empty anyway).
+STARTUP_CHAIN_SECONDS = 30.0
 
-def registration(state: ClientState) -> Registration:
-    s, p = state.summary, state.plan
-    return Registration(
-        s.client,
-        s.n_samples,
-        tuple(s.classes_present),
-        float(s.quality),
-        float(p.sample_rate),
-        int(p.steps),
-        float(p.noise_multiplier_or_eps0),
-    )
+
+class NoticeRefused(Exception):
+    """A start-round notice the client will not act on (mapped to a gRPC status)."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
 
 
 class ClientHost:
-    """The identities of one client process and the training they share."""
+    """The identities of one client process, their ledger and the training they share."""
 
     def __init__(
-        self, genesis: Genesis, identities: list[Identity], *, federation: Federation, run_dir: Path
+        self,
+        genesis: Genesis,
+        identities: list[Identity],
+        *,
+        federation: Federation,
+        ledger: PrivacyLedger,
+        log: NodeLog,
+        follower: ChainFollower | None = None,
     ) -> None:
         self.genesis = genesis
         self.config = genesis.run
         self.membership = genesis.membership
-        self.run_dir = run_dir
+        self.network = genesis.digest
+        self.ledger = ledger
+        self.log = log
         self.identities = {i.node_id: i for i in identities}
         self.states: dict[str, ClientState] = {}
         for ident in identities:
             node = self.membership.get(ident.node_id)
             if node is None or node.role != "client" or node.public_key != ident.public_key:
                 raise ValueError(f"{ident.node_id} is not a client of this genesis")
-            state = federation.client(ident.node_id)
-            ledger = self._ledger(ident.node_id)
-            if ledger.exists():
-                state.accountant.load_state_dict(json.loads(ledger.read_text()))
-            self.states[ident.node_id] = state
+            self.states[ident.node_id] = federation.client(ident.node_id)
+        self.data = {cid: shard_digest(s.x, s.y) for cid, s in self.states.items()}
+        self.plan = privacy_plan(self.config)
+        self.budget = Budget(self.config.epsilon, self.config.delta, self.plan.accountant)
+        self.follower = follower or ChainFollower(genesis, log)
         self.model = build_model(self.config.model, generator=torch_generator(0, "scratch"))
         self.spec = initial_spec(self.config)
+        self.initial_digest = weights_digest(initial_weights(self.config))
+        # One reservation-and-training at a time across every hosted identity
+        # (the model object is shared; the ledger file has its own lock).
         self.lock = asyncio.Lock()
-        self.rounds_started: dict[str, set[int]] = {cid: set() for cid in self.identities}
-        self.trained: dict[str, set[int]] = {}
+        self.in_flight: dict[str, set[int]] = {cid: set() for cid in self.identities}
+        self.last_round: dict[str, int] = dict.fromkeys(self.identities, 0)
         self.tasks: set[asyncio.Task] = set()
         self.logs = {cid: NodeLog(cid) for cid in self.identities}
 
-    def _ledger(self, cid: str) -> Path:
-        return self.run_dir / f"{cid}.privacy.json"
+    def entry(self, rnd: int) -> LedgerEntry:
+        """The ledger entry of this network's round ``rnd`` (0: the registration)."""
+        release = self.plan.registration if rnd == REGISTRATION_ROUND else self.plan.step.release
+        return entry_for(self.network, rnd, self.config.dp, release)
+
+    def spent(self, cid: str) -> float:
+        return self.budget.spent(self.ledger.entries(self.data[cid]))
+
+    # Start: ledger, chain and registration ----------------------------------------
+
+    async def read_chain(self, stop: asyncio.Event) -> None:
+        """Catch up with the chain, waiting a bounded time for a miner to answer."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + STARTUP_CHAIN_SECONDS
+        while not stop.is_set() and loop.time() < deadline:
+            if await self.follower.catch_up():
+                return
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(stop.wait(), 0.2)
+        self.log.warning("no miner answered: starting without the chain")
+
+    def reconcile(self) -> None:
+        """Take the larger of the ledger and the chain, and fix each client's histogram.
+
+        The chain's registration of a client wins (it is what the miners
+        hold); otherwise the histogram already entered for this network, or
+        this start's draw, entered now before it is released.
+        """
+        chain = self.follower.state
+        for cid, state in self.states.items():
+            data = self.data[cid]
+            registered = chain.registrations.get(cid)
+            if registered is not None:
+                state.histogram = registered.histogram
+                self.ledger.adopt(data, [self.entry(REGISTRATION_ROUND)], registered.histogram)
+            else:
+                state.histogram = self.ledger.register(
+                    data, self.entry(REGISTRATION_ROUND), state.histogram, self.budget
+                )
+            on_chain = [
+                self.entry(rnd)
+                for rnd, verdicts in chain.verdicts.items()
+                if any(u.client == cid for u in verdicts.updates)
+            ]
+            if self.ledger.adopt(data, on_chain):
+                self.logs[cid].info("ledger behind the chain: entered the rounds the chain shows")
+            self.logs[cid].info(f"epsilon spent on these records so far: {self.spent(cid):.4f}")
 
     async def register_all(self, stop: asyncio.Event) -> None:
         async def one(cid: str, address: str) -> None:
+            state = self.states[cid]
             envelope = signed_record(
                 self.identities[cid],
-                registration(self.states[cid]),
+                Registration(cid, tuple(state.histogram)),
                 timestamp=REGISTRATION_TIMESTAMP,
             )
             for _attempt in range(100):
@@ -120,13 +202,52 @@ class ClientHost:
             *(one(cid, m.address) for cid in self.identities for m in self.membership.miners)
         )
 
+    # Rounds -----------------------------------------------------------------------------
+
+    def _committed_model(self, rnd: int) -> bytes | None:
+        """The digest of round ``rnd``'s starting model as the chain commits to it."""
+        if rnd == 1:
+            return self.initial_digest
+        summary = self.follower.state.summaries.get(rnd - 1)
+        return summary.model_digest if summary is not None else None
+
     async def start_round(self, cid: str, notice: pb.RoundNotice) -> pb.StartRoundReply:
-        state = self.states[cid]
-        if notice.round in self.rounds_started[cid]:
-            return pb.StartRoundReply(accepted=True, reason="already started")
-        if state.declines():
+        """Act on a signed start-round notice, or raise :class:`NoticeRefused`."""
+        rnd = notice.round
+        if rnd > self.config.rounds:
+            raise NoticeRefused(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"round {rnd} is past the run's {self.config.rounds} rounds",
+            )
+        data = self.data[cid]
+        if rnd in self.in_flight[cid] or rnd in self.ledger.rounds(data, self.network):
+            raise NoticeRefused(
+                grpc.StatusCode.ALREADY_EXISTS, f"{cid} already took part in round {rnd}"
+            )
+        await self.follower.catch_up()
+        selection = self.follower.state.selections.get(rnd)
+        if selection is None:
+            raise NoticeRefused(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"round {rnd} has no committed selection on the chain",
+            )
+        if cid not in selection.selected:
+            raise NoticeRefused(
+                grpc.StatusCode.PERMISSION_DENIED, f"{cid} is not selected in round {rnd}"
+            )
+        if notice.model_digest != self._committed_model(rnd):
+            raise NoticeRefused(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"the model announced for round {rnd} is not the one the chain commits to",
+            )
+        if not self.budget.fits([*self.ledger.entries(data), self.entry(rnd)]):
             return pb.StartRoundReply(accepted=False, reason="privacy budget exhausted")
-        self.rounds_started[cid].add(notice.round)
+        if rnd in self.in_flight[cid]:  # a concurrent notice got here first
+            raise NoticeRefused(
+                grpc.StatusCode.ALREADY_EXISTS, f"{cid} already took part in round {rnd}"
+            )
+        self.in_flight[cid].add(rnd)
+        self.last_round[cid] = max(self.last_round[cid], rnd)
         task = asyncio.create_task(self._train_and_upload(cid, notice))
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
@@ -151,39 +272,45 @@ class ClientHost:
 
     async def _train_and_upload(self, cid: str, notice: pb.RoundNotice) -> None:
         log = self.logs[cid]
-        log.round = notice.round
+        log.round = rnd = notice.round
         try:
             weights = await self._download(cid, notice)
             async with self.lock:
+                # The spend is on disk before training starts: a crash from
+                # here on can only over-count.
+                spent = await asyncio.to_thread(
+                    self.ledger.reserve, self.data[cid], self.entry(rnd), self.budget
+                )
+                log.info(f"reserved round {rnd}: epsilon spent {spent:.4f}")
                 update = await asyncio.to_thread(
                     self.states[cid].participate,
                     self.model,
                     weights,
-                    round=notice.round,
+                    round=rnd,
                     config=self.config,
                 )
-                # The spend is durable before anything leaves the process.
-                ledger = json.dumps(self.states[cid].accountant.state_dict()).encode()
-                write_file_atomically(self._ledger(cid), ledger, mode=0o600)
-                self.trained.setdefault(cid, set()).add(notice.round)
             if update is None:
                 log.info("sends nothing this round")
                 return
-            await asyncio.gather(
+            delivered = await asyncio.gather(
                 *(
                     self._upload(cid, m.address, update, notice.model_digest)
                     for m in self.membership.miners
                 )
             )
-            log.info("update sent")
+            log.info(f"update sent to {sum(delivered)} of {len(delivered)} miners")
+        except (AlreadyReserved, BudgetExhausted) as exc:
+            log.warning(f"round {rnd} not trained: {exc}")
         except (grpc.aio.AioRpcError, UpdateRejected) as exc:
-            log.error(f"round {notice.round} failed: {exc}")
-            if notice.round not in self.trained.get(cid, set()):
-                # Nothing was trained (e.g. the server went down during the
-                # download): a repeated notice may start the round again.
-                self.rounds_started[cid].discard(notice.round)
+            log.error(f"round {rnd} failed: {exc}")
+        except Exception as exc:  # a task's error would otherwise vanish unseen
+            log.error(f"round {rnd} failed: {type(exc).__name__}: {exc}")
+        finally:
+            # A round that was reserved stays refused (the ledger says so); one
+            # that failed before its reservation may be noticed again.
+            self.in_flight[cid].discard(rnd)
 
-    async def _upload(self, cid: str, address: str, update: Any, base: bytes) -> None:
+    async def _upload(self, cid: str, address: str, update: Any, base: bytes) -> bool:
         for _attempt in range(50):
             parts = tensor_stream(
                 update.delta,
@@ -197,15 +324,17 @@ class ClientHost:
             try:
                 async with channel(address) as ch:
                     await pb_grpc.MinerStub(ch).SubmitUpdate(iter(parts), timeout=60)
-                return
+                return True
             except grpc.aio.AioRpcError as exc:
                 if exc.code() not in (
                     grpc.StatusCode.UNAVAILABLE,
                     grpc.StatusCode.FAILED_PRECONDITION,
                 ):
                     self.logs[cid].warning(f"{address} refused the update: {exc.details()}")
-                    return
+                    return False
                 await asyncio.sleep(0.2)  # miner down or not yet at this round: retry
+        self.logs[cid].warning(f"{address} unreachable: update not delivered there")
+        return False
 
 
 class ClientServicer(pb_grpc.ClientServicer):
@@ -235,26 +364,35 @@ class ClientServicer(pb_grpc.ClientServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "malformed round notice")
         if notice.round < 1 or len(notice.model_digest) != 32:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "malformed round notice")
-        return await self.host.start_round(self.cid, notice)
+        try:
+            return await self.host.start_round(self.cid, notice)
+        except NoticeRefused as exc:
+            await context.abort(exc.code, exc.message)
 
 
 async def run_clients(
     genesis: Genesis,
     identities: list[Identity],
     *,
-    run_dir: Path,
+    ledger_path: Path,
     data_dir: str | None,
     stop: asyncio.Event,
     log: NodeLog,
 ) -> None:
     config = genesis.run
     torch.set_num_threads(config.threads)
+    if config.reproducible_noise:
+        log.warning(
+            "REPRODUCIBLE NOISE: anyone with the genesis can regenerate this run's DP noise; "
+            "these updates carry no privacy (testbed only)"
+        )
     splits = load_node_splits(config, data_dir, train=True)
     host = ClientHost(
         genesis,
         identities,
         federation=Federation.create(config, splits.train, only={i.node_id for i in identities}),
-        run_dir=run_dir,
+        ledger=PrivacyLedger(ledger_path),
+        log=log,
     )
     del splits  # the hosted shards are copies; the rest of MNIST can go
     servers = []
@@ -268,7 +406,7 @@ async def run_clients(
                 node_id=cid,
                 role="client",
                 genesis_digest=genesis.digest,
-                status=lambda cid=cid: (max(host.rounds_started[cid], default=0), 0, b""),
+                status=lambda cid=cid: (host.last_round[cid], host.follower.state.height, b""),
             ),
         )
         add_health(server)
@@ -276,7 +414,16 @@ async def run_clients(
         await server.start()
         servers.append(server)
     log.info(f"hosting {len(host.identities)} client(s): {', '.join(host.identities)}")
+    log.info(f"privacy ledger {ledger_path}")
     try:
+        await host.read_chain(stop)
+        try:
+            host.reconcile()
+        except BudgetExhausted as exc:
+            raise ValueError(
+                f"{exc}: the privacy ledger {ledger_path} shows these records' budget spent "
+                "by earlier runs"
+            ) from exc
         await host.register_all(stop)
         await stop.wait()
     finally:
@@ -286,3 +433,4 @@ async def run_clients(
             await server.stop(1.0)
         with contextlib.suppress(Exception):
             await asyncio.gather(*host.tasks, return_exceptions=True)
+        await host.follower.close()

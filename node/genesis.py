@@ -13,7 +13,8 @@ Layout::
     version = 1
     [protocol]   f, miners (n = 3f+1), tick_ms, view_timeout_ms,
                  round_deadline_ms, chunk_bytes, max_stream_bytes,
-                 selection_seed ("block" or "run")
+                 selection_seed ("block" or "run"), testbed (bool: reproducible
+                 DP noise allowed)
     [selection]  w1, w2, w3 (self-assessment), w4, w5 (self vs reputation)
     [run]        RunConfig fields (unset optional fields are omitted)
     [[nodes]]    id, role, address "host:port", public_key (hex),
@@ -74,6 +75,10 @@ class ProtocolParams:
     # sections 2 and 6); "run", fl.rounds.selection_seed of the run seed and the
     # round, as in `simulate`, so that a network run can be compared with it.
     selection_seed: str = "block"
+    # A testbed is a network for experiments on public data (`network up`, the
+    # tests), where the run may ask for reproducible (public) DP noise; a
+    # deployment (`network init` without --testbed) never allows it.
+    testbed: bool = False
 
     def problems(self) -> Iterator[str]:
         if self.f < 1:
@@ -209,6 +214,11 @@ class Genesis:
 
     def __post_init__(self) -> None:
         problems = [*self.protocol.problems(), *self.selection.problems(), *_node_problems(self)]
+        if self.run.reproducible_noise and not self.protocol.testbed:
+            problems.append(
+                "run.reproducible_noise makes every client's DP noise public; it is allowed "
+                "only on a testbed (protocol.testbed = true)"
+            )
         if problems:
             raise GenesisError("invalid genesis: " + "; ".join(problems))
 
@@ -273,11 +283,11 @@ def read_genesis(path: Path) -> Genesis:
 
 def write_genesis(genesis: Genesis, path: Path) -> None:
     """Write ``genesis`` as TOML (atomically; world-readable, it holds no secret)."""
-    from node.identity import write_file_atomically
+    from node.durable import write_durably
 
     header = "# LL-BCFL network genesis: every node of the network reads this file.\n"
     text = header + tomli_w.dumps(genesis.to_dict())
-    write_file_atomically(Path(path), text.encode("utf-8"), mode=0o644)
+    write_durably(Path(path), text.encode("utf-8"), mode=0o644)
 
 
 # Validation --------------------------------------------------------------

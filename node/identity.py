@@ -20,7 +20,6 @@ import os
 import re
 import stat
 import sys
-import tempfile
 from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, Literal
@@ -30,6 +29,7 @@ from nacl.exceptions import BadSignatureError
 from nacl.signing import SigningKey, VerifyKey
 
 from consensus.canonical import PROTOCOL as PBFT_PROTOCOL
+from node.durable import write_durably
 from proto import llbcfl_pb2 as pb
 
 if sys.version_info >= (3, 11):
@@ -185,26 +185,6 @@ def pbft_verifier(membership: Membership) -> Callable[[int, bytes, bytes], bool]
 # Key files ---------------------------------------------------------------
 
 
-def write_file_atomically(path: Path, data: bytes, *, mode: int) -> None:
-    """Write ``data`` to ``path`` through a temporary file and a rename, with ``mode``.
-
-    The temporary file is created with mode 0600 (``mkstemp``), so a secret
-    is never readable by others, not even for a moment.
-    """
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_identity(identity: Identity, path: Path) -> None:
     """Write the key file (TOML: node id, role, hex seed and public key), mode 0600."""
     doc = {
@@ -214,7 +194,7 @@ def save_identity(identity: Identity, path: Path) -> None:
         "public_key": identity.public_key.hex(),
     }
     text = "# LL-BCFL node key: keep this file secret (mode 0600).\n" + tomli_w.dumps(doc)
-    write_file_atomically(Path(path), text.encode("utf-8"), mode=0o600)
+    write_durably(Path(path), text.encode("utf-8"), mode=0o600)
 
 
 def load_identity(path: Path) -> Identity:

@@ -26,8 +26,8 @@ from typing import Any
 import grpc
 
 from fl.config import RunConfig
+from node.durable import write_json_durably
 from node.genesis import Genesis, ProtocolParams, init_network, key_path, node_ids
-from node.runner import write_json_atomic
 from proto import llbcfl_pb2 as pb
 from proto import llbcfl_pb2_grpc as pb_grpc
 
@@ -94,7 +94,9 @@ def plan_network(
     plan = node_ids(miners=miners, clients=config.clients)
     ports = free_ports(len(plan))
     hosts = {node_id: f"127.0.0.1:{port}" for (node_id, _), port in zip(plan, ports, strict=True)}
-    protocol = ProtocolParams(round_deadline_ms=round_deadline_ms, selection_seed=selection_seed)
+    protocol = ProtocolParams(
+        round_deadline_ms=round_deadline_ms, selection_seed=selection_seed, testbed=True
+    )
     return init_network(run_dir, run=config, miners=miners, hosts=hosts, protocol=protocol)
 
 
@@ -149,13 +151,9 @@ def node_commands(
         ids = clients[g::groups]
         name = f"clients-{g}"
         keys = [arg for cid in ids for arg in ("--key", str(key_path(run_dir, cid)))]
-        procs.append(
-            NodeProcess(
-                name,
-                [*base, "--role", "client", *keys, "--run-dir", str(run_dir / name)],
-                run_dir / name,
-            )
-        )
+        # Every client process of the testbed shares one ledger (one lock).
+        ledger = ["--privacy-ledger", str(run_dir / "privacy-ledger.json")]
+        procs.append(NodeProcess(name, [*base, "--role", "client", *keys, *ledger], run_dir / name))
     return procs
 
 
@@ -244,7 +242,7 @@ def network_up(
             )
         doc["chain_heads"] = converged_heads(genesis)
         doc["run_dir"] = str(run_dir)
-        write_json_atomic(run_dir / "metrics.json", doc)
+        write_json_durably(run_dir / "metrics.json", doc)
         return doc
     finally:
         for p in reversed(procs):

@@ -319,7 +319,7 @@ class Miner:
         weights = self.models.weights(rnd, state, self.blobs)
         if weights is None or evidence.base_digest != self.models.digest(rnd, state, self.blobs):
             return
-        if evidence.num_samples != state.registrations[cid].n_samples:
+        if evidence.num_samples != state.released_records(cid):
             return
         problem = structural_problem(evidence.weights, weights) or "malformed update"
         self.malformed.setdefault(rnd, {}).setdefault(cid, (evidence, f"malformed: {problem}"))
@@ -378,7 +378,7 @@ class Miner:
         own = self._own_validation(
             state,
             rnd,
-            [(c, have[c], state.registrations[c].n_samples) for c in good],
+            [(c, have[c], state.released_records(c)) for c in good],
         )
         clients = sorted([*good, *bad])
         updates = []
@@ -639,7 +639,7 @@ class MinerServicer(pb_grpc.MinerServicer):
             await context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT, "update not trained from this round's model"
             )
-        if received.num_samples != m.state.registrations[cid].n_samples:
+        if received.num_samples != m.state.released_records(cid):
             await context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT, "sample count differs from the registration"
             )

@@ -17,7 +17,6 @@ rounds after it.
 
 from __future__ import annotations
 
-import os
 from collections import OrderedDict
 from collections.abc import Iterable
 from pathlib import Path
@@ -30,6 +29,7 @@ from fl.models import build_model
 from fl.rounds import ClientUpdate, aggregate_round
 from fl.seeds import torch_generator
 from fl.weights import get_weights
+from node.durable import write_durably
 from node.genesis import Membership
 from node.records import ChainState
 from node.tensors import (
@@ -112,19 +112,13 @@ class BlobStore:
         return None if key is None else self._cache[key]
 
     def put(self, received: ReceivedTensors) -> None:
-        """Store durably (write, fsync, rename) before anyone is told it is stored."""
+        """Store durably (``node.durable``) before anyone is told it is stored."""
         if (received.digest, received.sender.node_id) in self._cache:
             return
         if self._dir is not None:
             parts = [p.SerializeToString() for p in relay_stream(received)]
             data = len(parts).to_bytes(4, "big") + b"".join(pack_blob(p) for p in parts)
-            path = self._path(received.digest, received.sender.node_id)
-            tmp = path.with_suffix(".tmp")
-            with open(tmp, "wb") as fh:
-                fh.write(data)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
+            write_durably(self._path(received.digest, received.sender.node_id), data)
         self._remember(received)
 
     def missing(self, digests: Iterable[bytes]) -> list[bytes]:

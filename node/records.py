@@ -11,9 +11,10 @@ envelope tag), so a record can be re-checked by anyone holding the genesis.
 =============  =========  ====================================================
 record         signed by  content
 =============  =========  ====================================================
-Registration   client     data summary (size, classes, quality) and its DP
-                          step plan, so every replica can replay its privacy
-                          accountant
+Registration   client     noisy label histogram (the client's data summary:
+                          size, classes and quality are derived from it);
+                          every replica replays the client's privacy
+                          accountant from it and the genesis' DP plan
 Selection      server     round, seed, selected ids, declined ids
 RoundVerdicts  miner      round; per update: client, digest, base digest,
                           samples, validation accuracy, verdict, reason and the
@@ -29,8 +30,9 @@ the block that made the round due: DESIGN.md section 2's "selection
 randomness from the previous block hash"), reputations
 (``fl.reputation.ReputationBook`` fed from verdict records), declined
 clients and privacy spent (``fl.privacy.PrivacyAccountant`` replayed from
-the declared plans). :meth:`ChainState.check_block` is the pure part of the
-miners' ``validate(block)``; what needs tensors (the verdicts themselves,
+the registrations and the participations, with the run's plan).
+:meth:`ChainState.check_block` is the pure part of the miners'
+``validate(block)``; what needs tensors (the verdicts themselves,
 the aggregated model's digest) is injected as callbacks, so this module
 stays testable without sockets or files.
 """
@@ -48,6 +50,7 @@ from consensus.canonical import (
     MalformedMessage,
     Reader,
     pack_blob,
+    pack_i64,
     pack_text,
     pack_u8,
     pack_u32,
@@ -56,16 +59,17 @@ from consensus.canonical import (
 from consensus.ledger import Block, Request
 from fl.config import RunConfig
 from fl.data import NUM_CLASSES
-from fl.privacy import PrivacyAccountant
+from fl.privacy import PrivacyAccountant, PrivacyPlan, released_count
 from fl.reputation import ReputationBook
 from fl.rounds import (
     dp_config,
     nominal_max_samples,
+    privacy_plan,
     reputation_params,
     select_round,
 )
 from fl.rounds import selection_seed as run_selection_seed
-from fl.selection import DataSummary, self_assessment
+from fl.selection import DataSummary, self_assessment, summary_from_histogram
 from node.genesis import SELECTION_SEEDS
 
 KIND_REGISTER: Final = 1
@@ -88,9 +92,12 @@ KIND_ROLES: Final = {
 # (absolute) tolerance; one validation image is 1/val_size, so any real
 # disagreement about a prediction exceeds it for val_size < 1000.
 ACCURACY_TOLERANCE: Final = 1e-6
-# Reputations and epsilons are replayed by the same IEEE operations on every
-# replica; the tolerance only absorbs the double round trip.
+# Reputations are replayed by the same IEEE operations on every replica; the
+# tolerance only absorbs the double round trip.
 FLOAT_TOLERANCE: Final = 1e-12
+# Epsilons come from numerical accountants (PRV composes by FFT); replicas
+# built on other numerical libraries may differ in the last digits.
+PRIVACY_TOLERANCE: Final = 1e-9
 
 _F64: Final = struct.Struct(">d")
 
@@ -124,39 +131,31 @@ def _read_scores(reader: Reader) -> tuple[tuple[str, float], ...]:
 
 @dataclass(frozen=True)
 class Registration:
+    """A client's one release about its data: its label histogram, noisy under DP.
+
+    One count per class, then the count of records with an invalid label
+    (``fl.privacy.release_histogram``). The record count, classes present
+    and quality that selection uses are derived from it
+    (:meth:`ChainState.summary`); the DP plan is not in the record: it
+    follows from the genesis alone (``fl.rounds.privacy_plan``).
+    """
+
     client: str
-    n_samples: int
-    classes: tuple[int, ...]
-    quality: float
-    sample_rate: float
-    steps: int
-    noise: float  # noise multiplier (gaussian) or per-step epsilon (laplace); 0 for none
+    histogram: tuple[int, ...]
 
     KIND = KIND_REGISTER
 
     def encode(self) -> bytes:
         return (
             pack_text(self.client)
-            + pack_u64(self.n_samples)
-            + pack_u32(len(self.classes))
-            + b"".join(pack_u32(c) for c in self.classes)
-            + pack_f64(self.quality)
-            + pack_f64(self.sample_rate)
-            + pack_u64(self.steps)
-            + pack_f64(self.noise)
+            + pack_u32(len(self.histogram))
+            + b"".join(pack_i64(c) for c in self.histogram)
         )
 
     @classmethod
     def read(cls, reader: Reader) -> Registration:
-        client, n = reader.text(), reader.u64()
-        classes = tuple(reader.u32() for _ in range(reader.count()))
-        return cls(
-            client, n, classes, read_f64(reader), read_f64(reader), reader.u64(), read_f64(reader)
-        )
-
-    @property
-    def summary(self) -> DataSummary:
-        return DataSummary(self.client, self.n_samples, self.classes, self.quality)
+        client = reader.text()
+        return cls(client, tuple(reader.i64() for _ in range(reader.count())))
 
 
 @dataclass(frozen=True)
@@ -365,6 +364,7 @@ class ChainState:
                 f"selection_seed must be one of {SELECTION_SEEDS}, got {self.selection_seed!r}"
             )
         self.book = ReputationBook(reputation_params(self.config))
+        self.plan: PrivacyPlan = privacy_plan(self.config)
 
     # Queries ---------------------------------------------------------------
 
@@ -408,10 +408,19 @@ class ChainState:
             )
         return anchor
 
+    def summary(self, cid: str) -> DataSummary:
+        """The data summary selection uses, derived from the client's registration."""
+        histogram = self.registrations[cid].histogram
+        return summary_from_histogram(cid, histogram, class_threshold=self.plan.class_threshold)
+
+    def released_records(self, cid: str) -> int:
+        """The record count the client's registration released: its FedAvg weight."""
+        return released_count(self.registrations[cid].histogram)
+
     def self_scores(self) -> dict[str, float]:
         return {
             cid: self_assessment(
-                self.registrations[cid].summary,
+                self.summary(cid),
                 max_samples=nominal_max_samples(self.config),
                 num_classes=NUM_CLASSES,
             )
@@ -419,15 +428,7 @@ class ChainState:
         }
 
     def declined(self) -> list[str]:
-        return sorted(
-            cid
-            for cid in self.clients
-            if self._accountant(cid).would_exceed(
-                sample_rate=self.registrations[cid].sample_rate,
-                steps=self.registrations[cid].steps,
-                noise_multiplier_or_eps0=self.registrations[cid].noise,
-            )
-        )
+        return sorted(cid for cid in self.clients if self._accountant(cid).would_exceed())
 
     def expected_selection(self, rnd: int) -> Selection:
         """Algorithm 1 for round ``rnd`` from this state (the same call the simulator makes)."""
@@ -458,19 +459,17 @@ class ChainState:
         sent = {u.client for u in record.updates}
         out = []
         for cid in self.clients:
-            acc = copy.deepcopy(self._accountant(cid))
-            if cid in sent and self.config.dp != "none":
-                reg = self.registrations[cid]
-                acc.record_participation(
-                    sample_rate=reg.sample_rate, steps=reg.steps, noise_multiplier_or_eps0=reg.noise
-                )
+            acc = self._accountant(cid)
+            if cid in sent:
+                acc = copy.deepcopy(acc)
+                acc.record_participation()
             out.append((cid, acc.spent_epsilon()))
         return tuple(out)
 
     def _accountant(self, cid: str) -> PrivacyAccountant:
         acc = self.accountants.get(cid)
         if acc is None:
-            acc = self.accountants[cid] = PrivacyAccountant(dp_config(self.config))
+            acc = self.accountants[cid] = PrivacyAccountant(dp_config(self.config), self.plan)
         return acc
 
     # Checks ----------------------------------------------------------------
@@ -490,11 +489,11 @@ class ChainState:
             old = self.registrations.get(record.client)
             if old is not None and old != record:
                 raise InvalidRecord(f"{record.client} is already registered differently")
-            if not all(0 <= c < NUM_CLASSES for c in record.classes):
-                raise InvalidRecord("class labels out of range")
-            finite = all(math.isfinite(v) for v in (record.quality, record.sample_rate))
-            if not finite or not 0 <= record.quality <= 1:
-                raise InvalidRecord("registration numbers out of range")
+            if len(record.histogram) != NUM_CLASSES + 1:
+                raise InvalidRecord(
+                    f"a registration holds {NUM_CLASSES + 1} counts (one per class, then "
+                    f"invalid labels), got {len(record.histogram)}"
+                )
         elif isinstance(record, Selection):
             self._check_selection(record)
         elif isinstance(record, RoundVerdicts):
@@ -556,7 +555,7 @@ class ChainState:
             raise InvalidRecord("silent clients are not the selected clients without an update")
         if not _close(record.reputations, self.reputations_after(rnd, record)):
             raise InvalidRecord("reputations differ from the recomputation")
-        if not _close(record.privacy, self.privacy_after(record)):
+        if not _close(record.privacy, self.privacy_after(record), PRIVACY_TOLERANCE):
             raise InvalidRecord("privacy spent differs from the recomputation")
 
     # Application -------------------------------------------------------------
@@ -564,7 +563,9 @@ class ChainState:
     def apply_record(self, submitter: str, record: Record) -> None:
         """Apply a committed (already validated) record."""
         if isinstance(record, Registration):
-            self.registrations.setdefault(record.client, record)
+            if record.client not in self.registrations:
+                self.registrations[record.client] = record
+                self._accountant(record.client).record_registration()
         elif isinstance(record, Selection):
             self.selections.setdefault(record.round, record)
         elif isinstance(record, RoundVerdicts):
@@ -575,14 +576,8 @@ class ChainState:
                 self.book.record_round(
                     record.round, record.accepted, list(record.rejected), record.silent
                 )
-            if self.config.dp != "none":
-                for u in record.updates:
-                    reg = self.registrations[u.client]
-                    self._accountant(u.client).record_participation(
-                        sample_rate=reg.sample_rate,
-                        steps=reg.steps,
-                        noise_multiplier_or_eps0=reg.noise,
-                    )
+            for u in record.updates:
+                self._accountant(u.client).record_participation()
         elif isinstance(record, RoundSummary):
             self.summaries.setdefault(record.round, record)
 

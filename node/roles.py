@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import os
 from pathlib import Path
 
 from fl.data import DataError
 from node.daemon import NodeLog, run_until_signal
 from node.genesis import GenesisError, read_genesis
 from node.identity import KeyFileError, load_identity
+from node.privacy_ledger import LedgerCorruptError
 
 
 def run_node(
@@ -21,6 +23,7 @@ def run_node(
     db: Path | None,
     run_dir: Path | None,
     metrics_out: Path | None,
+    privacy_ledger: Path | None = None,
 ) -> None:
     """Raise ValueError with a plain message on any configuration problem."""
     try:
@@ -44,7 +47,8 @@ def run_node(
             raise ValueError(f"{ident.node_id}'s key is not in {genesis_path}")
     name = identities[0].node_id if len(identities) == 1 else f"clients({len(identities)})"
     run_dir = run_dir or Path("runs") / "nodes" / name
-    run_dir.mkdir(parents=True, exist_ok=True)
+    if role != "client":  # a client's only state is its privacy ledger
+        run_dir.mkdir(parents=True, exist_ok=True)
     log = NodeLog(name)
 
     async def main(stop: asyncio.Event) -> None:
@@ -76,10 +80,25 @@ def run_node(
             from node.client import run_clients
 
             await run_clients(
-                genesis, identities, run_dir=run_dir, data_dir=data_dir, stop=stop, log=log
+                genesis,
+                identities,
+                ledger_path=privacy_ledger or default_ledger_path(),
+                data_dir=data_dir,
+                stop=stop,
+                log=log,
             )
 
     try:
         asyncio.run(run_until_signal(main, log=log))
-    except DataError as exc:
+    except (DataError, LedgerCorruptError) as exc:
         raise ValueError(str(exc)) from exc
+
+
+def default_ledger_path() -> Path:
+    """Where a client host keeps its privacy ledger unless told otherwise.
+
+    A per-user state folder, not the working directory: the ledger must
+    outlive runs and folders, since every run on the same records adds to it.
+    """
+    state = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(state) / "llbcfl" / "privacy-ledger.json"

@@ -7,8 +7,6 @@ Metrics are written atomically (temp file + rename), and an interrupted run
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -20,21 +18,8 @@ from fl.config import RunConfig
 from fl.data import load_mnist, resolve_data_root
 from fl.rounds import Federation
 from fl.simulator import RoundRecord, metrics_document, simulate_rounds
+from node.durable import write_json_durably
 from node.plotting import plot_runs
-
-
-def write_json_atomic(path: Path, doc: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(doc, fh, indent=1)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def read_metrics(path: Path) -> dict[str, Any]:
@@ -80,7 +65,7 @@ def run_simulate(
         extra=extra,
     )
     if metrics_out is not None:
-        write_json_atomic(metrics_out, doc)
+        write_json_durably(metrics_out, doc)
     if plot is not None and records:
         plot_runs([doc], plot)
     if interrupted:

@@ -18,10 +18,10 @@ from the newest checkpoint whose model digest the committed round summaries
 hold (``node.checkpoints``): it skips the rounds up to it and fetches only
 the updates of later rounds.
 
-The server learns of commits by following the chain: it polls a miner's
-``FetchBlocks`` and accepts a block only with a valid commit certificate
-(2f+1 miner signatures, ``consensus.ledger.check_block``), so a single lying
-miner cannot make it act on an uncommitted block.
+The server learns of commits by following the chain (``node.follower``): it
+polls a miner's ``FetchBlocks`` and accepts a block only with a valid commit
+certificate (2f+1 miner signatures), so a single lying miner cannot make it
+act on an uncommitted block.
 """
 
 from __future__ import annotations
@@ -38,8 +38,6 @@ import grpc
 import torch
 from google.protobuf.message import DecodeError
 
-from consensus.canonical import MalformedMessage
-from consensus.ledger import Block, check_block
 from fl.attacks import choose_malicious
 from fl.data import Split
 from fl.models import build_model
@@ -57,25 +55,24 @@ from node.daemon import (
     load_node_splits,
     signed_record,
 )
+from node.durable import write_json_durably
+from node.follower import ChainFollower
 from node.genesis import Genesis
 from node.identity import (
     AuthError,
     Identity,
-    pbft_verifier,
     signing_tag,
     verify_envelope,
     verify_signature,
 )
 from node.offchain import BlobStore, GlobalModels, initial_spec
 from node.records import (
-    ChainState,
     Record,
     RoundSummary,
     UpdateRecord,
     selection_timestamp,
     summary_timestamp,
 )
-from node.runner import write_json_atomic
 from node.tensors import (
     AUTH_CODES,
     MODEL_KIND,
@@ -91,6 +88,15 @@ from proto import llbcfl_pb2 as pb
 from proto import llbcfl_pb2_grpc as pb_grpc
 
 POLL_SECONDS = 0.05
+# A client's answers to a start-round notice that retrying cannot change.
+FINAL_NOTICE_CODES = frozenset(
+    {
+        grpc.StatusCode.ALREADY_EXISTS,
+        grpc.StatusCode.PERMISSION_DENIED,
+        grpc.StatusCode.INVALID_ARGUMENT,
+        grpc.StatusCode.UNAUTHENTICATED,
+    }
+)
 
 
 class Stopped(Exception):
@@ -109,13 +115,8 @@ class Server:
         self.membership = genesis.membership
         if self.membership.server.node_id != identity.node_id:
             raise ValueError(f"{identity.node_id} is not this genesis's server")
-        self.verify = pbft_verifier(self.membership)
-        self.state = ChainState(
-            self.config,
-            clients=tuple(c.node_id for c in self.membership.clients),
-            selection_seed=genesis.protocol.selection_seed,
-        )
-        self.blocks: list[Block] = []
+        self.follower = ChainFollower(genesis, log)
+        self.state = self.follower.state
         self.spec = initial_spec(self.config)
         self.blobs = BlobStore(
             None,
@@ -127,52 +128,6 @@ class Server:
         self.test = test
         self.scratch = build_model(self.config.model, generator=torch_generator(0, "scratch"))
         self.current: tuple[int, Any, bytes] | None = None  # round, weights, digest
-        self._miner_cursor = 0
-        # True once the follower has read the chain up to some miner's head.
-        self.caught_up = False
-
-    # Chain following ------------------------------------------------------------
-
-    async def follow_chain(self, stop: asyncio.Event) -> None:
-        miners = self.membership.miners
-        while not stop.is_set():
-            miner = miners[self._miner_cursor % len(miners)]
-            try:
-                async with channel(miner.address) as ch:
-                    stub = pb_grpc.MinerStub(ch)
-                    while not stop.is_set():
-                        request = pb.FetchBlocksRequest(from_height=self.state.height + 1)
-                        async for item in stub.FetchBlocks(request, timeout=10):
-                            if not self._accept_block(item.block):
-                                raise ValueError("bad block")
-                        self.caught_up = True
-                        with contextlib.suppress(asyncio.TimeoutError):
-                            await asyncio.wait_for(stop.wait(), POLL_SECONDS)
-            except (grpc.aio.AioRpcError, ValueError):
-                self._miner_cursor += 1
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(stop.wait(), 0.2)
-
-    def _accept_block(self, data: bytes) -> bool:
-        try:
-            block = Block.decode(data)
-        except MalformedMessage:
-            return False
-        if block.height <= self.state.height:
-            return True
-        reason = check_block(
-            block,
-            previous_hash=self.state.head_hash,
-            height=self.state.height + 1,
-            verify=self.verify,
-            n=self.genesis.protocol.miners,
-        )
-        if reason:
-            self.log.warning(f"block {block.height} from a miner refused: {reason}")
-            return False
-        self.state.apply_block(block)
-        self.blocks.append(block)
-        return True
 
     async def wait_for(self, condition: Callable[[], bool], stop: asyncio.Event) -> None:
         while not condition():
@@ -208,8 +163,14 @@ class Server:
                     if not reply.accepted:
                         self.log.info(f"{cid} declines round {rnd}: {reply.reason}")
                     return
-                except grpc.aio.AioRpcError:
-                    await asyncio.sleep(0.2)  # client still starting: retry with backoff
+                except grpc.aio.AioRpcError as exc:
+                    if exc.code() in FINAL_NOTICE_CODES:
+                        # The client already has the round (a repeated notice)
+                        # or refuses it for good: asking again changes nothing.
+                        self.log.info(f"{cid} round {rnd}: {exc.code().name} {exc.details()}")
+                        return
+                    # Client still starting, or its view of the chain is behind.
+                    await asyncio.sleep(0.2)
             self.log.warning(f"{cid} unreachable for round {rnd}")
 
         await asyncio.gather(*(one(cid) for cid in selected))
@@ -346,6 +307,9 @@ class Server:
         }
         if self.config.reputation:
             extra["reputation"] = {k: round(v, 6) for k, v in verdicts.reputations}
+        if self.config.dp != "none":
+            spent = [v for _, v in verdicts.privacy]
+            extra["epsilon_spent_mean"] = sum(spent) / len(spent)
         extra["block_height"] = self.state.record_heights.get(("chain-summary", rnd))
         return RoundRecord(
             round=rnd,
@@ -364,7 +328,7 @@ class Server:
     async def drive(self, stop: asyncio.Event, metrics_path: Path) -> dict[str, Any]:
         start = time.perf_counter()
         self.log.info("waiting for every client to register")
-        await self.wait_for(lambda: self.caught_up and self.state.all_registered, stop)
+        await self.wait_for(lambda: self.follower.caught_up and self.state.all_registered, stop)
         self.resume_from_checkpoint()
         records = []
         for rnd in range(1, self.config.rounds + 1):
@@ -386,7 +350,7 @@ class Server:
             total_seconds=time.perf_counter() - start,
             malicious_clients=malicious,
         )
-        write_json_atomic(metrics_path, doc)
+        write_json_durably(metrics_path, doc)
         self.log.info(f"done: final accuracy {records[-1].accuracy:.4f}, metrics {metrics_path}")
         return doc
 
@@ -470,7 +434,7 @@ async def run_server(
     server.add_insecure_port(address)
     await server.start()
     log.info(f"server listening on {address}")
-    follower = asyncio.create_task(server_state.follow_chain(stop))
+    follower = asyncio.create_task(server_state.follower.follow(stop))
     try:
         driver = asyncio.create_task(server_state.drive(stop, metrics_path))
         stopper = asyncio.create_task(stop.wait())

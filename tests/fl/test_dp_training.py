@@ -4,7 +4,7 @@ import torch.nn.functional as F
 
 from fl import training
 from fl.models import build_model
-from fl.privacy import DPConfig, StepPlan, clip_per_sample, noisy_sum
+from fl.privacy import DPConfig, SecretNoise, SeededNoise, StepPlan, clip_per_sample, noisy_sum
 from fl.training import TrainConfig, evaluate, subspace_projection, train_local_dp
 from tests.fl.synthetic import synthetic_split
 
@@ -19,8 +19,8 @@ def _one_step_by_hand_and_by_train_local_dp(augmentations: int):
     dp = DPConfig("gaussian", epsilon=5.0, clip=0.5, max_participations=1)
     plan = StepPlan(sample_rate=1.0, steps=1, noise_multiplier_or_eps0=1.3, noise_scale=0.65)
     cfg = TrainConfig(batch_size=12, lr=0.1, momentum=0.0, augmentations=augmentations)
-    g = torch.Generator().manual_seed(7)
-    torch.rand(12, generator=g)  # the Poisson draw train_local_dp makes first
+    g = torch.Generator().manual_seed(7)  # masks and shifts
+    n = torch.Generator().manual_seed(8)  # noise (q = 1: no Poisson draw)
     copies = [data.x]
     if augmentations > 1:  # then the step's shifts, one [12, 2] set per extra copy
         shifts = training.random_shifts(augmentations - 1, 12, g)
@@ -38,7 +38,8 @@ def _one_step_by_hand_and_by_train_local_dp(augmentations: int):
         ]
     )
     clipped = clip_per_sample(per_record, norm="l2", bound=0.5)
-    expected = before - 0.1 * noisy_sum(clipped, mechanism="gaussian", scale=0.65, generator=g) / 12
+    noised = noisy_sum(clipped, mechanism="gaussian", scale=0.65, noise=SeededNoise(n))
+    expected = before - 0.1 * noised / 15  # divided by the released count, not the 12 records
     train_local_dp(
         model,
         data.x,
@@ -46,6 +47,8 @@ def _one_step_by_hand_and_by_train_local_dp(augmentations: int):
         config=cfg,
         dp=dp,
         plan=plan,
+        released_records=15,
+        noise=SeededNoise(torch.Generator().manual_seed(8)),
         generator=torch.Generator().manual_seed(7),
     )
     return torch.cat([p.detach().reshape(-1) for p in model.parameters()]), expected
@@ -71,6 +74,8 @@ def test_dp_training_with_little_noise_learns():
         config=TrainConfig(lr=0.5, momentum=0.5),
         dp=dp,
         plan=plan,
+        released_records=300,
+        noise=SecretNoise(),
         generator=torch.Generator().manual_seed(3),
     )
     after, acc = evaluate(model, data.x, data.y)
@@ -78,7 +83,7 @@ def test_dp_training_with_little_noise_learns():
     assert acc > 0.5
 
 
-def test_dp_training_is_deterministic_and_leaves_global_rng_alone():
+def test_dp_training_with_seeded_noise_is_deterministic_and_leaves_global_rng_alone():
     data = synthetic_split(50, seed=2)
     dp = DPConfig("laplace", epsilon=10.0, clip=1.0, max_participations=2)
     plan = StepPlan(sample_rate=0.2, steps=3, noise_multiplier_or_eps0=1.0, noise_scale=1.0)
@@ -93,11 +98,38 @@ def test_dp_training_is_deterministic_and_leaves_global_rng_alone():
             config=TrainConfig(),
             dp=dp,
             plan=plan,
+            released_records=50,
+            noise=SeededNoise(torch.Generator().manual_seed(5)),
             generator=torch.Generator().manual_seed(4),
         )
         results.append(torch.cat([p.detach().reshape(-1) for p in model.parameters()]))
     assert torch.equal(results[0], results[1])
     assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_dp_training_with_secret_noise_differs_every_time():
+    # Prepare: the same model, data, plan and (public) generator seed
+    data = synthetic_split(20, seed=2)
+    dp = DPConfig("gaussian", epsilon=10.0, clip=1.0, max_participations=1)
+    plan = StepPlan(sample_rate=1.0, steps=1, noise_multiplier_or_eps0=1.0, noise_scale=1.0)
+    results = []
+    # Execute
+    for _ in range(2):
+        model = build_model("mlp", generator=torch.Generator().manual_seed(0))
+        train_local_dp(
+            model,
+            data.x,
+            data.y,
+            config=TrainConfig(),
+            dp=dp,
+            plan=plan,
+            released_records=20,
+            noise=SecretNoise(),
+            generator=torch.Generator().manual_seed(4),
+        )
+        results.append(torch.cat([p.detach().reshape(-1) for p in model.parameters()]))
+    # Assert
+    assert not torch.allclose(results[0], results[1])
 
 
 def test_subspace_training_moves_only_within_the_public_subspace():
@@ -118,6 +150,8 @@ def test_subspace_training_moves_only_within_the_public_subspace():
         config=TrainConfig(lr=0.5, momentum=0.5),
         dp=dp,
         plan=plan,
+        released_records=40,
+        noise=SecretNoise(),
         generator=torch.Generator().manual_seed(6),
         projection=proj,
     )
@@ -148,6 +182,8 @@ def test_per_sample_chunking_changes_nothing_but_rounding(monkeypatch, chunk, au
             config=TrainConfig(batch_size=24, lr=0.5, momentum=0.5, augmentations=augmentations),
             dp=dp,
             plan=plan,
+            released_records=30,
+            noise=SeededNoise(torch.Generator().manual_seed(10)),
             generator=torch.Generator().manual_seed(9),
         )
         return torch.cat([p.detach().reshape(-1) for p in model.parameters()]), stats
@@ -171,14 +207,25 @@ def test_no_dropout_draws_no_masks_and_changes_the_update():
         model = build_model("cnn", generator=torch.Generator().manual_seed(0))
         gen = torch.Generator().manual_seed(3)
         cfg = TrainConfig(batch_size=20, lr=0.1, momentum=0.0, dropout=dropout)
-        train_local_dp(model, data.x, data.y, config=cfg, dp=dp, plan=plan, generator=gen)
+        noise = SeededNoise(torch.Generator().manual_seed(4))
+        train_local_dp(
+            model,
+            data.x,
+            data.y,
+            config=cfg,
+            dp=dp,
+            plan=plan,
+            released_records=20,
+            noise=noise,
+            generator=gen,
+        )
         return torch.cat([p.detach().reshape(-1) for p in model.parameters()]), gen.get_state()
 
     # Execute
     with_dropout, state_with = trained(True)
     without, state_without = trained(False)
-    # Assert: without dropout the generator only served the Poisson draw and
-    # the noise (fewer draws), and the step differs
+    # Assert: without dropout the generator drew nothing (the noise has its
+    # own source), and the step differs
     assert not torch.equal(state_with, state_without)
     assert not torch.allclose(with_dropout, without)
     again, _ = trained(False)

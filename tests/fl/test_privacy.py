@@ -1,12 +1,8 @@
-"""Tests for fl.privacy (mechanisms, calibration, accounting) and fl.privacy_ledger."""
+"""Tests for fl.privacy: noise sources, calibration, accounting, the registration release."""
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import re
-from pathlib import Path
 
 import pytest
 import torch
@@ -17,23 +13,34 @@ from opacus.accountants import RDPAccountant
 from fl.privacy import (
     DPConfig,
     PrivacyAccountant,
+    Release,
+    SecretNoise,
+    SeededNoise,
+    StepPlan,
     amplified_epsilon,
     calibrate_gaussian,
     calibrate_laplace,
     clip_per_sample,
+    composed_epsilon,
+    gaussian_epsilon,
+    label_histogram,
     noisy_sum,
-    plan_participation,
+    plan_privacy,
+    poisson_mask,
     private_gradient,
+    public_schedule,
+    release_histogram,
+    released_count,
 )
-from fl.privacy_ledger import BudgetLedger, LedgerCorruptError
+from fl.selection import summary_from_histogram
 
 # Opacus warns when the best RDP order is the largest one (large epsilons); it
 # is advice about tightness, not an error.
 pytestmark = pytest.mark.filterwarnings("ignore:Optimal order is the largest alpha")
 
 
-def _generator(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
+def _seeded(seed: int) -> SeededNoise:
+    return SeededNoise(torch.Generator().manual_seed(seed))
 
 
 # --- DPConfig ---------------------------------------------------------------
@@ -50,6 +57,9 @@ def _generator(seed: int) -> torch.Generator:
         {"mechanism": "gaussian", "epsilon": 1.0, "delta": 1.0},
         {"mechanism": "gaussian", "epsilon": 1.0, "clip": 0.0},
         {"mechanism": "gaussian", "epsilon": 1.0, "max_participations": 0},
+        {"mechanism": "gaussian", "epsilon": 1.0, "registration_share": 0.0},
+        {"mechanism": "gaussian", "epsilon": 1.0, "registration_share": 1.0},
+        {"mechanism": "gaussian", "epsilon": 1.0, "accountant": "moments"},
     ],
 )
 def test_dpconfig_rejects_invalid_settings(kwargs: dict[str, object]) -> None:
@@ -75,6 +85,31 @@ def test_calibrate_gaussian_pinned_noise_multiplier() -> None:
 
     # Assert
     assert sigma == pytest.approx(0.8868, abs=5e-5)
+
+
+def test_calibrate_gaussian_with_prv_needs_less_noise_and_spends_the_target() -> None:
+    # Execute: 22 full-batch steps, as in the reference setting
+    rdp = calibrate_gaussian(epsilon=10.0, delta=1e-5, sample_rate=1.0, steps=22)
+    prv = calibrate_gaussian(epsilon=10.0, delta=1e-5, sample_rate=1.0, steps=22, accountant="prv")
+
+    # Assert: PRV is tighter; each spends the target within its tolerance
+    spent = gaussian_epsilon([Release(prv, 1.0, 22)], delta=1e-5, accountant="prv")
+    assert prv < rdp
+    assert 10.0 - 0.01 <= spent <= 10.0
+
+
+def test_calibrate_gaussian_with_a_prefix_leaves_room_for_it() -> None:
+    # Prepare: a registration release before the steps
+    prefix = (Release(8.0, 1.0, 1),)
+
+    # Execute
+    alone = calibrate_gaussian(epsilon=5.0, delta=1e-5, sample_rate=1.0, steps=10)
+    after = calibrate_gaussian(epsilon=5.0, delta=1e-5, sample_rate=1.0, steps=10, prefix=prefix)
+
+    # Assert
+    total = gaussian_epsilon([*prefix, Release(after, 1.0, 10)], delta=1e-5, accountant="rdp")
+    assert after > alone
+    assert 5.0 - 0.01 <= total <= 5.0
 
 
 def test_calibrate_gaussian_spends_target_within_tolerance_under_opacus() -> None:
@@ -125,41 +160,83 @@ def test_calibrate_laplace_composes_to_exactly_the_budget(
     assert spent == pytest.approx(epsilon, rel=1e-9)
 
 
-# --- accounting -------------------------------------------------------------
+# --- planning and accounting ------------------------------------------------
 
 
-def _spend_all(config: DPConfig, *, n_samples: int, batch_size: int) -> tuple[bool, bool]:
-    """(every planned participation fit, one more would exceed)."""
-    plan = plan_participation(config, n_samples=n_samples, batch_size=batch_size, local_epochs=1)
-    accountant = PrivacyAccountant(config)
-    participation = {
-        "sample_rate": plan.sample_rate,
-        "steps": plan.steps,
-        "noise_multiplier_or_eps0": plan.noise_multiplier_or_eps0,
-    }
-    all_fit = True
+def test_public_schedule_comes_from_public_numbers_only() -> None:
+    # Execute: q = 64/600, one expected epoch = ceil(600/64) = 10 steps
+    schedule = public_schedule(expected_records=600, batch_size=64, local_epochs=2)
+
+    # Assert
+    assert schedule == (64 / 600, 20)
+
+
+def test_public_schedule_caps_rate_at_one() -> None:
+    # Execute
+    schedule = public_schedule(expected_records=10, batch_size=64, local_epochs=3)
+
+    # Assert
+    assert schedule == (1.0, 3)
+
+
+def test_laplace_plan_gives_the_registration_its_share_and_training_the_rest() -> None:
+    # Prepare
+    config = DPConfig("laplace", 2.0, clip=0.5, max_participations=4, registration_share=0.1)
+
+    # Execute
+    plan = plan_privacy(config, sample_rate=64 / 600, steps=20)
+
+    # Assert
+    eps0 = calibrate_laplace(epsilon=1.8, sample_rate=64 / 600, steps=80)
+    assert plan.registration == Release(0.2, 1.0, 1)
+    assert plan.histogram_scale == pytest.approx(5.0)
+    assert (plan.step.noise_multiplier_or_eps0, plan.step.noise_scale) == (eps0, 0.5 / eps0)
+
+
+def test_gaussian_plan_picks_the_accountant_that_needs_less_noise() -> None:
+    # Prepare
+    config = DPConfig("gaussian", 10.0, 1e-5, 2.0, 22)
+
+    # Execute
+    auto = plan_privacy(config, sample_rate=1.0, steps=1)
+    rdp = plan_privacy(
+        DPConfig("gaussian", 10.0, 1e-5, 2.0, 22, accountant="rdp"), sample_rate=1.0, steps=1
+    )
+
+    # Assert: at q = 1 PRV is the tighter; the scale is sigma times the clip
+    assert auto.accountant == "prv"
+    assert auto.step.noise_multiplier_or_eps0 < rdp.step.noise_multiplier_or_eps0
+    assert auto.step.noise_scale == 2.0 * auto.step.noise_multiplier_or_eps0
+
+
+def _spend_all(config: DPConfig, *, sample_rate: float, steps: int) -> tuple[bool, bool]:
+    """(the registration and every planned participation fit, one more would exceed)."""
+    plan = plan_privacy(config, sample_rate=sample_rate, steps=steps)
+    accountant = PrivacyAccountant(config, plan)
+    accountant.record_registration()
+    all_fit = accountant.spent_epsilon() <= config.epsilon
     for _ in range(config.max_participations):
-        all_fit &= not accountant.would_exceed(**participation)
-        accountant.record_participation(**participation)
+        all_fit &= not accountant.would_exceed()
+        accountant.record_participation()
         all_fit &= accountant.spent_epsilon() <= config.epsilon * (1 + 1e-9)
-    return all_fit, accountant.would_exceed(**participation)
+    return all_fit, accountant.would_exceed()
 
 
 @settings(max_examples=4, deadline=None)
 @given(
     epsilon=st.floats(0.5, 8.0),
-    n_samples=st.integers(20, 200),
-    batch_size=st.integers(5, 200),
+    sample_rate=st.floats(0.05, 1.0),
+    steps=st.integers(1, 20),
     max_participations=st.integers(1, 4),
 )
-def test_gaussian_budget_fits_max_participations_and_no_more(
-    epsilon: float, n_samples: int, batch_size: int, max_participations: int
+def test_gaussian_budget_fits_registration_and_max_participations_and_no_more(
+    epsilon: float, sample_rate: float, steps: int, max_participations: int
 ) -> None:
     # Prepare
     config = DPConfig("gaussian", epsilon, 1e-5, 1.0, max_participations)
 
     # Execute
-    all_fit, one_more_exceeds = _spend_all(config, n_samples=n_samples, batch_size=batch_size)
+    all_fit, one_more_exceeds = _spend_all(config, sample_rate=sample_rate, steps=steps)
 
     # Assert
     assert all_fit and one_more_exceeds
@@ -167,18 +244,18 @@ def test_gaussian_budget_fits_max_participations_and_no_more(
 
 @given(
     epsilon=st.floats(0.01, 20.0),
-    n_samples=st.integers(1, 5000),
-    batch_size=st.integers(1, 500),
+    sample_rate=st.floats(1e-3, 1.0),
+    steps=st.integers(1, 500),
     max_participations=st.integers(1, 50),
 )
-def test_laplace_budget_fits_max_participations_and_no_more(
-    epsilon: float, n_samples: int, batch_size: int, max_participations: int
+def test_laplace_budget_fits_registration_and_max_participations_and_no_more(
+    epsilon: float, sample_rate: float, steps: int, max_participations: int
 ) -> None:
     # Prepare
     config = DPConfig("laplace", epsilon, clip=1.0, max_participations=max_participations)
 
     # Execute
-    all_fit, one_more_exceeds = _spend_all(config, n_samples=n_samples, batch_size=batch_size)
+    all_fit, one_more_exceeds = _spend_all(config, sample_rate=sample_rate, steps=steps)
 
     # Assert
     assert all_fit and one_more_exceeds
@@ -186,92 +263,128 @@ def test_laplace_budget_fits_max_participations_and_no_more(
 
 def test_none_accountant_spends_nothing_and_never_runs_out() -> None:
     # Prepare
-    accountant = PrivacyAccountant(DPConfig("none", math.inf))
+    config = DPConfig("none", math.inf)
+    accountant = PrivacyAccountant(config, plan_privacy(config, sample_rate=0.5, steps=10))
+    accountant.record_registration()
     for _ in range(3):
-        accountant.record_participation(sample_rate=0.5, steps=10, noise_multiplier_or_eps0=0.0)
+        accountant.record_participation()
 
     # Execute
     spent = accountant.spent_epsilon()
 
     # Assert
-    assert spent == 0.0 and not accountant.would_exceed(
-        sample_rate=0.5, steps=10, noise_multiplier_or_eps0=0.0
-    )
+    assert spent == 0.0 and not accountant.would_exceed()
 
 
 def test_accountant_laplace_spend_pinned() -> None:
-    # Prepare: two participations of 10 unamplified steps at eps0 = 0.05
-    accountant = PrivacyAccountant(DPConfig("laplace", 5.0))
+    # Prepare: registration 0.25, then two participations of 10 unamplified steps
+    config = DPConfig("laplace", 5.0, max_participations=2, registration_share=0.05)
+    accountant = PrivacyAccountant(config, plan_privacy(config, sample_rate=1.0, steps=10))
+    accountant.record_registration()
     for _ in range(2):
-        accountant.record_participation(sample_rate=1.0, steps=10, noise_multiplier_or_eps0=0.05)
+        accountant.record_participation()
 
     # Execute
     spent = accountant.spent_epsilon()
 
     # Assert
-    assert spent == pytest.approx(1.0, rel=1e-15) and accountant.participations == 2
+    assert spent == pytest.approx(5.0, rel=1e-12) and accountant.participations == 2
 
 
-def test_accountant_state_survives_json_round_trip() -> None:
+def test_accountant_counts_the_registration_once() -> None:
     # Prepare
-    config = DPConfig("gaussian", 4.0, 1e-5, 1.0, 3)
-    original = PrivacyAccountant(config)
-    original.record_participation(sample_rate=0.1, steps=20, noise_multiplier_or_eps0=1.3)
-    original.record_participation(sample_rate=0.2, steps=5, noise_multiplier_or_eps0=1.1)
-    restored = PrivacyAccountant(config)
-
-    # Execute
-    restored.load_state_dict(json.loads(json.dumps(original.state_dict())))
-
-    # Assert
-    assert restored.state_dict() == original.state_dict()
-    assert restored.spent_epsilon() == original.spent_epsilon()
-
-
-def test_accountant_refuses_state_of_another_mechanism() -> None:
-    # Prepare
-    laplace = PrivacyAccountant(DPConfig("laplace", 1.0))
-    gaussian = PrivacyAccountant(DPConfig("gaussian", 1.0))
+    config = DPConfig("gaussian", 4.0)
+    accountant = PrivacyAccountant(config, plan_privacy(config, sample_rate=1.0, steps=1))
+    accountant.record_registration()
 
     # Execute / Assert
-    with pytest.raises(ValueError, match="mechanism"):
-        gaussian.load_state_dict(laplace.state_dict())
+    with pytest.raises(ValueError, match="already"):
+        accountant.record_registration()
 
 
-# --- planning ---------------------------------------------------------------
-
-
-def test_plan_participation_pinned_rate_and_steps() -> None:
+def test_accountant_reports_both_gaussian_accountants() -> None:
     # Prepare
-    config = DPConfig("laplace", 2.0, clip=0.5, max_participations=4)
+    config = DPConfig("gaussian", 4.0, max_participations=3)
+    accountant = PrivacyAccountant(config, plan_privacy(config, sample_rate=1.0, steps=1))
+    accountant.record_registration()
+    accountant.record_participation()
 
-    # Execute: q = 64/600, one expected epoch = ceil(600/64) = 10 steps
-    plan = plan_participation(config, n_samples=600, batch_size=64, local_epochs=2)
-
-    # Assert
-    eps0 = calibrate_laplace(epsilon=2.0, sample_rate=64 / 600, steps=80)
-    assert (plan.sample_rate, plan.steps) == (64 / 600, 20)
-    assert (plan.noise_multiplier_or_eps0, plan.noise_scale) == (eps0, 0.5 / eps0)
-
-
-def test_plan_participation_caps_rate_at_one() -> None:
     # Execute
-    plan = plan_participation(DPConfig("none", 1.0), n_samples=10, batch_size=64, local_epochs=3)
+    rdp = accountant.spent_epsilon(accountant="rdp")
+    prv = accountant.spent_epsilon(accountant="prv")
+
+    # Assert: the plan's accountant is the default; RDP is the looser bound
+    assert accountant.spent_epsilon() == prv < rdp
+
+
+def test_composed_epsilon_adds_mechanisms_by_basic_composition() -> None:
+    # Prepare: runs on the same data with two mechanisms
+    gaussian = [("gaussian", Release(2.0, 1.0, 3))]
+    laplace = [("laplace", Release(0.5, 1.0, 2)), ("laplace", Release(0.25, 1.0, 1))]
+
+    # Execute
+    total = composed_epsilon([*gaussian, *laplace], delta=1e-5, accountant="rdp")
 
     # Assert
-    assert (plan.sample_rate, plan.steps, plan.noise_scale) == (1.0, 3, 0.0)
+    alone = gaussian_epsilon([Release(2.0, 1.0, 3)], delta=1e-5, accountant="rdp")
+    assert total == pytest.approx(alone + 1.25, rel=1e-12)
 
 
-def test_plan_participation_gaussian_scale_is_sigma_times_clip() -> None:
+# --- the registration release -----------------------------------------------
+
+
+def test_label_histogram_counts_classes_and_invalid_labels() -> None:
+    # Execute
+    counts = label_histogram(torch.tensor([0, 2, 2, 9, -1, 12]), num_classes=10)
+
+    # Assert
+    assert counts.tolist() == [1, 0, 2, 0, 0, 0, 0, 0, 0, 1, 2]
+
+
+def test_histogram_without_dp_is_exact() -> None:
     # Prepare
-    config = DPConfig("gaussian", 10.0, 1e-5, 2.0, 10)
+    config = DPConfig("none", math.inf)
+    plan = plan_privacy(config, sample_rate=1.0, steps=1)
 
-    # Execute: 10 steps per participation, 100 in total at q = 0.1
-    plan = plan_participation(config, n_samples=100, batch_size=10, local_epochs=1)
+    # Execute
+    released = release_histogram(
+        torch.tensor([3, 3, 5]), num_classes=10, plan=plan, noise=SecretNoise()
+    )
 
     # Assert
-    sigma = calibrate_gaussian(epsilon=10.0, delta=1e-5, sample_rate=0.1, steps=100)
-    assert (plan.noise_multiplier_or_eps0, plan.noise_scale) == (sigma, 2.0 * sigma)
+    assert released == (0, 0, 0, 2, 0, 1, 0, 0, 0, 0, 0) and released_count(released) == 3
+
+
+def test_gaussian_histogram_noise_has_the_planned_spread() -> None:
+    # Prepare: 2,000 releases of an empty histogram
+    config = DPConfig("gaussian", 2.0, max_participations=5)
+    plan = plan_privacy(config, sample_rate=1.0, steps=1)
+    noise = _seeded(5)
+
+    # Execute
+    counts = torch.tensor(
+        [
+            release_histogram(
+                torch.tensor([], dtype=torch.int64), num_classes=10, plan=plan, noise=noise
+            )
+            for _ in range(2000)
+        ],
+        dtype=torch.float64,
+    )
+
+    # Assert: rounding adds 1/12 to the variance
+    assert counts.std().item() == pytest.approx(math.sqrt(plan.histogram_sd**2 + 1 / 12), rel=0.03)
+    assert abs(counts.mean().item()) < 0.1 * plan.histogram_sd
+
+
+def test_summary_from_a_histogram_uses_counts_threshold_and_invalid_bin() -> None:
+    # Execute
+    summary = summary_from_histogram("c", (50, 3, -4, 0, 0, 0, 0, 0, 0, 30, 20), class_threshold=10)
+
+    # Assert: size is the raw sum, quality the share of valid non-negative counts
+    assert summary.n_samples == 99
+    assert summary.classes_present == (0, 9)
+    assert summary.quality == pytest.approx(83 / 103)
 
 
 # --- clipping ---------------------------------------------------------------
@@ -340,30 +453,34 @@ def test_noisy_sum_without_mechanism_is_the_plain_sum() -> None:
     grads = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
 
     # Execute
-    total = noisy_sum(grads, mechanism="none", scale=0.0, generator=_generator(0))
+    total = noisy_sum(grads, mechanism="none", scale=0.0, noise=SecretNoise())
 
     # Assert
     assert total.tolist() == [4.0, 6.0]
 
 
-def test_gaussian_noise_has_zero_mean_and_variance_scale_squared() -> None:
+@pytest.mark.parametrize("source", [SecretNoise(), _seeded(1)], ids=["secret", "seeded"])
+def test_gaussian_noise_has_zero_mean_and_variance_scale_squared(source: object) -> None:
     # Prepare: 200k coordinates of one noised sum of zeros
     zeros = torch.zeros(1, 200_000, dtype=torch.float64)
 
     # Execute
-    noise = noisy_sum(zeros, mechanism="gaussian", scale=2.0, generator=_generator(1))
+    noise = noisy_sum(zeros, mechanism="gaussian", scale=2.0, noise=source)  # type: ignore[arg-type]
 
     # Assert: standard errors are 2/sqrt(n) = 0.0045 for the mean, about 0.0127 for the variance
     assert abs(noise.mean().item()) < 0.02
     assert noise.var().item() == pytest.approx(4.0, rel=0.02)
+    # Fourth moment of a normal: 3 sigma^4 (a sum of uniforms would fall short)
+    assert (noise**4).mean().item() == pytest.approx(48.0, rel=0.05)
 
 
-def test_laplace_noise_has_zero_mean_and_variance_two_scale_squared() -> None:
+@pytest.mark.parametrize("source", [SecretNoise(), _seeded(2)], ids=["secret", "seeded"])
+def test_laplace_noise_has_zero_mean_and_variance_two_scale_squared(source: object) -> None:
     # Prepare
     zeros = torch.zeros(1, 200_000, dtype=torch.float64)
 
     # Execute
-    noise = noisy_sum(zeros, mechanism="laplace", scale=1.5, generator=_generator(2))
+    noise = noisy_sum(zeros, mechanism="laplace", scale=1.5, noise=source)  # type: ignore[arg-type]
 
     # Assert: Var = 2 b^2 = 4.5; Laplace kurtosis 6 gives a variance SE of about 0.027
     assert abs(noise.mean().item()) < 0.02
@@ -371,17 +488,31 @@ def test_laplace_noise_has_zero_mean_and_variance_two_scale_squared() -> None:
     assert noise.abs().mean().item() == pytest.approx(1.5, rel=0.01)  # E|X| = b
 
 
+def test_secret_uniforms_cover_the_unit_interval_evenly() -> None:
+    # Execute
+    u = SecretNoise().uniform(100_000)
+
+    # Assert: ten equal bins, each 10% within 5 standard errors (0.0047)
+    counts = torch.histc(u, bins=10, min=0.0, max=1.0) / len(u)
+    assert float(u.min()) >= 0.0 and float(u.max()) < 1.0
+    assert bool(((counts - 0.1).abs() < 0.005).all())
+
+
 @pytest.mark.parametrize("mechanism", ["gaussian", "laplace"])
-def test_same_generator_seed_gives_identical_noise(mechanism: str) -> None:
+def test_seeded_noise_repeats_and_secret_noise_never_does(mechanism: str) -> None:
     # Prepare
     grads = torch.ones(4, 10)
 
     # Execute
-    first = noisy_sum(grads, mechanism=mechanism, scale=1.0, generator=_generator(7))  # type: ignore[arg-type]
-    second = noisy_sum(grads, mechanism=mechanism, scale=1.0, generator=_generator(7))  # type: ignore[arg-type]
+    seeded = [noisy_sum(grads, mechanism=mechanism, scale=1.0, noise=_seeded(7)) for _ in range(2)]  # type: ignore[arg-type]
+    secret = [
+        noisy_sum(grads, mechanism=mechanism, scale=1.0, noise=SecretNoise()) for _ in range(2)
+    ]  # type: ignore[arg-type]
 
     # Assert
-    assert torch.equal(first, second)
+    assert torch.equal(seeded[0], seeded[1])
+    assert not torch.equal(secret[0], secret[1])
+    assert not torch.equal(secret[0], seeded[0])
 
 
 @pytest.mark.parametrize("mechanism", ["gaussian", "laplace"])
@@ -390,7 +521,8 @@ def test_noise_does_not_touch_global_rng(mechanism: str) -> None:
     before = torch.random.get_rng_state()
 
     # Execute
-    noisy_sum(torch.ones(4, 10), mechanism=mechanism, scale=1.0, generator=_generator(3))  # type: ignore[arg-type]
+    for source in (SecretNoise(), _seeded(3)):
+        noisy_sum(torch.ones(4, 10), mechanism=mechanism, scale=1.0, noise=source)  # type: ignore[arg-type]
 
     # Assert
     assert torch.equal(torch.random.get_rng_state(), before)
@@ -401,116 +533,43 @@ def test_noisy_sum_keeps_the_list_form() -> None:
     parts = [torch.zeros(3, 2, 2), torch.zeros(3, 5)]
 
     # Execute
-    noised = noisy_sum(parts, mechanism="laplace", scale=1.0, generator=_generator(4))
+    noised = noisy_sum(parts, mechanism="laplace", scale=1.0, noise=_seeded(4))
 
     # Assert
     assert [tuple(t.shape) for t in noised] == [(2, 2), (5,)]
 
 
-def test_private_gradient_divides_by_expected_batch_size() -> None:
-    # Prepare: q * N = 0.5 * 8 = 4 expected records, realised batch of 2
+def test_private_gradient_divides_by_the_released_count_times_the_rate() -> None:
+    # Prepare: q * N~ = 0.5 * 8 = 4, realised batch of 2, exact N unknown to the step
     config = DPConfig("none", math.inf)
-    plan = plan_participation(config, n_samples=8, batch_size=4, local_epochs=1)
+    plan = StepPlan(0.5, 1, 0.0, 0.0)
     grads = torch.tensor([[2.0, 4.0], [6.0, 8.0]])
 
     # Execute
     gradient = private_gradient(
-        grads, config=config, plan=plan, n_samples=8, generator=_generator(0)
+        grads, config=config, plan=plan, released_records=8, noise=SecretNoise()
     )
 
     # Assert
     assert gradient.tolist() == [2.0, 3.0]
 
 
-# --- ledger -----------------------------------------------------------------
-
-
-def _state(spent: float) -> dict[str, object]:
-    return {"mechanism": "laplace", "participations": 1, "history": [[spent, 1.0, 1]]}
-
-
-def test_ledger_round_trip_survives_restart(tmp_path: Path) -> None:
+def test_poisson_mask_at_rate_one_takes_everyone_and_draws_nothing() -> None:
     # Prepare
-    path = tmp_path / "ledger.json"
-    BudgetLedger(path).record("client-1", 1, _state(0.1))
-    BudgetLedger(path).record("client-1", 3, _state(0.2))
-
-    # Execute: a fresh object stands for a restarted process
-    entry = BudgetLedger(path).entry("client-1")
-
-    # Assert
-    assert entry is not None
-    assert (entry.accountant, entry.rounds) == (_state(0.2), (1, 3))
-
-
-def test_ledger_missing_file_is_empty(tmp_path: Path) -> None:
-    # Execute
-    entries = BudgetLedger(tmp_path / "absent.json").load()
-
-    # Assert
-    assert entries == {}
-
-
-def test_ledger_refuses_a_round_not_after_the_last(tmp_path: Path) -> None:
-    # Prepare
-    ledger = BudgetLedger(tmp_path / "ledger.json")
-    ledger.record("client-1", 2, _state(0.1))
-
-    # Execute / Assert
-    with pytest.raises(ValueError, match="round 2"):
-        ledger.record("client-1", 2, _state(0.2))
-
-
-def test_ledger_corrupt_file_error_names_the_file(tmp_path: Path) -> None:
-    # Prepare
-    path = tmp_path / "ledger.json"
-    path.write_text('{"version": 1, "clients": ', encoding="utf-8")
-
-    # Execute / Assert
-    with pytest.raises(LedgerCorruptError, match=re.escape(str(path))):
-        BudgetLedger(path).load()
-
-
-def test_ledger_malformed_structure_is_corrupt(tmp_path: Path) -> None:
-    # Prepare
-    path = tmp_path / "ledger.json"
-    path.write_text('{"version": 1, "clients": {"c": {"rounds": "1"}}}', encoding="utf-8")
-
-    # Execute / Assert
-    with pytest.raises(LedgerCorruptError, match="'c'"):
-        BudgetLedger(path).load()
-
-
-def test_ledger_failed_replace_keeps_old_file_and_no_temp(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # Prepare
-    path = tmp_path / "ledger.json"
-    ledger = BudgetLedger(path)
-    ledger.record("client-1", 1, _state(0.1))
-    before = path.read_bytes()
-
-    def crash(src: str, dst: str) -> None:
-        raise OSError("simulated crash before rename")
-
-    monkeypatch.setattr(os, "replace", crash)
+    source = _seeded(9)
+    state = source.generator.get_state()
 
     # Execute
-    with pytest.raises(OSError, match="simulated"):
-        ledger.record("client-1", 2, _state(0.2))
+    chosen = poisson_mask(5, sample_rate=1.0, noise=source)
 
     # Assert
-    assert path.read_bytes() == before
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["ledger.json"]
+    assert chosen.tolist() == [0, 1, 2, 3, 4]
+    assert torch.equal(source.generator.get_state(), state)
 
 
-def test_ledger_write_leaves_only_the_ledger_file(tmp_path: Path) -> None:
-    # Prepare
-    ledger = BudgetLedger(tmp_path / "ledger.json")
-
+def test_poisson_mask_samples_at_its_rate() -> None:
     # Execute
-    ledger.record("client-1", 1, _state(0.1))
-    ledger.record("client-2", 1, _state(0.3))
+    chosen = poisson_mask(100_000, sample_rate=0.3, noise=SecretNoise())
 
-    # Assert
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["ledger.json"]
+    # Assert: standard error 0.00145
+    assert len(chosen) / 100_000 == pytest.approx(0.3, abs=0.008)

@@ -18,6 +18,7 @@ from node.client import ClientHost, ClientServicer
 from node.daemon import NodeLog, add_servicer
 from node.genesis import Genesis
 from node.identity import Identity
+from node.privacy_ledger import PrivacyLedger
 from node.records import REGISTRATION_TIMESTAMP, Registration
 from node.server import Server, ServerServicer
 from node.tensors import MODEL_REQUEST_KIND
@@ -64,7 +65,8 @@ def host(small_genesis: Genesis, identities: dict[str, Identity], tmp_path: Path
             small_genesis,
             [identities["client-000"]],
             federation=Federation.create(CONFIG, train),
-            run_dir=tmp_path,
+            ledger=PrivacyLedger(tmp_path / "ledger.json"),
+            log=NodeLog("clients"),
         )
 
     return asyncio.run(build())
@@ -92,8 +94,9 @@ def test_start_round_not_from_the_server_is_refused(
 
     # Execute
     serve(lambda s: add_servicer(s, "Client", ClientServicer(host, "client-000")), body)
-    # Assert: nothing started
-    assert host.rounds_started["client-000"] == set()
+    # Assert: nothing started, nothing entered in the ledger
+    assert host.in_flight["client-000"] == set()
+    assert not (host.ledger.path).exists()
 
 
 @pytest.fixture
@@ -103,7 +106,11 @@ def fl_server(small_genesis: Genesis, identities: dict[str, Identity], tmp_path:
         small_genesis, identities["server"], run_dir=tmp_path, test=test, log=NodeLog("server")
     )
     registrations = [
-        (c.node_id, Registration(c.node_id, 100, (0, 1), 1.0, 0.32, 4, 0.0), REGISTRATION_TIMESTAMP)
+        (
+            c.node_id,
+            Registration(c.node_id, (50, 50, 0, 0, 0, 0, 0, 0, 0, 0, 0)),
+            REGISTRATION_TIMESTAMP,
+        )
         for c in small_genesis.membership.clients
     ]
     commit(s.state, registrations)  # a block: its digest seeds round 1's selection

@@ -59,7 +59,11 @@ def miner(small_genesis: Genesis, identities: dict[str, Identity], tmp_path: Pat
         log=NodeLog("miner-1", tmp_path / "log"),
     )
     registrations = [
-        (c.node_id, Registration(c.node_id, 100, (0, 1), 1.0, 0.32, 4, 0.0), REGISTRATION_TIMESTAMP)
+        (
+            c.node_id,
+            Registration(c.node_id, (50, 50, 0, 0, 0, 0, 0, 0, 0, 0, 0)),
+            REGISTRATION_TIMESTAMP,
+        )
         for c in small_genesis.membership.clients
     ]
     commit(m.state, registrations)  # a block: its digest seeds round 1's selection

@@ -37,8 +37,8 @@ def always(*_args: object) -> bool:
     return True
 
 
-def registration(cid: str, n: int = 100) -> Registration:
-    return Registration(cid, n, tuple(range(10)), 1.0, 0.32, 4, 0.0)
+def registration(cid: str, per_class: int = 10) -> Registration:
+    return Registration(cid, (per_class,) * 10 + (0,))
 
 
 def registered_state(selection_seed: str = "block") -> ChainState:

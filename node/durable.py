@@ -1,0 +1,54 @@
+"""The one way this project writes a file that must survive a crash.
+
+``write_durably`` writes to a temporary file in the target's directory
+(created with mode 0600, so a secret is never readable by others, not even
+for a moment), flushes and fsyncs it, sets the final mode, renames it over
+the target and fsyncs the directory. After a crash the target is either the
+old or the new version, never a mixture, and once the call returns the new
+version is on disk (the rename is durable only after the directory's fsync).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+
+def fsync_directory(directory: Path) -> None:
+    # Windows cannot open a directory for fsync; there the rename is as good
+    # as it gets.
+    if os.name != "posix":
+        return
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_durably(path: Path, data: bytes, *, mode: int = 0o600) -> None:
+    """Replace ``path`` with ``data`` atomically and durably (file mode ``mode``)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    fsync_directory(path.parent)
+
+
+def write_json_durably(path: Path, doc: Any, *, mode: int = 0o644) -> None:
+    """``doc`` as indented JSON through :func:`write_durably` (serialised first,
+    so a document that cannot be written as JSON leaves nothing behind)."""
+    data = json.dumps(doc, indent=1, allow_nan=True).encode("utf-8")
+    write_durably(path, data, mode=mode)
