@@ -37,8 +37,8 @@ def identities() -> dict[str, Identity]:
     return {node_id: fixed_identity(node_id, role) for node_id, role in NODES}
 
 
-@pytest.fixture(scope="session")
-def genesis(identities: dict[str, Identity]) -> Genesis:
+def network_genesis(run: RunConfig) -> Genesis:
+    """The fixed network (``NODES``, keys from fixed seeds) running ``run``."""
     nodes = []
     for port, (node_id, role) in enumerate(NODES, start=50051):
         number = int(node_id.rsplit("-", 1)[1]) if "-" in node_id else None
@@ -47,17 +47,19 @@ def genesis(identities: dict[str, Identity]) -> Genesis:
                 node_id=node_id,
                 role=role,
                 address=f"127.0.0.1:{port}",
-                public_key=identities[node_id].public_key,
+                public_key=fixed_identity(node_id, role).public_key,
                 replica=number if role == "miner" else None,
                 client_index=number if role == "client" else None,
             )
         )
     return Genesis(
-        protocol=ProtocolParams(),
-        selection=SelectionWeights(),
-        run=RunConfig(clients=3),
-        nodes=tuple(nodes),
+        protocol=ProtocolParams(), selection=SelectionWeights(), run=run, nodes=tuple(nodes)
     )
+
+
+@pytest.fixture(scope="session")
+def genesis(identities: dict[str, Identity]) -> Genesis:
+    return network_genesis(RunConfig(clients=3))
 
 
 @pytest.fixture(scope="session")
