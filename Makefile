@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 DATA ?= $(or $(LLBCFL_DATA),./data)
 
-.PHONY: venv demo test lint clean
+.PHONY: venv demo test test-fast lint clean
 
 $(BIN)/llbcfl: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -28,6 +28,11 @@ demo: venv
 test: venv
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
+
+# The developers' loop (under 5 minutes): no end-to-end network runs, no slow audits.
+test-fast: venv
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest -q -m "not slow and not e2e"
 
 lint: venv
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

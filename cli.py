@@ -10,6 +10,7 @@ from typing import Any
 
 import click
 
+from commands.privacy import privacy
 from fl.aggregation import AGGREGATIONS
 from fl.attacks import ATTACKS
 from fl.config import SELECTIONS, SERVER_LR_DECAYS, RunConfig
@@ -683,6 +684,21 @@ def chain_verify(db: str, genesis_path: str) -> None:
     click.echo(message)
     if not ok:
         sys.exit(1)
+
+
+main.add_command(privacy)
+
+
+@privacy.command("plan")
+@_run_options
+def privacy_plan(**kwargs: Any) -> None:
+    """Print the privacy plan of a run as JSON: the calibrated noise, the registration
+    histogram's noise, and epsilon per participation and in total by each accountant."""
+    import json
+
+    from fl.rounds import privacy_report
+
+    click.echo(json.dumps(privacy_report(_config(kwargs)), indent=1))
 
 
 @main.command()

@@ -23,3 +23,10 @@ def mnist_root() -> Path:
             "set LLBCFL_DATA=../shared/datasets to run this test"
         )
     return root
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Every test under tests/e2e/ starts real node processes: mark it ``e2e``."""
+    for item in items:
+        if "e2e" in item.path.parts:
+            item.add_marker(pytest.mark.e2e)

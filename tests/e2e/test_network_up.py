@@ -36,7 +36,7 @@ from fl.config import RunConfig
 from fl.data import load_mnist
 from fl.simulator import run_simulation
 from node.chaintools import read_blocks
-from node.records import Registration, RoundSummary, Selection, decode_operation
+from node.records import Registration, RoundSummary, RoundVerdicts, Selection, decode_operation
 
 ROOT = Path(__file__).resolve().parents[2]
 OPTIONS = {
@@ -88,13 +88,70 @@ def network_run(tmp_path_factory: pytest.TempPathFactory, mnist_root: Path) -> d
     return finished_run(tmp_path_factory.mktemp("net") / "run", mnist_root)
 
 
+# Gaussian local DP with noise from the seed: the one way a network run can
+# be compared with simulate number for number (never outside a testbed).
+REPRODUCIBLE_DP = {"dp": "gaussian", "epsilon": 10.0, "reproducible_noise": True}
+
+
+def option_args(options: dict[str, Any]) -> list[str]:
+    return [
+        f"--{k.replace('_', '-')}" if v is True else f"--{k.replace('_', '-')}={v}"
+        for k, v in options.items()
+    ]
+
+
 @pytest.fixture(scope="module")
 def run_seeded_network(
     tmp_path_factory: pytest.TempPathFactory, mnist_root: Path
 ) -> dict[str, Any]:
-    """Selection seeds from --seed, as in ``simulate``."""
+    """Selection seeds from --seed and reproducible DP noise, as in ``simulate``."""
     run_dir = tmp_path_factory.mktemp("net-run-seed") / "run"
-    return finished_run(run_dir, mnist_root, "--selection-seed", "run")
+    extra = ["--selection-seed", "run", *option_args(REPRODUCIBLE_DP)]
+    return finished_run(run_dir, mnist_root, *extra)
+
+
+def round_one_digests(run_dir: Path) -> dict[str, bytes]:
+    """Client -> digest of its round-1 update, from miner-0's chain."""
+    for block in read_blocks(run_dir / "miner-0" / "chain.db"):
+        for request in block.requests():
+            record = decode_operation(request.operation)[1]
+            if isinstance(record, RoundVerdicts) and record.round == 1:
+                return {u.client: u.digest for u in record.updates}
+    raise AssertionError("no verdicts for round 1 on the chain")
+
+
+@pytest.fixture(scope="module")
+def twin_networks(
+    tmp_path_factory: pytest.TempPathFactory, mnist_root: Path
+) -> dict[str, list[dict[str, bytes]]]:
+    """Round-1 update digests of two one-round DP networks with the same seed and
+    config, with secret noise and with reproducible noise."""
+    base = ["--rounds", "1", "--selection-seed", "run", "--dp", "gaussian", "--epsilon", "10"]
+    out: dict[str, list[dict[str, bytes]]] = {}
+    for noise, extra in (("secret", []), ("reproducible", ["--reproducible-noise"])):
+        runs = []
+        for i in range(2):
+            run_dir = tmp_path_factory.mktemp(f"twin-{noise}-{i}") / "run"
+            finished_run(run_dir, mnist_root, *base, *extra)
+            runs.append(round_one_digests(run_dir))
+        out[noise] = runs
+    return out
+
+
+def test_two_networks_with_secret_noise_upload_different_updates(
+    twin_networks: dict[str, list[dict[str, bytes]]],
+) -> None:
+    first, second = twin_networks["secret"]
+    # Assert: the same clients took part, and every update differs
+    assert sorted(first) == sorted(second) and len(first) == 3
+    assert all(first[c] != second[c] for c in first)
+
+
+def test_two_networks_with_reproducible_noise_upload_identical_updates(
+    twin_networks: dict[str, list[dict[str, bytes]]],
+) -> None:
+    first, second = twin_networks["reproducible"]
+    assert first == second and len(first) == 3
 
 
 def test_accuracy_rises_over_the_rounds(network_run: dict[str, Any]) -> None:
@@ -179,8 +236,8 @@ def test_chain_show_lists_verdicts_reputations_and_summaries(network_run: dict[s
 
 
 def test_network_and_simulate_agree(run_seeded_network: dict[str, Any], mnist_root: Path) -> None:
-    # Prepare
-    config = RunConfig(**OPTIONS)  # type: ignore[arg-type]
+    # Prepare: the same run (reproducible DP noise) in one process
+    config = RunConfig(**OPTIONS, **REPRODUCIBLE_DP)  # type: ignore[arg-type]
     splits = load_mnist(
         mnist_root, train_size=config.train_size, val_size=config.val_size, test_size=200 + 300
     )
@@ -193,6 +250,8 @@ def test_network_and_simulate_agree(run_seeded_network: dict[str, Any], mnist_ro
         assert net["rejected"] == sim["rejected"]
         assert round(net["accuracy"], 4) == round(sim["accuracy"], 4)
         assert net["reputation"] == sim["reputation"]
+        assert net["epsilon_spent_max"] == pytest.approx(sim["epsilon_spent_max"], rel=1e-9)
+    assert run_seeded_network["privacy"]["noise"] == "reproducible (NO PRIVACY)"
 
 
 def wait_for_round(run_dir: Path, process: subprocess.Popen, rnd: int) -> None:
@@ -387,15 +446,15 @@ def test_nodes_started_by_hand_and_a_restarted_server_match_simulate(
             started.append(
                 start("--role", "miner", "--key", miner_key, "--run-dir", miner_dir, name=f"m{i}")
             )
-        client_dir = str(tmp_path / "clients")
+        ledger = str(tmp_path / "clients" / "privacy-ledger.json")
         started.append(
             start(
                 "--role",
                 "client",
                 "--key-dir",
                 str(client_keys),
-                "--run-dir",
-                client_dir,
+                "--privacy-ledger",
+                ledger,
                 name="clients",
             )
         )
