@@ -320,7 +320,7 @@ def _check_rate_and_steps(sample_rate: float, steps: int) -> None:
 # Accounting -------------------------------------------------------------------------
 
 
-def _merge(history: Sequence[Release], release: Release) -> list[Release]:
+def append_release(history: Sequence[Release], release: Release) -> list[Release]:
     """``history`` plus ``release``, merged into the last entry when the steps are alike.
 
     Merging makes the spend after ``max_participations`` participations the
@@ -427,7 +427,7 @@ def composed_epsilon(
         history: list[Release] = []
         for kind, release in releases:
             if kind == mechanism:
-                history = _merge(history, release)
+                history = append_release(history, release)
         total += history_epsilon(mechanism, history, delta=delta, accountant=accountant)
     return total
 
@@ -514,7 +514,7 @@ def _cached_gaussian(
     epsilon_tolerance: float,
 ) -> float:
     def spend(sigma: float) -> float:
-        history = _merge(prefix, Release(sigma, sample_rate, steps))
+        history = append_release(prefix, Release(sigma, sample_rate, steps))
         return gaussian_epsilon(history, delta=delta, accountant=accountant)
 
     return _smallest_noise(spend, target=epsilon, tolerance=epsilon_tolerance)
@@ -704,7 +704,7 @@ class PrivacyAccountant:
         """True when one more participation would overspend the budget."""
         if self.config.mechanism == "none":
             return False
-        after = self._spent(_merge(self._history, self.plan.step.release))
+        after = self._spent(append_release(self._history, self.plan.step.release))
         return after > self.config.epsilon * (1 + BUDGET_RTOL)
 
     def record_registration(self) -> None:
@@ -712,13 +712,13 @@ class PrivacyAccountant:
         if self._registered:
             raise ValueError("the registration is already accounted")
         if self.config.mechanism != "none":
-            self._history = _merge(self._history, self.plan.registration)
+            self._history = append_release(self._history, self.plan.registration)
         self._registered = True
 
     def record_participation(self) -> None:
         """Account for one participation (call before training starts)."""
         if self.config.mechanism != "none":
-            self._history = _merge(self._history, self.plan.step.release)
+            self._history = append_release(self._history, self.plan.step.release)
         self._participations += 1
 
 

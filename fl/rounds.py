@@ -38,8 +38,10 @@ from fl.privacy import (
     NoiseSource,
     PrivacyAccountant,
     PrivacyPlan,
+    Release,
     SecretNoise,
     SeededNoise,
+    append_release,
     history_epsilon,
     plan_privacy,
     public_schedule,
@@ -114,6 +116,35 @@ def registration_noise(config: RunConfig, *, client: str) -> NoiseSource:
     if config.reproducible_noise:
         return SeededNoise(torch_generator(config.seed, "registration", client))
     return SecretNoise()
+
+
+def replace_one_epsilon(config: RunConfig) -> float:
+    """The run's total epsilon read under replace-one adjacency instead of add/remove-one.
+
+    Replacing a record is removing one and adding one: the clipped gradient
+    sum moves by up to ``2C`` (so every noise multiplier halves) and the
+    histogram changes two bins by one (L2 ``sqrt 2``, L1 2). Laplace releases
+    are pure DP, so the total doubles. For Gaussian the composition is
+    recomputed with the halved multipliers, which is exact at ``q = 1``;
+    the Poisson-subsampled case needs its own replace-one analysis, so it
+    is refused.
+    """
+    plan = privacy_plan(config)
+    dp = dp_config(config)
+    full = [plan.registration] + [plan.step.release] * dp.max_participations
+    if config.dp == "laplace":
+        return 2 * history_epsilon("laplace", full, delta=dp.delta, accountant="basic")
+    if config.dp != "gaussian":
+        return 0.0
+    if plan.step.sample_rate != 1:
+        raise ValueError("replace-one accounting is implemented for full-batch steps (q = 1)")
+    registration = Release(plan.registration.noise / math.sqrt(2), 1.0, 1)
+    step = Release(plan.step.noise_multiplier_or_eps0 / 2, 1.0, plan.step.steps)
+    history = [registration] + [step] * dp.max_participations
+    merged: list[Release] = []
+    for release in history:
+        merged = append_release(merged, release)
+    return history_epsilon("gaussian", merged, delta=dp.delta, accountant=plan.accountant)
 
 
 def privacy_report(config: RunConfig) -> dict[str, object]:
