@@ -29,6 +29,8 @@ def run_config(args: argparse.Namespace) -> list[str]:
         "--clients", str(args.clients), "--frac", str(args.frac), "--rounds", str(args.rounds),
         "--local-epochs", str(args.local_epochs), "--model", args.model,
         "--dp", "gaussian", "--epsilon", str(args.epsilon),
+        # Seeded noise: the two runs must agree number for number (no privacy).
+        "--reproducible-noise",
         "--train-size", str(args.train_size), "--seed", str(args.seed),
     ]  # fmt: skip
     if args.data_dir:

@@ -25,8 +25,8 @@ from torch import nn
 
 from fl.config import RunConfig
 from fl.models import build_model
-from fl.privacy import PrivacyAccountant
-from fl.rounds import ClientState, declared_summary, dp_config
+from fl.privacy import PrivacyAccountant, label_histogram
+from fl.rounds import ClientState, dp_config, privacy_plan
 from fl.training import TrainConfig
 from fl.weights import get_weights
 
@@ -76,15 +76,15 @@ def main() -> None:
     ours = build_model("cnn", generator=torch.Generator().manual_seed(0))
     global_weights = get_weights(ours)
     run_cfg = RunConfig(batch_size=args.batch_size, lr=0.01, momentum=0.5)
-    dp = dp_config(run_cfg)
+    plan = privacy_plan(run_cfg)
     client = ClientState(
         "client-000",
         x,
         y,
-        declared_summary("client-000", y, attack=None, config=run_cfg),
+        tuple(int(c) for c in label_histogram(y, num_classes=10).tolist()),
         None,
-        PrivacyAccountant(dp),
-        plan=None,  # type: ignore[arg-type]
+        PrivacyAccountant(dp_config(run_cfg), plan),
+        plan,
     )
     bare = BareCNN()
     bare.load_state_dict(global_weights)

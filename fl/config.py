@@ -42,7 +42,7 @@ class RunConfig:
     server_lr: float = 1.0
     server_lr_decay: str = "none"
     selection: str = "weighted"
-    # Local differential privacy (DESIGN.md section 5).
+    # Local differential privacy (docs/PRIVACY.md).
     dp: str = "none"
     epsilon: float = 10.0
     delta: float = 1e-5

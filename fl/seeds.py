@@ -1,8 +1,10 @@
 """Deterministic seed derivation.
 
-Every random draw in the project takes an explicit generator (DESIGN.md
-section 4).  Generators are derived from the run seed and a label naming the
-purpose (``"train"``, round, client id, ...) by hashing canonical bytes, so a
+Every random draw in the project takes an explicit generator, with one
+exception: the DP noise and the Poisson sampling mask, which must be secret
+(``fl.privacy.SecretNoise``; seeded only under ``--reproducible-noise``).
+Generators are derived from the run seed and a label naming the purpose
+(``"train"``, round, client id, ...) by hashing canonical bytes, so a
 client's draws depend only on *what* it is doing, not on which process or in
 which order it runs: the simulator and the network nodes get identical numbers.
 """
