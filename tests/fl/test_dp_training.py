@@ -83,14 +83,12 @@ def test_dp_training_with_little_noise_learns():
     assert acc > 0.5
 
 
-def test_dp_training_with_seeded_noise_is_deterministic_and_leaves_global_rng_alone():
-    data = synthetic_split(50, seed=2)
-    dp = DPConfig("laplace", epsilon=10.0, clip=1.0, max_participations=2)
-    plan = StepPlan(sample_rate=0.2, steps=3, noise_multiplier_or_eps0=1.0, noise_scale=1.0)
+def _trained_twice(data, dp, plan, model_name, noise):
+    """Flat parameters after two trainings from the same model, plan and public
+    generator seed; ``noise()`` gives each training its noise source."""
     results = []
-    state = torch.get_rng_state()
     for _ in range(2):
-        model = build_model("cnn", generator=torch.Generator().manual_seed(0))
+        model = build_model(model_name, generator=torch.Generator().manual_seed(0))
         train_local_dp(
             model,
             data.x,
@@ -98,38 +96,40 @@ def test_dp_training_with_seeded_noise_is_deterministic_and_leaves_global_rng_al
             config=TrainConfig(),
             dp=dp,
             plan=plan,
-            released_records=50,
-            noise=SeededNoise(torch.Generator().manual_seed(5)),
+            released_records=len(data.y),
+            noise=noise(),
             generator=torch.Generator().manual_seed(4),
         )
         results.append(torch.cat([p.detach().reshape(-1) for p in model.parameters()]))
-    assert torch.equal(results[0], results[1])
+    return results
+
+
+def test_dp_training_with_seeded_noise_is_deterministic_and_leaves_global_rng_alone():
+    # Prepare
+    dp = DPConfig("laplace", epsilon=10.0, clip=1.0, max_participations=2)
+    plan = StepPlan(sample_rate=0.2, steps=3, noise_multiplier_or_eps0=1.0, noise_scale=1.0)
+    state = torch.get_rng_state()
+    # Execute
+    first, second = _trained_twice(
+        synthetic_split(50, seed=2),
+        dp,
+        plan,
+        "cnn",
+        lambda: SeededNoise(torch.Generator().manual_seed(5)),
+    )
+    # Assert
+    assert torch.equal(first, second)
     assert torch.equal(torch.get_rng_state(), state)
 
 
 def test_dp_training_with_secret_noise_differs_every_time():
-    # Prepare: the same model, data, plan and (public) generator seed
-    data = synthetic_split(20, seed=2)
+    # Prepare
     dp = DPConfig("gaussian", epsilon=10.0, clip=1.0, max_participations=1)
     plan = StepPlan(sample_rate=1.0, steps=1, noise_multiplier_or_eps0=1.0, noise_scale=1.0)
-    results = []
     # Execute
-    for _ in range(2):
-        model = build_model("mlp", generator=torch.Generator().manual_seed(0))
-        train_local_dp(
-            model,
-            data.x,
-            data.y,
-            config=TrainConfig(),
-            dp=dp,
-            plan=plan,
-            released_records=20,
-            noise=SecretNoise(),
-            generator=torch.Generator().manual_seed(4),
-        )
-        results.append(torch.cat([p.detach().reshape(-1) for p in model.parameters()]))
+    first, second = _trained_twice(synthetic_split(20, seed=2), dp, plan, "mlp", SecretNoise)
     # Assert
-    assert not torch.allclose(results[0], results[1])
+    assert not torch.allclose(first, second)
 
 
 def test_subspace_training_moves_only_within_the_public_subspace():
