@@ -45,6 +45,29 @@ def test_augmentations_without_dp_is_a_plain_usage_error():
     assert "Traceback" not in result.output
 
 
+def test_reproducible_noise_warns_that_there_is_no_privacy(tmp_path):
+    # Execute: the warning comes before the data is looked for
+    result = CliRunner().invoke(
+        cli.main,
+        ["simulate", "--dp", "gaussian", "--reproducible-noise", "--data-dir", str(tmp_path)],
+    )
+    # Assert
+    assert "NO differential privacy" in result.stderr
+
+
+def test_network_init_refuses_public_noise_outside_a_testbed(tmp_path):
+    # Execute
+    args = ["network", "init", "--clients", "3", "--dp", "gaussian", "--reproducible-noise"]
+    refused = CliRunner().invoke(cli.main, [*args, "--out", str(tmp_path / "a")])
+    testbed = CliRunner().invoke(cli.main, [*args, "--testbed", "--out", str(tmp_path / "b")])
+    # Assert: a plain error, nothing written; a testbed may
+    assert refused.exit_code == 1 and "only on a testbed" in refused.output
+    assert "Traceback" not in refused.output
+    assert not (tmp_path / "a" / "genesis.toml").exists()
+    assert testbed.exit_code == 0, testbed.output
+    assert "testbed = true" in (tmp_path / "b" / "genesis.toml").read_text()
+
+
 def test_simulate_without_data_says_how_to_get_it(tmp_path):
     result = CliRunner().invoke(
         cli.main, ["simulate", "--data-dir", str(tmp_path), "--rounds", "1"]

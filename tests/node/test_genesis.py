@@ -177,7 +177,22 @@ CASES = [
     ("client count", _set(("run", "clients"), 4), "expected 4 clients, found 3"),
     ("version", _set(("version",), 2), "version 2 is not supported"),
     ("missing table", lambda d: d.pop("protocol"), "genesis lacks protocol"),
+    (
+        "public noise outside a testbed",
+        _set(("run", "reproducible_noise"), True),
+        "allowed only on a testbed (protocol.testbed = true)",
+    ),
 ]
+
+
+def test_reproducible_noise_loads_on_a_testbed_genesis(genesis):
+    # Prepare
+    doc = _mutated(genesis, _set(("run", "reproducible_noise"), True))
+    doc["protocol"]["testbed"] = True
+    # Execute
+    loaded = Genesis.from_dict(doc)
+    # Assert
+    assert loaded.run.reproducible_noise and loaded.protocol.testbed
 
 
 @pytest.mark.parametrize(("change", "message"), [c[1:] for c in CASES], ids=[c[0] for c in CASES])
