@@ -4,7 +4,7 @@ A fork is the worst bug this system can have, so every digest and signature
 covers bytes produced here: fixed field order, big-endian fixed-width
 integers, length-prefixed byte strings. Never ``str()``, pickle or dict order.
 
-Signatures are domain-separated (DESIGN.md section 4): the signed bytes of
+Signatures are domain-separated: the signed bytes of
 every message start with :func:`domain_tag`, which names the protocol
 version and the message kind, so a PREPARE signature can never be replayed
 as a COMMIT (the kind differs) and view/height are part of every vote body.

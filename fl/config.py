@@ -57,7 +57,7 @@ class RunConfig:
     # Noise from a seeded generator: no privacy at all (tests, equivalence
     # checks and testbeds only; a node refuses it outside a testbed genesis).
     reproducible_noise: bool = False
-    # Trust (DESIGN.md section 6).
+    # Trust: validation, reputation, selection.
     validation: bool = True
     val_rule: str = "relative"
     val_k: float = 3.0

@@ -6,7 +6,7 @@ header (magic 2051 for images, 2049 for labels, the item count, then rows and
 columns for images) followed by raw ``uint8`` values.
 
 This module only reads local files; downloading lives in ``node.datafetch``.
-Splits follow DESIGN.md section 8: every training image goes to the clients;
+Splits: every training image goes to the clients;
 the test images are taken in a fixed public order (:func:`evaluation_order`),
 the first ``val_size`` of it are the miners' validation set, and accuracy is
 reported on the next ``test_size``.  The order is shuffled because MNIST's

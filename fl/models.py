@@ -8,7 +8,7 @@
   512->10; 1,663,370 parameters.
 - ``mlp``: McMahan et al.'s 2NN, 784->200->200->10; 199,210 parameters.
 
-Dropout draws its masks from an explicit generator (DESIGN.md section 4), so
+Dropout draws its masks from an explicit generator (never the global RNG), so
 ``forward`` takes the masks as an argument: ``sample_masks`` makes them for a
 batch, and the per-sample-gradient code can slice them per example.
 """

@@ -1,4 +1,4 @@
-"""Client reputation by subjective logic (DESIGN.md section 6).
+"""Client reputation by subjective logic.
 
 Follows the reputation scheme of Kang et al., "Incentive Mechanism for
 Reliable Federated Learning: A Joint Optimization Approach to Combining
@@ -29,7 +29,7 @@ from typing import Any
 
 @dataclass(frozen=True)
 class ReputationParams:
-    """Subjective-logic parameters; defaults follow DESIGN.md section 6."""
+    """Subjective-logic parameters; defaults as documented in the module."""
 
     z: float = 0.9
     kappa: float = 0.3

@@ -1,6 +1,6 @@
 """Client selection: Algorithm 1 of Wu & Kang (self-assessment + reputation).
 
-DESIGN.md section 6. Each client declares a data summary; its
+Each client declares a data summary (derived from its registration); its
 self-assessment is ``w1 * size + w2 * quality + w3 * coverage``. Round 1
 selects by self-assessment alone; later rounds by
 ``w4 * self + w5 * reputation``. Two modes:

@@ -1,7 +1,7 @@
 """The server's checkpoints: the global model after each round, and resuming from them.
 
 ``RUN_DIR/checkpoints/round-NNNN.pt`` holds what :class:`node.offchain.GlobalModels`
-needs to aggregate the rounds after NNNN (DESIGN.md section 2, step 5): the
+needs to aggregate the rounds after NNNN (docs/NETWORK.md, "One round", step 5): the
 round, the weights after it, and the FedAvgM server velocity (absent without
 server momentum). Files are written atomically (temporary file, fsync,
 rename) and read with ``torch.load(weights_only=True)``, so a checkpoint

@@ -71,9 +71,10 @@ class ProtocolParams:
     chunk_bytes: int = MAX_CHUNK_BYTES
     max_stream_bytes: int = 64 << 20
     # Where the selection draw's seed comes from (node.records.ChainState):
-    # "block", the digest of the block that closed the previous round (DESIGN.md
-    # sections 2 and 6); "run", fl.rounds.selection_seed of the run seed and the
-    # round, as in `simulate`, so that a network run can be compared with it.
+    # "block", the digest of the block that closed the previous round
+    # (docs/NETWORK.md, "The selection seed"); "run", fl.rounds.selection_seed
+    # of the run seed and the round, as in `simulate`, so that a network run
+    # can be compared with it.
     selection_seed: str = "block"
     # A testbed is a network for experiments on public data (`network up`, the
     # tests), where the run may ask for reproducible (public) DP noise; a

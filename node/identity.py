@@ -1,4 +1,4 @@
-"""Node identities: Ed25519 keys, key files, signed envelopes (DESIGN.md section 4).
+"""Node identities: Ed25519 keys, key files, signed envelopes (domain-separated).
 
 The only module that imports PyNaCl. A node's :class:`Identity` is its id,
 role and Ed25519 signing key; key files hold the 32-byte seed in hex, are

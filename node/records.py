@@ -26,8 +26,8 @@ RoundSummary   server     round, global-model digest, test accuracy and loss
 :class:`ChainState` applies committed records in order and answers what a
 replica must recompute: the selection Algorithm 1 gives for the next round
 (seeded, with genesis ``protocol.selection_seed = "block"``, by the digest of
-the block that made the round due: DESIGN.md section 2's "selection
-randomness from the previous block hash"), reputations
+the block that made the round due: the protocol's "selection randomness
+from the previous block hash"), reputations
 (``fl.reputation.ReputationBook`` fed from verdict records), declined
 clients and privacy spent (``fl.privacy.PrivacyAccountant`` replayed from
 the registrations and the participations, with the run's plan).

@@ -1,6 +1,6 @@
 """The federated-learning server daemon: selection, model distribution, aggregation.
 
-Round r (DESIGN.md section 2): once the block holding round r-1's summary
+Round r (docs/NETWORK.md, "One round"): once the block holding round r-1's summary
 (for round 1: the last registration) is committed, compute Algorithm 1 from
 the chain state (:meth:`node.records.ChainState.expected_selection`, the
 simulator's ``select_round`` call, seeded by that block's digest or, with

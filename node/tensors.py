@@ -7,12 +7,12 @@ the concatenated raw little-endian bytes of the tensors in name order, and a
 trailer with the digest and the sender's signed claim. Protobuf types stop
 here: callers get ``name -> torch.Tensor`` mappings (``fl.weights.Weights``).
 
-The digest (:func:`weights_digest`) is SHA-256 over canonical bytes
-(DESIGN.md section 4): a tag and the tensor count, then for each tensor in
-name order its name, dtype, shape and raw bytes, each length-prefixed. The
-claim the sender signs binds round, sender id, base digest, digest and
-sample count (:func:`claim_bytes`), in an envelope of kind ``update``
-(clients) or ``model`` (the server).
+The digest (:func:`weights_digest`) is SHA-256 over canonical bytes (fixed
+field order, explicit dtype and shape): a tag and the tensor count, then for
+each tensor in name order its name, dtype, shape and raw bytes, each
+length-prefixed. The claim the sender signs binds round, sender id, base
+digest, digest and sample count (:func:`claim_bytes`), in an envelope of kind
+``update`` (clients) or ``model`` (the server).
 
 :class:`TensorStreamReceiver` checks, in this order, and raises
 :class:`UpdateRejected` with the gRPC status a servicer should return:

@@ -1,4 +1,4 @@
-"""consensus/ is pure: it never imports crypto, transport or node code (DESIGN.md s.3)."""
+"""consensus/ is pure: it never imports crypto, transport or node code (see the README's layout)."""
 
 from __future__ import annotations
 
