@@ -1,4 +1,11 @@
-"""consensus/ is pure: it never imports crypto, transport or node code (see the README's layout)."""
+"""The pure packages stay pure (see the README's layout).
+
+consensus/ never imports crypto, transport, node code, clocks or the global
+random module; fl/ never imports node code, transport or crypto, nor reads a
+clock (the simulator gets its clock injected). fl/ may read the operating
+system's CSPRNG (``os.urandom``): secret DP noise is the one sanctioned
+unseeded draw.
+"""
 
 from __future__ import annotations
 
@@ -7,19 +14,24 @@ from pathlib import Path
 
 import pytest
 
-PACKAGE = Path(__file__).resolve().parents[2] / "consensus"
-FORBIDDEN = {"nacl", "grpc", "node", "proto", "socket", "time", "random"}
+ROOT = Path(__file__).resolve().parents[2]
+FORBIDDEN = {
+    "consensus": {"nacl", "grpc", "node", "proto", "socket", "time", "random", "commands"},
+    "fl": {"nacl", "grpc", "node", "proto", "socket", "time", "commands"},
+}
 # The simulator owns the seeded generator; the store is the one I/O module.
-ALLOWED = {"sim.py": {"random"}}
+ALLOWED = {("consensus", "sim.py"): {"random"}}
+MODULES = [(pkg, p.name) for pkg in FORBIDDEN for p in sorted((ROOT / pkg).glob("*.py"))]
 
 
-@pytest.mark.parametrize("module", sorted(p.name for p in PACKAGE.glob("*.py")))
-def test_module_imports_nothing_impure(module: str) -> None:
-    tree = ast.parse((PACKAGE / module).read_text())
+@pytest.mark.parametrize(("package", "module"), MODULES, ids=[f"{p}/{m}" for p, m in MODULES])
+def test_module_imports_nothing_impure(package: str, module: str) -> None:
+    tree = ast.parse((ROOT / package / module).read_text())
     imported = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             imported.update(alias.name.split(".")[0] for alias in node.names)
         elif isinstance(node, ast.ImportFrom) and node.module:
             imported.add(node.module.split(".")[0])
-    assert not (imported & (FORBIDDEN - ALLOWED.get(module, set())))
+    allowed = ALLOWED.get((package, module), set())
+    assert not (imported & (FORBIDDEN[package] - allowed))
