@@ -23,6 +23,7 @@ import pytest
 from fl.privacy import BUDGET_RTOL
 from node.client import ClientServicer
 from node.daemon import add_servicer
+from node.records import RoundVerdicts, UpdateRecord
 from proto import llbcfl_pb2 as pb
 from proto import llbcfl_pb2_grpc as pb_grpc
 from tests.node.client_host_harness import CONFIG, make_host, notice
@@ -179,3 +180,29 @@ def test_the_ledger_keeps_a_round_killed_between_reservation_and_upload(tmp_path
     assert host.ledger.rounds(data, host.network) == {1}
     assert reply == grpc.StatusCode.ALREADY_EXISTS
     assert host.spent("client-000") > host.budget.spent(host.ledger.entries(data)[:1])
+
+
+def test_a_client_whose_ledger_is_behind_takes_the_spend_the_chain_shows(tmp_path: Path) -> None:
+    # Prepare: the chain shows client-000's update in round 1; the ledger is empty
+    async def run() -> tuple[Any, list[Any]]:
+        host = await make_host(tmp_path / "ledger.json")  # reconciles once, on an empty chain
+        chain = host.follower.state
+        chain.verdicts[1] = RoundVerdicts(1, (committed_update("client-000"),), (), (), ())
+        registered = chain.registrations["client-000"].histogram
+        host.ledger.path.unlink()  # the ledger is lost
+        host.reconcile()
+        return host, [registered, *(await send(host, "client-000", notice(1)))]
+
+    # Execute
+    host, (registered, reply) = asyncio.run(run())
+
+    # Assert: the registration and round 1 are counted, and round 1 is refused
+    data = host.data["client-000"]
+    assert host.ledger.rounds(data, host.network) == {1}
+    assert host.ledger.histogram(data, host.network) == registered
+    assert host.states["client-000"].histogram == registered
+    assert reply == grpc.StatusCode.ALREADY_EXISTS
+
+
+def committed_update(cid: str) -> UpdateRecord:
+    return UpdateRecord(cid, b"\x01" * 32, b"\x02" * 32, 100, 0.5, True, "accepted", b"s")
