@@ -99,10 +99,18 @@ REFERENCE = {
 }
 
 
-def gauss_lr(epsilon: float) -> float:
-    """The Gaussian client step: halved below epsilon 5, where the noise
-    multiplier is 4-8x that at epsilon 10 and lr 2 stalls."""
-    return GAUSSIAN["lr"] if epsilon >= 5 else GAUSSIAN["lr"] / 2
+def gauss_schedule(epsilon: float) -> dict[str, Any]:
+    """The Gaussian client step, and the server's schedule, by budget.
+
+    Below epsilon 5 the noise multiplier is 4-8x that at epsilon 10: the
+    client step is a quarter (lr 0.5) and the server step decays on a
+    cosine to a tenth, so the late rounds average the noise instead of
+    drifting on it (without the decay, epsilon 1 peaks at 76% in round 22
+    and ends at 60%). At epsilon 10 the same schedule costs a point.
+    """
+    if epsilon >= 5:
+        return {"lr": GAUSSIAN["lr"]}
+    return {"lr": GAUSSIAN["lr"] / 4, "server_lr_decay": "cosine"}
 
 
 REF = {"dist": "noniid", "frac": 0.2, "rounds": 100}
@@ -133,10 +141,10 @@ def runs() -> dict[str, dict[str, Any]]:
     ref = REF
     out: dict[str, dict[str, Any]] = {"ref_nodp": {**ref, **NO_DP}}
     for eps in GAUSS_EPS:
-        out[f"ref_gauss_{eps}"] = {**ref, **GAUSSIAN, "epsilon": float(eps), "lr": gauss_lr(eps)}
+        out[f"ref_gauss_{eps}"] = {**ref, **GAUSSIAN, "epsilon": float(eps), **gauss_schedule(eps)}
     for target in GAUSS_REPLACE_EPS:
         eps = add_remove_for_replace_one(target)
-        out[f"ref_gauss_r{target}"] = {**ref, **GAUSSIAN, "epsilon": eps, "lr": gauss_lr(eps)}
+        out[f"ref_gauss_r{target}"] = {**ref, **GAUSSIAN, "epsilon": eps, **gauss_schedule(eps)}
     for eps in LAPLACE_EPS:
         out[f"ref_laplace_{eps}"] = {**ref, **LAPLACE, "epsilon": float(eps)}
     # The paper setting also averages each record's gradient over 4 copies
@@ -422,7 +430,9 @@ def main() -> None:
     parser.add_argument("--out-dir", default="out/bench/accuracy")
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--only", nargs="*", default=None, help="run names (prefix match)")
+    parser.add_argument(
+        "--only", nargs="*", default=None, help="run names (a name that is not one: a prefix)"
+    )
     parser.add_argument("--report", default=None, help="write markdown tables here")
     parser.add_argument("--smoke", action="store_true", help="2 rounds on 6,000 images")
     parser.add_argument(
@@ -442,7 +452,8 @@ def main() -> None:
     todo = {
         n: s
         for n, s in runs().items()
-        if args.only is None or any(n.startswith(p) for p in args.only)
+        if args.only is None
+        or any(n == p or (p not in runs() and n.startswith(p)) for p in args.only)
     }
     start = time.perf_counter()
     docs: dict[str, dict] = {}
