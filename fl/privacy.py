@@ -59,7 +59,7 @@ import functools
 import math
 import os
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol, TypeVar
 
@@ -336,6 +336,14 @@ def append_release(history: Sequence[Release], release: Release) -> list[Release
     return out
 
 
+def merged(releases: Iterable[Release]) -> list[Release]:
+    """``releases`` as a history, each run of alike steps merged (:func:`append_release`)."""
+    history: list[Release] = []
+    for release in releases:
+        history = append_release(history, release)
+    return history
+
+
 @functools.lru_cache(maxsize=1024)
 def _one_step_rdp(sample_rate: float, noise_multiplier: float) -> np.ndarray:
     return privacy_analysis.compute_rdp(
@@ -422,14 +430,15 @@ def composed_epsilon(
     groups then add up by basic composition. This is how a client's spend
     composes across runs on the same data.
     """
-    total = 0.0
-    for mechanism in ("gaussian", "laplace"):
-        history: list[Release] = []
-        for kind, release in releases:
-            if kind == mechanism:
-                history = append_release(history, release)
-        total += history_epsilon(mechanism, history, delta=delta, accountant=accountant)
-    return total
+    return sum(
+        history_epsilon(
+            mechanism,
+            merged(r for kind, r in releases if kind == mechanism),
+            delta=delta,
+            accountant=accountant,
+        )
+        for mechanism in ("gaussian", "laplace")
+    )
 
 
 # Calibration --------------------------------------------------------------------------

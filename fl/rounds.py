@@ -1,7 +1,8 @@
 """One federated round, as steps the simulator and the network nodes share.
 
-- ``ClientState.register`` / ``Federation.create`` (client): the noisy label
-  histogram each client releases once (its data summary on the chain).
+- ``registration_histogram`` (client, through ``Federation.create``): the
+  noisy label histogram each client releases once (its data summary on the
+  chain).
 - ``select_round`` (server): Algorithm 1 (or uniform sampling, the control).
 - ``ClientState.participate`` (client): account the privacy spend, train
   (with DP when configured), and return the update.
@@ -41,8 +42,8 @@ from fl.privacy import (
     Release,
     SecretNoise,
     SeededNoise,
-    append_release,
     history_epsilon,
+    merged,
     plan_privacy,
     public_schedule,
     release_histogram,
@@ -131,7 +132,7 @@ def replace_one_epsilon(config: RunConfig) -> float:
     """
     plan = privacy_plan(config)
     dp = dp_config(config)
-    full = [plan.registration] + [plan.step.release] * dp.max_participations
+    full = merged([plan.registration] + [plan.step.release] * dp.max_participations)
     if config.dp == "laplace":
         return 2 * history_epsilon("laplace", full, delta=dp.delta, accountant="basic")
     if config.dp != "gaussian":
@@ -140,11 +141,8 @@ def replace_one_epsilon(config: RunConfig) -> float:
         raise ValueError("replace-one accounting is implemented for full-batch steps (q = 1)")
     registration = Release(plan.registration.noise / math.sqrt(2), 1.0, 1)
     step = Release(plan.step.noise_multiplier_or_eps0 / 2, 1.0, plan.step.steps)
-    history = [registration] + [step] * dp.max_participations
-    merged: list[Release] = []
-    for release in history:
-        merged = append_release(merged, release)
-    return history_epsilon("gaussian", merged, delta=dp.delta, accountant=plan.accountant)
+    history = merged([registration] + [step] * dp.max_participations)
+    return history_epsilon("gaussian", history, delta=dp.delta, accountant=plan.accountant)
 
 
 def privacy_report(config: RunConfig) -> dict[str, object]:
@@ -159,7 +157,7 @@ def privacy_report(config: RunConfig) -> dict[str, object]:
     if config.dp == "none":
         return out
     one = [plan.step.release]
-    full = [plan.registration] + [plan.step.release] * dp.max_participations
+    full = merged([plan.registration] + [plan.step.release] * dp.max_participations)
     accountants = GAUSSIAN_ACCOUNTANTS if config.dp == "gaussian" else ("basic",)
     out.update(
         {

@@ -175,13 +175,16 @@ class PrivacyLedger:
     # Changing -------------------------------------------------------------------
 
     def _change(self, data: bytes, change: Callable[[dict[str, Any]], Any]) -> Any:
-        """Run ``change`` on the data's item under the lock; write if it returns normally."""
+        """Run ``change`` on the data's item under the lock; if it returns normally
+        and changed anything, write the ledger (durably) before releasing the lock."""
         with self._locked():
             document = self._load()
+            before = json.dumps(document, sort_keys=True)
             item = document["data"].setdefault(data.hex(), {"releases": [], "histograms": {}})
             result = change(item)
-            payload = json.dumps(document, sort_keys=True, indent=1, allow_nan=False)
-            write_durably(self.path, payload.encode("utf-8"), mode=0o600)
+            if json.dumps(document, sort_keys=True) != before:
+                payload = json.dumps(document, sort_keys=True, indent=1, allow_nan=False)
+                write_durably(self.path, payload.encode("utf-8"), mode=0o600)
             return result
 
     def register(
