@@ -10,6 +10,7 @@ from typing import Any
 
 import click
 
+from chain.records import SELECTION_SEEDS
 from commands.privacy import privacy
 from fl.aggregation import AGGREGATIONS
 from fl.attacks import ATTACKS
@@ -19,7 +20,6 @@ from fl.models import MODEL_NAMES
 from fl.partition import DISTRIBUTIONS
 from fl.privacy import ACCOUNTANTS, MECHANISMS
 from fl.validation import RULES
-from node.genesis import SELECTION_SEEDS
 
 DEFAULTS = RunConfig()
 

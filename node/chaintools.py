@@ -3,7 +3,7 @@
 ``verify`` checks every link, payload digest and commit certificate
 (``consensus.ledger.verify_chain`` with an Ed25519 verifier built from the
 genesis), then re-checks each record's submitter signature and replays the
-records through :class:`node.records.ChainState` (selections against
+records through :class:`chain.records.ChainState` (selections against
 Algorithm 1 and the genesis's selection seed, reputations and privacy spent
 against their recomputation).
 """
@@ -14,12 +14,7 @@ import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
 
-from consensus.canonical import MalformedMessage
-from consensus.ledger import Block, verify_chain
-from node.daemon import record_verifier, roles_of
-from node.genesis import GenesisError, read_genesis
-from node.identity import pbft_verifier
-from node.records import (
+from chain.records import (
     ChainState,
     Registration,
     RoundSummary,
@@ -27,6 +22,11 @@ from node.records import (
     Selection,
     decode_operation,
 )
+from consensus.canonical import MalformedMessage
+from consensus.ledger import Block, verify_chain
+from node.daemon import record_verifier, roles_of
+from node.genesis import GenesisError, read_genesis
+from node.identity import pbft_verifier
 
 
 def read_blocks(db: Path) -> list[Block]:

@@ -28,9 +28,9 @@ from typing import Any, Final
 
 import torch
 
+from chain.records import RoundSummary
 from fl.weights import flatten
 from node.durable import write_durably
-from node.records import RoundSummary
 from node.tensors import ModelSpec, model_spec, weights_digest
 
 CHECKPOINT_NAME: Final = re.compile(r"round-(\d+)\.pt")

@@ -35,6 +35,7 @@ from typing import Any
 import grpc
 import torch
 
+from chain.records import REGISTRATION_TIMESTAMP, Registration
 from fl.data import shard_digest
 from fl.models import build_model
 from fl.privacy import BudgetExhausted
@@ -61,7 +62,6 @@ from node.privacy_ledger import (
     PrivacyLedger,
     entry_for,
 )
-from node.records import REGISTRATION_TIMESTAMP, Registration
 from node.tensors import (
     MODEL_KIND,
     MODEL_REQUEST_KIND,

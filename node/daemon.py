@@ -20,12 +20,12 @@ import grpc
 from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from chain.records import Record, encode_operation, record_kind_name
 from consensus.ledger import Request
 from fl.config import RunConfig
 from fl.data import MnistSplits, load_mnist, resolve_data_root
 from node.genesis import Membership
 from node.identity import Identity, signing_tag, verify_signature
-from node.records import Record, encode_operation, record_kind_name
 from proto import llbcfl_pb2 as pb
 
 ROLE_ENUM = {"client": pb.ROLE_CLIENT, "miner": pb.ROLE_MINER, "server": pb.ROLE_SERVER}

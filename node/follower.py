@@ -1,7 +1,7 @@
 """Following the chain from outside the miners: the server's and the clients' view.
 
 A follower reads committed blocks from a miner's ``FetchBlocks`` and applies
-a block to its :class:`node.records.ChainState` only with a valid commit
+a block to its :class:`chain.records.ChainState` only with a valid commit
 certificate (2f+1 miner signatures, ``consensus.ledger.check_block``), so a
 single lying miner cannot make it act on a block that was not committed.
 When a miner fails to answer or serves a bad block, it moves on to the next.
@@ -14,12 +14,12 @@ import contextlib
 
 import grpc
 
+from chain.records import ChainState
 from consensus.canonical import MalformedMessage
 from consensus.ledger import Block, check_block
 from node.daemon import NodeLog, channel
 from node.genesis import Genesis
 from node.identity import pbft_verifier
-from node.records import ChainState
 from proto import llbcfl_pb2 as pb
 from proto import llbcfl_pb2_grpc as pb_grpc
 

@@ -37,6 +37,7 @@ from typing import Any, Final
 
 import tomli_w
 
+from chain.records import SELECTION_SEEDS
 from fl.config import RunConfig
 
 if sys.version_info >= (3, 11):
@@ -50,7 +51,6 @@ KEYS_DIR: Final = "keys"
 ROLES: Final = ("client", "miner", "server")
 MAX_CHUNK_BYTES: Final = 1 << 20
 DEFAULT_BASE_PORT: Final = 50051
-SELECTION_SEEDS: Final = ("block", "run")
 _NODE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _PUBLIC_KEY = re.compile(r"[0-9a-f]{64}")
 
@@ -70,7 +70,7 @@ class ProtocolParams:
     round_deadline_ms: int = 300_000
     chunk_bytes: int = MAX_CHUNK_BYTES
     max_stream_bytes: int = 64 << 20
-    # Where the selection draw's seed comes from (node.records.ChainState):
+    # Where the selection draw's seed comes from (chain.records.ChainState):
     # "block", the digest of the block that closed the previous round
     # (docs/NETWORK.md, "The selection seed"); "run", fl.rounds.selection_seed
     # of the run seed and the round, as in `simulate`, so that a network run

@@ -4,7 +4,7 @@ The replica (``consensus.replica.Replica``) is driven exactly as
 docs/CONSENSUS.md says: ``step`` for every PBFT message from a peer,
 ``tick`` on a timer of ``protocol.tick_ms``, ``propose`` for submitted
 records; each ``Ready`` is persisted (``BlockStore``, SQLite) before its
-messages are sent. The application side is :class:`node.records.ChainState`
+messages are sent. The application side is :class:`chain.records.ChainState`
 plus what needs tensors: the update blobs (:class:`node.offchain.BlobStore`)
 and the recomputed global models (:class:`node.offchain.GlobalModels`).
 
@@ -28,6 +28,20 @@ from typing import Any
 import grpc
 import torch
 
+from chain.records import (
+    KIND_NAMES,
+    KIND_ROLES,
+    KIND_VERDICTS,
+    ChainState,
+    RoundSummary,
+    RoundVerdicts,
+    UpdateRecord,
+    decode_operation,
+    encode_operation,
+    record_kind_name,
+    verdicts_agree,
+    verdicts_timestamp,
+)
 from consensus.canonical import MalformedMessage
 from consensus.ledger import Block, Request
 from consensus.messages import Blocks, Fetch, Forward, PrePrepare, decode_message
@@ -51,20 +65,6 @@ from node.daemon import (
 from node.genesis import Genesis
 from node.identity import AuthError, Identity, pbft_signer, pbft_verifier, verify_envelope
 from node.offchain import BlobStore, GlobalModels, as_update, initial_spec
-from node.records import (
-    KIND_NAMES,
-    KIND_ROLES,
-    KIND_VERDICTS,
-    ChainState,
-    RoundSummary,
-    RoundVerdicts,
-    UpdateRecord,
-    decode_operation,
-    encode_operation,
-    record_kind_name,
-    verdicts_agree,
-    verdicts_timestamp,
-)
 from node.tensors import (
     UPDATE_KIND,
     ReceivedTensors,

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from chain.records import ChainState
 from consensus.canonical import Reader, pack_blob
 from fl.config import RunConfig
 from fl.models import build_model
@@ -31,7 +32,6 @@ from fl.seeds import torch_generator
 from fl.weights import get_weights
 from node.durable import write_durably
 from node.genesis import Membership
-from node.records import ChainState
 from node.tensors import (
     UPDATE_KIND,
     ModelSpec,

@@ -2,7 +2,7 @@
 
 Round r (docs/NETWORK.md, "One round"): once the block holding round r-1's summary
 (for round 1: the last registration) is committed, compute Algorithm 1 from
-the chain state (:meth:`node.records.ChainState.expected_selection`, the
+the chain state (:meth:`chain.records.ChainState.expected_selection`, the
 simulator's ``select_round`` call, seeded by that block's digest or, with
 ``selection_seed = "run"``, by the run seed) and submit it to the miners;
 once the selection is committed, send each selected client a signed
@@ -38,6 +38,13 @@ import grpc
 import torch
 from google.protobuf.message import DecodeError
 
+from chain.records import (
+    Record,
+    RoundSummary,
+    UpdateRecord,
+    selection_timestamp,
+    summary_timestamp,
+)
 from fl.attacks import choose_malicious
 from fl.data import Split
 from fl.models import build_model
@@ -66,13 +73,6 @@ from node.identity import (
     verify_signature,
 )
 from node.offchain import BlobStore, GlobalModels, initial_spec
-from node.records import (
-    Record,
-    RoundSummary,
-    UpdateRecord,
-    selection_timestamp,
-    summary_timestamp,
-)
 from node.tensors import (
     AUTH_CODES,
     MODEL_KIND,

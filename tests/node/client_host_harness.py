@@ -1,6 +1,6 @@
 """A client host on a prepared chain, for tests of how it takes start-round notices.
 
-The chain is a real :class:`node.records.ChainState` (every client
+The chain is a real :class:`chain.records.ChainState` (every client
 registered; rounds 1..R selected with ``SELECTED`` and the models of the
 earlier rounds summarised), held by a follower that never needs a miner.
 The host's model download and update upload are replaced by in-memory
@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from chain.records import ChainState, Registration, RoundSummary, Selection
 from fl.config import RunConfig
 from fl.data import Split
 from fl.rounds import ClientState, Federation
@@ -31,7 +32,6 @@ from node.daemon import NodeLog
 from node.genesis import Genesis
 from node.offchain import initial_weights
 from node.privacy_ledger import PrivacyLedger
-from node.records import ChainState, Registration, RoundSummary, Selection
 from proto import llbcfl_pb2 as pb
 from tests.node.conftest import NODES, fixed_identity, network_genesis
 

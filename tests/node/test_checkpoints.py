@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from chain.records import ChainState, RoundSummary, RoundVerdicts, UpdateRecord
 from fl.config import RunConfig
 from fl.data import Split
 from node.checkpoints import (
@@ -29,7 +30,6 @@ from node.daemon import NodeLog
 from node.genesis import Genesis
 from node.identity import Identity
 from node.offchain import BlobStore, GlobalModels, initial_spec, initial_weights
-from node.records import ChainState, RoundSummary, RoundVerdicts, UpdateRecord
 from node.server import Server
 from node.tensors import UPDATE_KIND, ModelSpec, receive_tensor_stream, tensor_stream
 from node.tensors import weights_digest as digest_of

@@ -20,10 +20,10 @@ from typing import Any
 import grpc
 import pytest
 
+from chain.records import RoundVerdicts, UpdateRecord
 from fl.privacy import BUDGET_RTOL
 from node.client import ClientServicer
 from node.daemon import add_servicer
-from node.records import RoundVerdicts, UpdateRecord
 from proto import llbcfl_pb2 as pb
 from proto import llbcfl_pb2_grpc as pb_grpc
 from tests.node.client_host_harness import CONFIG, make_host, notice

@@ -11,6 +11,7 @@ import grpc
 import pytest
 import torch
 
+from chain.records import REGISTRATION_TIMESTAMP, Registration
 from fl.config import RunConfig
 from fl.data import Split
 from fl.rounds import Federation
@@ -19,12 +20,11 @@ from node.daemon import NodeLog, add_servicer
 from node.genesis import Genesis
 from node.identity import Identity
 from node.privacy_ledger import PrivacyLedger
-from node.records import REGISTRATION_TIMESTAMP, Registration
 from node.server import Server, ServerServicer
 from node.tensors import MODEL_REQUEST_KIND
 from proto import llbcfl_pb2 as pb
 from proto import llbcfl_pb2_grpc as pb_grpc
-from tests.node.blocks import commit
+from tests.chain.blocks import commit
 
 CONFIG = RunConfig(clients=3, frac=0.67, rounds=2, model="mlp", train_size=300)
 

@@ -16,6 +16,14 @@ import grpc
 import pytest
 import torch
 
+from chain.records import (
+    REGISTRATION_TIMESTAMP,
+    Registration,
+    RoundSummary,
+    RoundVerdicts,
+    decode_operation,
+    selection_timestamp,
+)
 from consensus.ledger import Block, Request, encode_batch
 from fl.config import RunConfig
 from fl.data import Split
@@ -24,18 +32,10 @@ from node.genesis import Genesis
 from node.identity import Identity
 from node.miner import Miner, MinerServicer
 from node.offchain import initial_weights
-from node.records import (
-    REGISTRATION_TIMESTAMP,
-    Registration,
-    RoundSummary,
-    RoundVerdicts,
-    decode_operation,
-    selection_timestamp,
-)
 from node.tensors import tensor_stream, weights_digest
 from proto import llbcfl_pb2 as pb
 from proto import llbcfl_pb2_grpc as pb_grpc
-from tests.node.blocks import commit
+from tests.chain.blocks import commit
 
 CONFIG = RunConfig(clients=3, frac=0.67, rounds=2, model="mlp", val_size=20, test_size=20)
 

@@ -70,7 +70,6 @@ from fl.rounds import (
 )
 from fl.rounds import selection_seed as run_selection_seed
 from fl.selection import DataSummary, self_assessment, summary_from_histogram
-from node.genesis import SELECTION_SEEDS
 
 KIND_REGISTER: Final = 1
 KIND_SELECT: Final = 2
@@ -98,6 +97,9 @@ FLOAT_TOLERANCE: Final = 1e-12
 # Epsilons come from numerical accountants (PRV composes by FFT); replicas
 # built on other numerical libraries may differ in the last digits.
 PRIVACY_TOLERANCE: Final = 1e-9
+
+# Where a round's selection seed comes from (genesis protocol.selection_seed).
+SELECTION_SEEDS: Final = ("block", "run")
 
 _F64: Final = struct.Struct(">d")
 

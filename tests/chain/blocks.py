@@ -8,8 +8,8 @@ Signatures are placeholders: applying a committed block checks none.
 
 from __future__ import annotations
 
+from chain.records import ChainState, Record, encode_operation
 from consensus.ledger import Block, Request, encode_batch
-from node.records import ChainState, Record, encode_operation
 
 
 def record_request(submitter: str, record: Record, timestamp: int) -> Request:

@@ -6,11 +6,7 @@ import math
 
 import pytest
 
-from consensus.canonical import MalformedMessage
-from consensus.ledger import Block, Request, encode_batch
-from fl.config import RunConfig
-from fl.rounds import selection_seed
-from node.records import (
+from chain.records import (
     REGISTRATION_TIMESTAMP,
     ChainState,
     Registration,
@@ -25,8 +21,12 @@ from node.records import (
     verdicts_agree,
     verdicts_timestamp,
 )
-from tests.node.blocks import commit, next_block
-from tests.node.blocks import record_request as request
+from consensus.canonical import MalformedMessage
+from consensus.ledger import Block, Request, encode_batch
+from fl.config import RunConfig
+from fl.rounds import selection_seed
+from tests.chain.blocks import commit, next_block
+from tests.chain.blocks import record_request as request
 
 CLIENTS = ("client-000", "client-001", "client-002", "client-003")
 CONFIG = RunConfig(clients=4, frac=0.5, rounds=3, model="mlp")
