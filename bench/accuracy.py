@@ -195,9 +195,9 @@ def _run(
 ) -> dict:
     import torch
 
+    from chain.simulator import run_simulation
     from fl.config import RunConfig
     from fl.data import load_mnist, resolve_data_root
-    from fl.simulator import run_simulation
     from node.durable import write_json_durably
 
     torch.set_num_threads(1)

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import grpc
 
-from chain.records import REGISTRATION_TIMESTAMP, Registration
+from chain.records import Registration
 from fl.config import RunConfig
 from node.daemon import signed_record
 from node.genesis import ProtocolParams, init_network, key_path, node_ids
@@ -97,7 +97,6 @@ def main() -> None:
                 signed_record(
                     load_identity(key_path(run_dir, c.node_id)),
                     Registration(c.node_id, (200, 200, 200, 0, 0, 0, 0, 0, 0, 0, 0)),
-                    timestamp=REGISTRATION_TIMESTAMP,
                 )
                 for c in genesis.membership.clients
             ]

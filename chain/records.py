@@ -1,4 +1,4 @@
-"""On-chain application records and the replicated chain state (pure: no I/O).
+"""On-chain application records: the kinds, their canonical bytes, their order (pure).
 
 Every request ordered by the PBFT miners carries one record. The request's
 ``operation`` is canonical bytes (``consensus.canonical``): a u64 timestamp
@@ -23,28 +23,24 @@ RoundVerdicts  miner      round; per update: client, digest, base digest,
 RoundSummary   server     round, global-model digest, test accuracy and loss
 =============  =========  ====================================================
 
-:class:`ChainState` applies committed records in order and answers what a
-replica must recompute: the selection Algorithm 1 gives for the next round
-(seeded, with genesis ``protocol.selection_seed = "block"``, by the digest of
-the block that made the round due: the protocol's "selection randomness
-from the previous block hash"), reputations
-(``fl.reputation.ReputationBook`` fed from verdict records), declined
-clients and privacy spent (``fl.privacy.PrivacyAccountant`` replayed from
-the registrations and the participations, with the run's plan).
-:meth:`ChainState.check_block` is the pure part of the miners'
-``validate(block)``; what needs tensors (the verdicts themselves,
-the aggregated model's digest) is injected as callbacks, so this module
-stays testable without sockets or files.
+A record kind is a class registered once with :func:`record_kind` (its wire
+code, the envelope kind its signature covers, and the role that signs it).
+Its timestamp is derived, never allocated by hand (:func:`timestamp_of`):
+the kinds a role signs are numbered in registration order, and a record of
+round r gets ``r * (number of kinds the role signs) + its number``, one
+strictly increasing sequence per submitter in the order the protocol
+submits them (PBFT executes a (client, timestamp) once), and the same value
+when a restarted node submits the same record again. A new kind signed by
+the server is one more registered class; the sequence makes room for it.
+What the chain does with each kind, and when, is ``chain.state``.
 """
 
 from __future__ import annotations
 
-import copy
-import math
 import struct
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Final
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar, Final, TypeVar
 
 from consensus.canonical import (
     MalformedMessage,
@@ -56,47 +52,6 @@ from consensus.canonical import (
     pack_u32,
     pack_u64,
 )
-from consensus.ledger import Block, Request
-from fl.config import RunConfig
-from fl.data import NUM_CLASSES
-from fl.privacy import PrivacyAccountant, PrivacyPlan, released_count
-from fl.reputation import ReputationBook
-from fl.rounds import (
-    dp_config,
-    nominal_max_samples,
-    privacy_plan,
-    reputation_params,
-    select_round,
-)
-from fl.rounds import selection_seed as run_selection_seed
-from fl.selection import DataSummary, self_assessment, summary_from_histogram
-
-KIND_REGISTER: Final = 1
-KIND_SELECT: Final = 2
-KIND_VERDICTS: Final = 3
-KIND_SUMMARY: Final = 4
-KIND_NAMES: Final = {
-    KIND_REGISTER: "chain-register",
-    KIND_SELECT: "chain-select",
-    KIND_VERDICTS: "chain-verdicts",
-    KIND_SUMMARY: "chain-summary",
-}
-KIND_ROLES: Final = {
-    KIND_REGISTER: "client",
-    KIND_SELECT: "server",
-    KIND_VERDICTS: "miner",
-    KIND_SUMMARY: "server",
-}
-# Replicas agree on verdicts exactly and on validation accuracies within this
-# (absolute) tolerance; one validation image is 1/val_size, so any real
-# disagreement about a prediction exceeds it for val_size < 1000.
-ACCURACY_TOLERANCE: Final = 1e-6
-# Reputations are replayed by the same IEEE operations on every replica; the
-# tolerance only absorbs the double round trip.
-FLOAT_TOLERANCE: Final = 1e-12
-# Epsilons come from numerical accountants (PRV composes by FFT); replicas
-# built on other numerical libraries may differ in the last digits.
-PRIVACY_TOLERANCE: Final = 1e-9
 
 # Where a round's selection seed comes from (genesis protocol.selection_seed).
 SELECTION_SEEDS: Final = ("block", "run")
@@ -128,9 +83,70 @@ def _read_scores(reader: Reader) -> tuple[tuple[str, float], ...]:
     return tuple((reader.text(), read_f64(reader)) for _ in range(reader.count()))
 
 
+# The registry ----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RecordKind:
+    """One registered record kind."""
+
+    code: int  # the one-byte kind on the wire
+    name: str  # the envelope kind the submitter's signature covers
+    role: str  # the only role that may submit it
+    cls: type
+    read: Callable[[Reader], Any]
+
+
+RECORD_KINDS: dict[int, RecordKind] = {}
+"""Wire code -> kind, in registration order."""
+
+_R = TypeVar("_R")
+
+
+def record_kind(code: int, *, name: str, role: str) -> Callable[[type[_R]], type[_R]]:
+    """Register a record class (it needs ``round``, ``encode()`` and ``read(reader)``)."""
+
+    def register(cls: type[_R]) -> type[_R]:
+        if code in RECORD_KINDS or any(k.name == name for k in RECORD_KINDS.values()):
+            raise ValueError(f"record kind {code}/{name} is registered twice")
+        if not 0 < code < 256:
+            raise ValueError(f"record kind code {code} is not one byte")
+        RECORD_KINDS[code] = RecordKind(code, name, role, cls, cls.read)  # type: ignore[attr-defined]
+        cls.KIND = code  # type: ignore[attr-defined]
+        return cls
+
+    return register
+
+
+def kind_of(record: Any) -> RecordKind:
+    return RECORD_KINDS[record.KIND]
+
+
+def kind_named(name: str) -> RecordKind | None:
+    """The kind whose envelope name is ``name`` (None: no such kind)."""
+    return next((k for k in RECORD_KINDS.values() if k.name == name), None)
+
+
+def record_kind_name(record: Any) -> str:
+    """The envelope kind whose tag the submitter's signature covers."""
+    return kind_of(record).name
+
+
+def kinds_signed_by(role: str) -> list[RecordKind]:
+    return [k for k in RECORD_KINDS.values() if k.role == role]
+
+
+def timestamp_of(record: Any) -> int:
+    """The record's request timestamp: its round and its place in its signer's sequence."""
+    kind = kind_of(record)
+    sequence = kinds_signed_by(kind.role)
+    return record.round * len(sequence) + sequence.index(kind)
+
+
 # Records -------------------------------------------------------------------
 
 
+@record_kind(1, name="chain-register", role="client")
 @dataclass(frozen=True)
 class Registration:
     """A client's one release about its data: its label histogram, noisy under DP.
@@ -138,14 +154,15 @@ class Registration:
     One count per class, then the count of records with an invalid label
     (``fl.privacy.release_histogram``). The record count, classes present
     and quality that selection uses are derived from it
-    (:meth:`ChainState.summary`); the DP plan is not in the record: it
-    follows from the genesis alone (``fl.rounds.privacy_plan``).
+    (``ChainState.summary``); the DP plan is not in the record: it follows
+    from the genesis alone (``fl.rounds.privacy_plan``).
     """
 
     client: str
     histogram: tuple[int, ...]
 
-    KIND = KIND_REGISTER
+    KIND: ClassVar[int]
+    round: ClassVar[int] = 0  # before the first round
 
     def encode(self) -> bytes:
         return (
@@ -160,6 +177,7 @@ class Registration:
         return cls(client, tuple(reader.i64() for _ in range(reader.count())))
 
 
+@record_kind(2, name="chain-select", role="server")
 @dataclass(frozen=True)
 class Selection:
     round: int
@@ -167,7 +185,7 @@ class Selection:
     selected: tuple[str, ...]
     declined: tuple[str, ...]
 
-    KIND = KIND_SELECT
+    KIND: ClassVar[int]
 
     def encode(self) -> bytes:
         return (
@@ -219,6 +237,7 @@ class UpdateRecord:
         )
 
 
+@record_kind(3, name="chain-verdicts", role="miner")
 @dataclass(frozen=True)
 class RoundVerdicts:
     round: int
@@ -227,7 +246,7 @@ class RoundVerdicts:
     reputations: tuple[tuple[str, float], ...]  # every client, sorted, after this round
     privacy: tuple[tuple[str, float], ...]  # every client, sorted: epsilon spent after this round
 
-    KIND = KIND_VERDICTS
+    KIND: ClassVar[int]
 
     def encode(self) -> bytes:
         return (
@@ -254,6 +273,7 @@ class RoundVerdicts:
         return {u.client: u.reason for u in self.updates if not u.accepted}
 
 
+@record_kind(4, name="chain-summary", role="server")
 @dataclass(frozen=True)
 class RoundSummary:
     round: int
@@ -261,7 +281,7 @@ class RoundSummary:
     accuracy: float
     loss: float
 
-    KIND = KIND_SUMMARY
+    KIND: ClassVar[int]
 
     def encode(self) -> bytes:
         return (
@@ -277,425 +297,20 @@ class RoundSummary:
 
 
 Record = Registration | Selection | RoundVerdicts | RoundSummary
-_READERS: Final = {
-    KIND_REGISTER: Registration.read,
-    KIND_SELECT: Selection.read,
-    KIND_VERDICTS: RoundVerdicts.read,
-    KIND_SUMMARY: RoundSummary.read,
-}
 
 
-def encode_operation(record: Record, *, timestamp: int) -> bytes:
-    """The canonical ``Request.operation`` bytes of ``record``."""
-    return pack_u64(timestamp) + pack_u8(record.KIND) + record.encode()
+def encode_operation(record: Record) -> bytes:
+    """The canonical ``Request.operation`` bytes of ``record`` (its timestamp first)."""
+    return pack_u64(timestamp_of(record)) + pack_u8(record.KIND) + record.encode()
 
 
 def decode_operation(operation: bytes) -> tuple[int, Record]:
     """(timestamp, record); :class:`MalformedMessage` on anything else."""
     reader = Reader(operation)
-    timestamp, kind = reader.u64(), reader.u8()
-    read = _READERS.get(kind)
-    if read is None:
-        raise MalformedMessage(f"unknown record kind {kind}")
-    record = read(reader)
+    timestamp, code = reader.u64(), reader.u8()
+    kind = RECORD_KINDS.get(code)
+    if kind is None:
+        raise MalformedMessage(f"unknown record kind {code}")
+    record = kind.read(reader)
     reader.finish()
     return timestamp, record
-
-
-def record_kind_name(record: Record) -> str:
-    """The envelope kind whose tag the submitter's signature covers."""
-    return KIND_NAMES[record.KIND]
-
-
-# Timestamps: one strictly increasing sequence per submitter (PBFT executes a
-# (client, timestamp) once), derived from what is submitted so a restarted
-# node re-submits with the same timestamp and the replicas deduplicate it.
-def selection_timestamp(rnd: int) -> int:
-    return 2 * rnd
-
-
-def summary_timestamp(rnd: int) -> int:
-    return 2 * rnd + 1
-
-
-REGISTRATION_TIMESTAMP: Final = 1
-
-
-def verdicts_timestamp(rnd: int) -> int:
-    return rnd
-
-
-# Chain state -----------------------------------------------------------------
-
-VerifyRecord = Callable[[str, str, str, bytes, bytes], bool]
-"""``verify(node_id, role, kind_name, operation, signature) -> bool`` (node.identity)."""
-CheckVerdicts = Callable[["ChainState", RoundVerdicts], str]
-"""Replica's own validation of the blobs behind a verdict record: '' when it agrees."""
-CheckSummary = Callable[["ChainState", RoundSummary], str]
-"""Replica's own aggregation for the round: '' when the summary's digest matches."""
-
-
-class InvalidRecord(Exception):
-    """A request that a replica must not vote for."""
-
-
-@dataclass
-class ChainState:
-    """Everything a replica, the server or an auditor derives from the committed records."""
-
-    config: RunConfig
-    clients: tuple[str, ...]  # genesis client ids, in client-index order
-    selection_seed: str = "block"  # genesis protocol.selection_seed: "block" or "run"
-    height: int = 0
-    head_hash: bytes = bytes(32)
-    last_timestamp: dict[str, int] = field(default_factory=dict)
-    registrations: dict[str, Registration] = field(default_factory=dict)
-    selections: dict[int, Selection] = field(default_factory=dict)
-    verdicts: dict[int, RoundVerdicts] = field(default_factory=dict)
-    summaries: dict[int, RoundSummary] = field(default_factory=dict)
-    book: ReputationBook = field(init=False)
-    accountants: dict[str, PrivacyAccountant] = field(default_factory=dict)
-    record_heights: dict[tuple[str, int], int] = field(default_factory=dict)
-    # Round r -> digest of the block that made round r due: the block that
-    # applied the last registration (r = 1) or the summary of round r-1.
-    anchors: dict[int, bytes] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        if self.selection_seed not in SELECTION_SEEDS:
-            raise ValueError(
-                f"selection_seed must be one of {SELECTION_SEEDS}, got {self.selection_seed!r}"
-            )
-        self.book = ReputationBook(reputation_params(self.config))
-        self.plan: PrivacyPlan = privacy_plan(self.config)
-
-    # Queries ---------------------------------------------------------------
-
-    @property
-    def all_registered(self) -> bool:
-        return all(c in self.registrations for c in self.clients)
-
-    @property
-    def current_round(self) -> int:
-        """The round whose selection is committed and whose verdicts are not (0: none)."""
-        if not self.selections:
-            return 0
-        last = max(self.selections)
-        return 0 if last in self.verdicts else last
-
-    @property
-    def last_summarised(self) -> int:
-        return max(self.summaries, default=0)
-
-    @property
-    def due_round(self) -> int:
-        """The round whose selection the applied records call for next (0: registrations open)."""
-        return self.last_summarised + 1 if self.all_registered else 0
-
-    def round_seed(self, rnd: int) -> bytes:
-        """The seed of round ``rnd``'s draw.
-
-        ``"block"``: the digest of the block that made the round due, fixed
-        once that block is applied, so every replica, the server and an
-        auditor derive it whatever commits afterwards; it cannot be
-        predicted before that block is proposed. ``"run"``:
-        ``fl.rounds.selection_seed`` of the run seed and the round, the seed
-        ``simulate`` uses.
-        """
-        if self.selection_seed == "run":
-            return run_selection_seed(self.config, rnd)
-        anchor = self.anchors.get(rnd)
-        if anchor is None:
-            raise InvalidRecord(
-                f"round {rnd} has no seed yet: the block that makes it due is not applied"
-            )
-        return anchor
-
-    def summary(self, cid: str) -> DataSummary:
-        """The data summary selection uses, derived from the client's registration."""
-        histogram = self.registrations[cid].histogram
-        return summary_from_histogram(cid, histogram, class_threshold=self.plan.class_threshold)
-
-    def released_records(self, cid: str) -> int:
-        """The record count the client's registration released: its FedAvg weight."""
-        return released_count(self.registrations[cid].histogram)
-
-    def self_scores(self) -> dict[str, float]:
-        return {
-            cid: self_assessment(
-                self.summary(cid),
-                max_samples=nominal_max_samples(self.config),
-                num_classes=NUM_CLASSES,
-            )
-            for cid in self.clients
-        }
-
-    def declined(self) -> list[str]:
-        return sorted(cid for cid in self.clients if self._accountant(cid).would_exceed())
-
-    def expected_selection(self, rnd: int) -> Selection:
-        """Algorithm 1 for round ``rnd`` from this state (the same call the simulator makes)."""
-        declined = self.declined()
-        reputations = (
-            self.book.scores(rnd - 1, clients=self.clients) if self.config.reputation else None
-        )
-        seed = self.round_seed(rnd)
-        selected = select_round(
-            self.config,
-            rnd=rnd,
-            self_scores=self.self_scores(),
-            reputations=reputations,
-            declined=declined,
-            seed=seed,
-        )
-        return Selection(rnd, seed, tuple(selected), tuple(declined))
-
-    def reputations_after(self, rnd: int, record: RoundVerdicts) -> tuple[tuple[str, float], ...]:
-        """Reputation of every client once ``record``'s evidence is added."""
-        book = copy.deepcopy(self.book)
-        if self.config.reputation:
-            book.record_round(rnd, record.accepted, list(record.rejected), record.silent)
-        return tuple(book.scores(rnd, clients=self.clients).items())
-
-    def privacy_after(self, record: RoundVerdicts) -> tuple[tuple[str, float], ...]:
-        """Epsilon spent by every client once the participants of ``record`` are accounted."""
-        sent = {u.client for u in record.updates}
-        out = []
-        for cid in self.clients:
-            acc = self._accountant(cid)
-            if cid in sent:
-                acc = copy.deepcopy(acc)
-                acc.record_participation()
-            out.append((cid, acc.spent_epsilon()))
-        return tuple(out)
-
-    def _accountant(self, cid: str) -> PrivacyAccountant:
-        acc = self.accountants.get(cid)
-        if acc is None:
-            acc = self.accountants[cid] = PrivacyAccountant(dp_config(self.config), self.plan)
-        return acc
-
-    # Checks ----------------------------------------------------------------
-
-    def check_record(
-        self,
-        submitter: str,
-        record: Record,
-        *,
-        check_verdicts: CheckVerdicts | None = None,
-        check_summary: CheckSummary | None = None,
-    ) -> None:
-        """Raise :class:`InvalidRecord` unless ``record`` may be applied to this state now."""
-        if isinstance(record, Registration):
-            if record.client != submitter or submitter not in self.clients:
-                raise InvalidRecord(f"{submitter} registers as {record.client}")
-            old = self.registrations.get(record.client)
-            if old is not None and old != record:
-                raise InvalidRecord(f"{record.client} is already registered differently")
-            if len(record.histogram) != NUM_CLASSES + 1:
-                raise InvalidRecord(
-                    f"a registration holds {NUM_CLASSES + 1} counts (one per class, then "
-                    f"invalid labels), got {len(record.histogram)}"
-                )
-        elif isinstance(record, Selection):
-            self._check_selection(record)
-        elif isinstance(record, RoundVerdicts):
-            if record.round in self.verdicts:
-                return  # a late duplicate from another miner: valid, applied as a no-op
-            self._check_verdicts(record)
-            if check_verdicts is not None:
-                problem = check_verdicts(self, record)
-                if problem:
-                    raise InvalidRecord(problem)
-        elif isinstance(record, RoundSummary):
-            if record.round not in self.verdicts or record.round in self.summaries:
-                raise InvalidRecord(f"no open round {record.round} to summarise")
-            if record.round != self.last_summarised + 1:
-                raise InvalidRecord(f"summary of round {record.round} out of order")
-            if check_summary is not None:
-                problem = check_summary(self, record)
-                if problem:
-                    raise InvalidRecord(problem)
-
-    def _check_selection(self, record: Selection) -> None:
-        rnd = record.round
-        if not self.all_registered:
-            raise InvalidRecord("selection before every client registered")
-        if rnd != len(self.selections) + 1 or rnd != self.last_summarised + 1:
-            raise InvalidRecord(f"selection for round {rnd} out of order")
-        if rnd > self.config.rounds:
-            raise InvalidRecord(f"round {rnd} is past the configured {self.config.rounds}")
-        if self.selection_seed == "block" and rnd not in self.anchors:
-            # In check_block's trial copy: the record that made the round due
-            # is earlier in this same block, whose digest (the seed) does not
-            # exist until the block is proposed. The server waits for that
-            # block to commit before it submits the selection.
-            raise InvalidRecord(
-                f"selection for round {rnd} in the block that makes the round due "
-                "(its seed is that block's digest): it belongs in a later block"
-            )
-        expected = self.expected_selection(rnd)
-        if record.seed != expected.seed:
-            raise InvalidRecord(
-                f"selection for round {rnd} has seed {record.seed.hex()[:16]}, the chain gives "
-                f"{expected.seed.hex()[:16]} (selection_seed = {self.selection_seed})"
-            )
-        if record != expected:
-            raise InvalidRecord(
-                f"selection for round {rnd} differs from Algorithm 1 on the chain: "
-                f"{list(record.selected)} != {list(expected.selected)}"
-            )
-
-    def _check_verdicts(self, record: RoundVerdicts) -> None:
-        rnd = record.round
-        selection = self.selections.get(rnd)
-        if selection is None or rnd != self.current_round:
-            raise InvalidRecord(f"verdicts for round {rnd}, which is not open")
-        clients = [u.client for u in record.updates]
-        if clients != sorted(set(clients)) or not set(clients) <= set(selection.selected):
-            raise InvalidRecord("updates must be from distinct selected clients, sorted")
-        if record.silent != tuple(sorted(set(selection.selected) - set(clients))):
-            raise InvalidRecord("silent clients are not the selected clients without an update")
-        if not _close(record.reputations, self.reputations_after(rnd, record)):
-            raise InvalidRecord("reputations differ from the recomputation")
-        if not _close(record.privacy, self.privacy_after(record), PRIVACY_TOLERANCE):
-            raise InvalidRecord("privacy spent differs from the recomputation")
-
-    # Application -------------------------------------------------------------
-
-    def apply_record(self, submitter: str, record: Record) -> None:
-        """Apply a committed (already validated) record."""
-        if isinstance(record, Registration):
-            if record.client not in self.registrations:
-                self.registrations[record.client] = record
-                self._accountant(record.client).record_registration()
-        elif isinstance(record, Selection):
-            self.selections.setdefault(record.round, record)
-        elif isinstance(record, RoundVerdicts):
-            if record.round in self.verdicts:
-                return
-            self.verdicts[record.round] = record
-            if self.config.reputation:
-                self.book.record_round(
-                    record.round, record.accepted, list(record.rejected), record.silent
-                )
-            for u in record.updates:
-                self._accountant(u.client).record_participation()
-        elif isinstance(record, RoundSummary):
-            self.summaries.setdefault(record.round, record)
-
-    def _fresh(self, request: Request) -> bool:
-        return request.timestamp > self.last_timestamp.get(request.client, -1)
-
-    def apply_block(self, block: Block) -> None:
-        """Apply a committed block (height must be the next one)."""
-        if block.height != self.height + 1:
-            raise ValueError(f"block {block.height} applied at height {self.height}")
-        due = self.due_round
-        for request in block.requests():
-            if not self._fresh(request):
-                continue
-            self.last_timestamp[request.client] = request.timestamp
-            try:
-                _, record = decode_operation(request.operation)
-            except MalformedMessage:
-                continue  # never validated by an honest quorum; nothing to apply
-            self.record_heights.setdefault(
-                (KIND_NAMES[record.KIND], _round_of(record)), block.height
-            )
-            self.apply_record(request.client, record)
-        self.height = block.height
-        self.head_hash = block.digest
-        if self.due_round != due:
-            self.anchors[self.due_round] = block.digest
-
-    def check_block(
-        self,
-        block: Block,
-        *,
-        verify: VerifyRecord,
-        role_of: Mapping[str, str],
-        check_verdicts: CheckVerdicts | None = None,
-        check_summary: CheckSummary | None = None,
-    ) -> str:
-        """'' when every fresh request of ``block`` is valid in order, else why not.
-
-        Stale requests (already executed timestamps) are skipped exactly as
-        the replica skips them at execution.
-        """
-        trial = copy.deepcopy(self)
-        for request in block.requests():
-            if not trial._fresh(request):
-                continue
-            problem = trial.check_request(
-                request,
-                verify=verify,
-                role_of=role_of,
-                check_verdicts=check_verdicts,
-                check_summary=check_summary,
-            )
-            if problem:
-                return f"request {request.client}/{request.timestamp}: {problem}"
-            trial.last_timestamp[request.client] = request.timestamp
-            trial.apply_record(request.client, decode_operation(request.operation)[1])
-        return ""
-
-    def check_request(
-        self,
-        request: Request,
-        *,
-        verify: VerifyRecord,
-        role_of: Mapping[str, str],
-        check_verdicts: CheckVerdicts | None = None,
-        check_summary: CheckSummary | None = None,
-    ) -> str:
-        """'' when ``request`` is authentic, well-formed and valid on this state."""
-        try:
-            timestamp, record = decode_operation(request.operation)
-        except MalformedMessage as exc:
-            return f"malformed record: {exc}"
-        if timestamp != request.timestamp:
-            return "timestamp differs from the signed record's"
-        role = KIND_ROLES[record.KIND]
-        if role_of.get(request.client) != role:
-            return f"{request.client} may not submit {record_kind_name(record)} (needs a {role})"
-        if not verify(
-            request.client, role, record_kind_name(record), request.operation, request.signature
-        ):
-            return "bad signature"
-        try:
-            self.check_record(
-                request.client, record, check_verdicts=check_verdicts, check_summary=check_summary
-            )
-        except InvalidRecord as exc:
-            return str(exc)
-        return ""
-
-
-def _round_of(record: Record) -> int:
-    return 0 if isinstance(record, Registration) else record.round
-
-
-def _close(
-    a: Sequence[tuple[str, float]], b: Sequence[tuple[str, float]], tol: float = FLOAT_TOLERANCE
-) -> bool:
-    return len(a) == len(b) and all(
-        ka == kb and abs(va - vb) <= tol for (ka, va), (kb, vb) in zip(a, b, strict=True)
-    )
-
-
-def verdicts_agree(claimed: RoundVerdicts, own: Mapping[str, tuple[bool, str, float]]) -> str:
-    """'' when ``own`` (client -> accepted, reason, accuracy) matches ``claimed``'s verdicts.
-
-    Verdicts must be equal; accuracies within :data:`ACCURACY_TOLERANCE`
-    (NaN, an update never evaluated, matches only NaN).
-    """
-    if sorted(own) != [u.client for u in claimed.updates]:
-        return "verdicts cover other clients than the replica's own validation"
-    for u in claimed.updates:
-        accepted, _reason, accuracy = own[u.client]
-        if accepted != u.accepted:
-            return f"{u.client}: verdict {u.accepted} but the replica finds {accepted}"
-        both_nan = math.isnan(accuracy) and math.isnan(u.accuracy)
-        if not both_nan and not abs(accuracy - u.accuracy) <= ACCURACY_TOLERANCE:
-            return f"{u.client}: accuracy {u.accuracy} but the replica finds {accuracy}"
-    return ""

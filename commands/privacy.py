@@ -126,11 +126,11 @@ def audit(
     update (the curious miner's attack). Exit status 1 when the lower bound
     exceeds the claim, i.e. the client leaks more than it says.
     """
+    from chain.models import initial_weights
     from fl.audit import AuditSetup, choose_canary, run_audit
     from fl.models import build_model
     from fl.seeds import torch_generator
     from node.durable import write_json_durably
-    from node.offchain import initial_weights
 
     sizes = QUICK if quick else FULL
     trials = sizes["trials"] if trials is None else trials

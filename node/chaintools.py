@@ -14,14 +14,8 @@ import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
 
-from chain.records import (
-    ChainState,
-    Registration,
-    RoundSummary,
-    RoundVerdicts,
-    Selection,
-    decode_operation,
-)
+from chain.records import Registration, RoundSummary, RoundVerdicts, Selection, decode_operation
+from chain.state import ChainState
 from consensus.canonical import MalformedMessage
 from consensus.ledger import Block, verify_chain
 from node.daemon import record_verifier, roles_of

@@ -1,6 +1,6 @@
 """The server's checkpoints: the global model after each round, and resuming from them.
 
-``RUN_DIR/checkpoints/round-NNNN.pt`` holds what :class:`node.offchain.GlobalModels`
+``RUN_DIR/checkpoints/round-NNNN.pt`` holds what :class:`chain.models.GlobalModels`
 needs to aggregate the rounds after NNNN (docs/NETWORK.md, "One round", step 5): the
 round, the weights after it, and the FedAvgM server velocity (absent without
 server momentum). Files are written atomically (temporary file, fsync,
@@ -28,10 +28,10 @@ from typing import Any, Final
 
 import torch
 
+from chain.digests import ModelSpec, model_spec, weights_digest
 from chain.records import RoundSummary
 from fl.weights import flatten
 from node.durable import write_durably
-from node.tensors import ModelSpec, model_spec, weights_digest
 
 CHECKPOINT_NAME: Final = re.compile(r"round-(\d+)\.pt")
 

@@ -35,7 +35,9 @@ from typing import Any
 import grpc
 import torch
 
-from chain.records import REGISTRATION_TIMESTAMP, Registration
+from chain.digests import weights_digest
+from chain.models import initial_spec, initial_weights
+from chain.records import Registration
 from fl.data import shard_digest
 from fl.models import build_model
 from fl.privacy import BudgetExhausted
@@ -53,7 +55,6 @@ from node.daemon import (
 from node.follower import ChainFollower
 from node.genesis import Genesis
 from node.identity import AuthError, Identity, verify_envelope
-from node.offchain import initial_spec, initial_weights
 from node.privacy_ledger import (
     REGISTRATION_ROUND,
     AlreadyReserved,
@@ -69,7 +70,6 @@ from node.tensors import (
     UpdateRejected,
     receive_tensor_stream,
     tensor_stream,
-    weights_digest,
 )
 from proto import llbcfl_pb2 as pb
 from proto import llbcfl_pb2_grpc as pb_grpc
@@ -181,9 +181,7 @@ class ClientHost:
         async def one(cid: str, address: str) -> None:
             state = self.states[cid]
             envelope = signed_record(
-                self.identities[cid],
-                Registration(cid, tuple(state.histogram)),
-                timestamp=REGISTRATION_TIMESTAMP,
+                self.identities[cid], Registration(cid, tuple(state.histogram))
             )
             for _attempt in range(100):
                 if stop.is_set():

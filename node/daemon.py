@@ -87,9 +87,9 @@ def roles_of(membership: Membership) -> dict[str, str]:
     return {n.node_id: n.role for n in membership}
 
 
-def signed_record(identity: Identity, record: Record, *, timestamp: int) -> pb.Envelope:
+def signed_record(identity: Identity, record: Record) -> pb.Envelope:
     """The envelope a node submits to the miners (``Miner.Submit``)."""
-    operation = encode_operation(record, timestamp=timestamp)
+    operation = encode_operation(record)
     return identity.sign(record_kind_name(record), operation)
 
 

@@ -14,7 +14,7 @@ import contextlib
 
 import grpc
 
-from chain.records import ChainState
+from chain.state import ChainState
 from consensus.canonical import MalformedMessage
 from consensus.ledger import Block, check_block
 from node.daemon import NodeLog, channel

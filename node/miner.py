@@ -6,7 +6,8 @@ docs/CONSENSUS.md says: ``step`` for every PBFT message from a peer,
 records; each ``Ready`` is persisted (``BlockStore``, SQLite) before its
 messages are sent. The application side is :class:`chain.records.ChainState`
 plus what needs tensors: the update blobs (:class:`node.offchain.BlobStore`)
-and the recomputed global models (:class:`node.offchain.GlobalModels`).
+and the recomputed global models (:class:`chain.models.GlobalModels`); the
+verdict rules are ``chain.verdicts``.
 
 Round r at a miner: once the selection of r is committed, selected clients
 upload their updates (``SubmitUpdate``); when every selected client has
@@ -28,19 +29,27 @@ from typing import Any
 import grpc
 import torch
 
+from chain.models import GlobalModels, initial_spec
 from chain.records import (
-    KIND_NAMES,
-    KIND_ROLES,
-    KIND_VERDICTS,
-    ChainState,
     RoundSummary,
     RoundVerdicts,
     UpdateRecord,
     decode_operation,
     encode_operation,
+    kind_named,
     record_kind_name,
-    verdicts_agree,
-    verdicts_timestamp,
+    timestamp_of,
+)
+from chain.state import ChainState
+from chain.verdicts import (
+    OwnVerdict,
+    Upload,
+    admits_malformed,
+    build_verdicts,
+    check_verdicts,
+    own_verdicts,
+    uploads_complete,
+    verdicts_due,
 )
 from consensus.canonical import MalformedMessage
 from consensus.ledger import Block, Request
@@ -64,7 +73,7 @@ from node.daemon import (
 )
 from node.genesis import Genesis
 from node.identity import AuthError, Identity, pbft_signer, pbft_verifier, verify_envelope
-from node.offchain import BlobStore, GlobalModels, as_update, initial_spec
+from node.offchain import BlobStore, as_update, upload_of
 from node.tensors import (
     UPDATE_KIND,
     ReceivedTensors,
@@ -77,7 +86,6 @@ from proto import llbcfl_pb2 as pb
 from proto import llbcfl_pb2_grpc as pb_grpc
 
 PEER_QUEUE = 10_000
-KIND_BY_NAME = {name: kind for kind, name in KIND_NAMES.items()}
 
 
 class PeerLink:
@@ -198,7 +206,7 @@ class Miner:
         # Correctly signed updates refused for their values (NaN): never
         # stored, but recorded on chain as rejected ("malformed"), as the
         # simulator's validate_round does.
-        self.malformed: dict[int, dict[str, tuple[ReceivedTensors, str]]] = {}
+        self.malformed: dict[int, dict[str, tuple[Upload, str]]] = {}
         self.opened_at: dict[int, float] = {}
         self.ready_at: dict[int, float] = {}
         self._own_verdicts: dict[tuple, dict[str, tuple[bool, str, float]]] = {}
@@ -260,77 +268,48 @@ class Miner:
         return True
 
     def _check_summary(self, state: ChainState, record: RoundSummary) -> str:
-        digest = self.models.digest(record.round + 1, state, self.blobs)
+        digest = self.models.digest(record.round + 1, state, self.blobs.update_of)
         if digest is None:
             return f"cannot recompute the model after round {record.round} (missing blobs)"
         if digest != record.model_digest:
             return f"model digest of round {record.round} differs from the recomputed aggregate"
         return ""
 
-    def _check_verdicts(self, state: ChainState, record: RoundVerdicts) -> str:
-        base = self.models.digest(record.round, state, self.blobs)
-        if base is None:
-            return f"no global model for round {record.round}"
-        evaluated = []
-        for u in record.updates:
-            received = self.blobs.get(u.digest, u.client)
-            if received is None:
-                problem = self._check_malformed_entry(record.round, u)
-                if problem:
-                    return problem
-                continue
-            evaluated.append(u)
-            if (
-                received.sender.node_id != u.client
-                or received.round != record.round
-                or received.num_samples != u.n_samples
-                or received.base_digest != u.base_digest
-                or u.base_digest != base
-                or received.claim.signature != u.claim_signature
-            ):
-                return f"{u.client}: record does not match the signed update"
-        own = self._own_validation(
-            state, record.round, [(u.client, u.digest, u.n_samples) for u in evaluated]
-        )
-        return verdicts_agree(RoundVerdicts(record.round, tuple(evaluated), (), (), ()), own)
+    def _held(self, u: UpdateRecord) -> Upload | None:
+        received = self.blobs.get(u.digest, u.client)
+        return None if received is None else upload_of(received)
 
-    def _check_malformed_entry(self, rnd: int, u: UpdateRecord) -> str:
-        seen = self.malformed.get(rnd, {}).get(u.client)
-        if seen is None or seen[0].digest != u.digest:
-            return f"{u.client}: update {u.digest.hex()[:12]} not held"
-        evidence, reason = seen
-        if (
-            u.accepted
-            or u.reason != reason
-            or not math.isnan(u.accuracy)
-            or u.claim_signature != evidence.claim.signature
-            or u.n_samples != evidence.num_samples
-            or u.base_digest != evidence.base_digest
-        ):
-            return f"{u.client}: malformed update recorded differently"
-        return ""
+    def _check_verdicts(self, state: ChainState, record: RoundVerdicts) -> str:
+        return check_verdicts(
+            state,
+            record,
+            model_digest=self.models.digest(record.round, state, self.blobs.update_of),
+            held=self._held,
+            malformed=self.malformed.get(record.round, {}),
+            validate=lambda digests: self._own_validation(state, record.round, list(digests)),
+        )
 
     def note_malformed(self, evidence: ReceivedTensors) -> None:
         """Remember a selected client's signed update that was refused for its values."""
-        cid, rnd = evidence.sender.node_id, evidence.round
-        state = self.state
-        if rnd != state.current_round or cid not in state.selections[rnd].selected:
+        upload, state = upload_of(evidence), self.state
+        if not admits_malformed(
+            state,
+            upload,
+            model_digest=lambda: self.models.digest(upload.round, state, self.blobs.update_of),
+        ):
             return
-        weights = self.models.weights(rnd, state, self.blobs)
-        if weights is None or evidence.base_digest != self.models.digest(rnd, state, self.blobs):
-            return
-        if evidence.num_samples != state.released_records(cid):
-            return
+        weights = self.models.weights(upload.round, state, self.blobs.update_of)
         problem = structural_problem(evidence.weights, weights) or "malformed update"
-        self.malformed.setdefault(rnd, {}).setdefault(cid, (evidence, f"malformed: {problem}"))
+        by_client = self.malformed.setdefault(upload.round, {})
+        by_client.setdefault(upload.client, (upload, f"malformed: {problem}"))
 
     def _own_validation(
         self, state: ChainState, rnd: int, digests: list[tuple[str, bytes, int]]
-    ) -> dict[str, tuple[bool, str, float]]:
+    ) -> dict[str, OwnVerdict]:
         """Verdicts of ``validate_round`` over (client, digest, samples) of round ``rnd``."""
         key = (rnd, tuple(digests))
         if key not in self._own_verdicts:
-            weights = self.models.weights(rnd, state, self.blobs)
+            weights = self.models.weights(rnd, state, self.blobs.update_of)
             assert weights is not None
             updates = [
                 as_update(self.blobs.get(d, c), client=c, n_samples=n)  # type: ignore[arg-type]
@@ -343,95 +322,50 @@ class Miner:
                 updates=updates,
                 validation=self.validation,
             )
-            self._own_verdicts[key] = {
-                cid: (v.accepted, v.reason, math.nan if v.accuracy is None else v.accuracy)
-                for cid, v in verdicts.items()
-            }
+            self._own_verdicts[key] = own_verdicts(verdicts)
         return self._own_verdicts[key]
 
     # Round work ----------------------------------------------------------------
 
     def maybe_submit_verdicts(self) -> None:
-        """Submit this miner's verdict record once the round's uploads are complete."""
+        """Submit this miner's verdict record when :func:`chain.verdicts.verdicts_due` says so."""
         state = self.state
         rnd = state.current_round
         if rnd == 0 or rnd in self.submitted:
             return
-        selection = state.selections[rnd]
         have = self.blobs.by_round.get(rnd, {})
-        bad = {c: v for c, v in self.malformed.get(rnd, {}).items() if c not in have}
-        complete = all(cid in have or cid in bad for cid in selection.selected)
-        now = asyncio.get_running_loop().time()
-        deadline = self.opened_at.get(rnd, math.inf) + self.genesis.protocol.round_deadline_ms / 1e3
-        if not complete and now < deadline:
+        bad = self.malformed.get(rnd, {})
+        protocol = self.genesis.protocol
+        due, self.ready_at[rnd] = verdicts_due(
+            complete=uploads_complete(state, rnd, {**bad, **have}),
+            now=asyncio.get_running_loop().time(),
+            opened_at=self.opened_at.get(rnd, math.inf),
+            ready_at=self.ready_at.get(rnd),
+            deadline=protocol.round_deadline_ms / 1e3,
+            fallback=2 * protocol.view_timeout_ms / 1e3,
+            is_primary=self.replica.is_primary,
+        )
+        if not due or self.models.weights(rnd, state, self.blobs.update_of) is None:
             return
-        # The primary submits at once; backups only if no verdicts committed
-        # within two view timeouts (the primary may be down), so a round
-        # normally adds one verdict record to the chain, not n.
-        ready_at = self.ready_at.setdefault(rnd, now)
-        fallback = 2 * self.genesis.protocol.view_timeout_ms / 1e3
-        if not self.replica.is_primary and now < ready_at + fallback:
-            return
-        if self.models.weights(rnd, state, self.blobs) is None:
-            return
-        good = sorted(cid for cid in have if cid in selection.selected)
+        selected = state.selections[rnd].selected
+        held = {
+            cid: upload_of(self.blobs.get(digest, cid))  # type: ignore[arg-type]
+            for cid, digest in have.items()
+            if cid in selected
+        }
         own = self._own_validation(
-            state,
-            rnd,
-            [(c, have[c], state.released_records(c)) for c in good],
+            state, rnd, [(c, held[c].digest, state.released_records(c)) for c in sorted(held)]
         )
-        clients = sorted([*good, *bad])
-        updates = []
-        for cid in clients:
-            if cid in bad:
-                evidence, reason = bad[cid]
-                updates.append(
-                    UpdateRecord(
-                        cid,
-                        evidence.digest,
-                        evidence.base_digest,
-                        evidence.num_samples,
-                        math.nan,
-                        False,
-                        reason,
-                        evidence.claim.signature,
-                    )
-                )
-                continue
-            digest = have[cid]
-            received = self.blobs.get(digest, cid)
-            assert received is not None
-            accepted, reason, accuracy = own[cid]
-            updates.append(
-                UpdateRecord(
-                    cid,
-                    digest,
-                    received.base_digest,
-                    received.num_samples,
-                    accuracy,
-                    accepted,
-                    reason,
-                    received.claim.signature,
-                )
-            )
-        silent = tuple(sorted(set(selection.selected) - set(clients)))
-        draft = RoundVerdicts(rnd, tuple(updates), silent, (), ())
-        record = RoundVerdicts(
-            rnd,
-            tuple(updates),
-            silent,
-            state.reputations_after(rnd, draft),
-            state.privacy_after(draft),
-        )
-        operation = encode_operation(record, timestamp=verdicts_timestamp(rnd))
+        record = build_verdicts(state, rnd, held=held, own=own, malformed=bad)
+        operation = encode_operation(record)
         envelope = self.identity.sign(record_kind_name(record), operation)
         self.submitted.add(rnd)
         self.log.info(
             f"verdicts: accepted {record.accepted}, rejected {sorted(record.rejected)}, "
-            f"silent {list(silent)}"
+            f"silent {list(record.silent)}"
         )
         self.replica.propose(
-            Request(self.identity.node_id, verdicts_timestamp(rnd), operation, envelope.signature)
+            Request(self.identity.node_id, timestamp_of(record), operation, envelope.signature)
         )
 
     def wanted_blobs(self, message: Any) -> list[bytes]:
@@ -559,14 +493,14 @@ class MinerServicer(pb_grpc.MinerServicer):
 
     async def Submit(self, request: pb.Envelope, context: Any) -> pb.SubmitReceipt:
         m = self.m
-        kind = KIND_BY_NAME.get(request.kind)
-        if kind is None or kind == KIND_VERDICTS:
+        kind = kind_named(request.kind)
+        if kind is None or kind.role == "miner":
             await context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT, f"cannot submit {request.kind!r} records"
             )
         try:
             signer = verify_envelope(
-                request, m.membership, expected_kind=request.kind, allowed_roles=(KIND_ROLES[kind],)
+                request, m.membership, expected_kind=request.kind, allowed_roles=(kind.role,)
             )
         except AuthError as exc:
             code = (
@@ -632,7 +566,7 @@ class MinerServicer(pb_grpc.MinerServicer):
             await context.abort(
                 grpc.StatusCode.ALREADY_EXISTS, f"{cid} already sent an update for round {rnd}"
             )
-        base = m.models.digest(rnd, m.state, m.blobs)
+        base = m.models.digest(rnd, m.state, m.blobs.update_of)
         if base is None:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "global model not yet known")
         if received.base_digest != base:

@@ -1,18 +1,11 @@
-"""Off-chain data: update blobs stored by digest, and the global model of each round.
+"""Off-chain data: update blobs stored by digest.
 
 :class:`BlobStore` keeps each accepted-for-storage update as the exact
 tensor stream the client sent (header, chunks, the client's signed trailer),
 one file per digest under ``DIR/blobs/``; reading a blob back runs the full
 receiver checks again, so a corrupted file is never used.
-
-:class:`GlobalModels` recomputes the global model of every round from the
-chain: round 1 starts from the seeded initial model, and round r+1 from
-``fl.rounds.aggregate_round`` over the updates the committed verdicts of
-round r accepted, exactly as the simulator and the server do. Miners use it
-to validate updates (and to check the server's round summary); the server
-uses it to aggregate, and a restarted server can :meth:`GlobalModels.resume`
-it from a checkpoint (``node.checkpoints``) so that it aggregates only the
-rounds after it.
+The global model of each round is recomputed from the chain and these blobs
+(``chain.models.GlobalModels``, fed by :meth:`BlobStore.update_of`).
 """
 
 from __future__ import annotations
@@ -21,35 +14,15 @@ from collections import OrderedDict
 from collections.abc import Iterable
 from pathlib import Path
 
-import torch
-
-from chain.records import ChainState
+from chain.digests import ModelSpec
+from chain.records import UpdateRecord
+from chain.verdicts import Upload
 from consensus.canonical import Reader, pack_blob
-from fl.config import RunConfig
-from fl.models import build_model
-from fl.rounds import ClientUpdate, aggregate_round
-from fl.seeds import torch_generator
-from fl.weights import get_weights
+from fl.rounds import ClientUpdate
 from node.durable import write_durably
 from node.genesis import Membership
-from node.tensors import (
-    UPDATE_KIND,
-    ModelSpec,
-    ReceivedTensors,
-    model_spec,
-    receive_tensor_stream,
-    relay_stream,
-)
+from node.tensors import UPDATE_KIND, ReceivedTensors, receive_tensor_stream, relay_stream
 from proto import llbcfl_pb2 as pb
-
-
-def initial_weights(config: RunConfig) -> OrderedDict[str, torch.Tensor]:
-    """The round-1 global model: the seeded initial model the simulator builds."""
-    return get_weights(build_model(config.model, generator=torch_generator(config.seed, "init")))
-
-
-def initial_spec(config: RunConfig) -> ModelSpec:
-    return model_spec(initial_weights(config))
 
 
 class BlobStore:
@@ -124,77 +97,26 @@ class BlobStore:
     def missing(self, digests: Iterable[bytes]) -> list[bytes]:
         return [d for d in digests if d not in self._digests]
 
+    def update_of(self, record: UpdateRecord) -> ClientUpdate | None:
+        """The tensors of an update record, weighted as the chain says (``chain.models``)."""
+        received = self.get(record.digest)
+        if received is None:
+            return None
+        return as_update(received, client=record.client, n_samples=record.n_samples)
+
+
+def upload_of(received: ReceivedTensors) -> Upload:
+    """The signed claim of a received update, as the verdict rules see it."""
+    return Upload(
+        received.sender.node_id,
+        received.round,
+        received.digest,
+        received.base_digest,
+        received.num_samples,
+        received.claim.signature,
+    )
+
 
 def as_update(received: ReceivedTensors, *, client: str, n_samples: int) -> ClientUpdate:
     """``received``'s tensors as ``client``'s update (the chain names client and weight)."""
     return ClientUpdate(client, received.round, OrderedDict(received.weights), n_samples, 0.0)
-
-
-class GlobalModels:
-    """Global weights at the start of each round, recomputed from the chain and the blobs."""
-
-    def __init__(self, config: RunConfig) -> None:
-        self.config = config
-        self._weights: dict[int, OrderedDict[str, torch.Tensor]] = {1: initial_weights(config)}
-        self._velocity: dict[int, torch.Tensor | None] = {1: None}
-        self._digests: dict[int, bytes] = {}
-
-    def resume(
-        self, rnd: int, weights: OrderedDict[str, torch.Tensor], velocity: torch.Tensor | None
-    ) -> None:
-        """Start over from ``weights`` and ``velocity`` at the start of round ``rnd``.
-
-        The caller vouches for them (a checkpoint of round ``rnd - 1`` whose
-        digest the chain holds); rounds before ``rnd`` are no longer available.
-        """
-        self._weights = {rnd: OrderedDict(weights)}
-        self._velocity = {rnd: velocity}
-        self._digests = {}
-
-    @property
-    def first(self) -> int:
-        """The earliest round whose weights this can give (1 unless resumed)."""
-        return min(self._weights)
-
-    def known(self, rnd: int) -> bool:
-        return rnd in self._weights
-
-    def velocity(self, rnd: int) -> torch.Tensor | None:
-        """The server velocity at the start of round ``rnd`` (computed by :meth:`weights`)."""
-        return self._velocity[rnd]
-
-    def weights(self, rnd: int, state: ChainState, blobs: BlobStore) -> OrderedDict | None:
-        """Weights for round ``rnd`` (None while a needed blob or verdict is missing)."""
-        if rnd < self.first:
-            raise ValueError(f"round {rnd} is before round {self.first}, where this resumed")
-        top = max(self._weights)
-        while top < rnd:
-            verdicts = state.verdicts.get(top)
-            if verdicts is None:
-                return None
-            accepted = [u for u in verdicts.updates if u.accepted]
-            received = [blobs.get(u.digest) for u in accepted]
-            if any(r is None for r in received):
-                return None
-            updates = [
-                as_update(r, client=u.client, n_samples=u.n_samples)
-                for u, r in zip(accepted, received, strict=True)
-                if r is not None
-            ]
-            weights, velocity = aggregate_round(
-                self.config, self._weights[top], updates, rnd=top, velocity=self._velocity[top]
-            )
-            self._weights[top + 1] = weights
-            self._velocity[top + 1] = velocity
-            top += 1
-        return self._weights[rnd]
-
-    def digest(self, rnd: int, state: ChainState, blobs: BlobStore) -> bytes | None:
-        from node.tensors import weights_digest
-
-        if rnd not in self._digests:
-            weights = self.weights(rnd, state, blobs)
-            if weights is None:
-                return None
-            self._digests[rnd] = weights_digest(weights)
-        return self._digests[rnd]

@@ -14,10 +14,11 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from chain.metrics import RoundRecord, metrics_document
+from chain.simulator import simulate_rounds
 from fl.config import RunConfig
 from fl.data import load_mnist, resolve_data_root
 from fl.rounds import Federation
-from fl.simulator import RoundRecord, metrics_document, simulate_rounds
 from node.durable import write_json_durably
 from node.plotting import plot_runs
 

@@ -38,18 +38,18 @@ import grpc
 import torch
 from google.protobuf.message import DecodeError
 
+from chain.digests import claim_bytes, weights_digest
+from chain.metrics import RoundRecord, metrics_document, round_record
+from chain.models import GlobalModels, initial_spec
 from chain.records import (
     Record,
     RoundSummary,
     UpdateRecord,
-    selection_timestamp,
-    summary_timestamp,
 )
 from fl.attacks import choose_malicious
 from fl.data import Split
 from fl.models import build_model
 from fl.seeds import numpy_generator, torch_generator
-from fl.simulator import RoundRecord, metrics_document
 from fl.training import evaluate
 from fl.weights import set_weights
 from node.checkpoints import Checkpoint, newest_trusted_checkpoint, write_checkpoint
@@ -72,17 +72,15 @@ from node.identity import (
     verify_envelope,
     verify_signature,
 )
-from node.offchain import BlobStore, GlobalModels, initial_spec
+from node.offchain import BlobStore
 from node.tensors import (
     AUTH_CODES,
     MODEL_KIND,
     MODEL_REQUEST_KIND,
     UPDATE_KIND,
     UpdateRejected,
-    claim_bytes,
     receive_tensor_stream,
     tensor_stream,
-    weights_digest,
 )
 from proto import llbcfl_pb2 as pb
 from proto import llbcfl_pb2_grpc as pb_grpc
@@ -138,8 +136,8 @@ class Server:
 
     # Talking to miners and clients -------------------------------------------------
 
-    async def submit(self, record: Record, *, timestamp: int) -> None:
-        envelope = signed_record(self.identity, record, timestamp=timestamp)
+    async def submit(self, record: Record) -> None:
+        envelope = signed_record(self.identity, record)
 
         async def one(address: str) -> None:
             try:
@@ -223,7 +221,7 @@ class Server:
 
     def checkpoint(self, rnd: int) -> None:
         """Write the model after round ``rnd`` and the server velocity (atomically)."""
-        weights = self.models.weights(rnd + 1, self.state, self.blobs)
+        weights = self.models.weights(rnd + 1, self.state, self.blobs.update_of)
         assert weights is not None
         velocity = self.models.velocity(rnd + 1)
         write_checkpoint(self.checkpoint_dir, Checkpoint(rnd, weights, velocity))
@@ -260,7 +258,7 @@ class Server:
             await self.wait_for(lambda: state.last_summarised == rnd - 1, stop)
             selection = state.expected_selection(rnd)
             self.log.info(f"selecting {list(selection.selected)}")
-            await self.submit(selection, timestamp=selection_timestamp(rnd))
+            await self.submit(selection)
             await self.wait_for(lambda: rnd in state.selections, stop)
         selection = state.selections[rnd]
         # After a restart the blobs of the rounds since the checkpoint it resumed
@@ -273,7 +271,7 @@ class Server:
             if u.accepted
         ]
         await self.fetch_updates(earlier)
-        weights = self.models.weights(rnd, state, self.blobs)
+        weights = self.models.weights(rnd, state, self.blobs.update_of)
         assert weights is not None
         digest = weights_digest(weights)
         self.current = (rnd, weights, digest)
@@ -286,44 +284,21 @@ class Server:
         for u in verdicts.updates:
             if u.accepted and not self._client_signed(rnd, u):
                 raise RuntimeError(f"round {rnd}: {u.client}'s signature on its digest is invalid")
-        new_weights = self.models.weights(rnd + 1, state, self.blobs)
+        new_weights = self.models.weights(rnd + 1, state, self.blobs.update_of)
         assert new_weights is not None
         set_weights(self.scratch, new_weights)
         loss, acc = evaluate(self.scratch, self.test.x, self.test.y)
         self.checkpoint(rnd)
         if rnd not in state.summaries:
             summary = RoundSummary(rnd, weights_digest(new_weights), acc, loss)
-            await self.submit(summary, timestamp=summary_timestamp(rnd))
+            await self.submit(summary)
             await self.wait_for(lambda: rnd in state.summaries, stop)
         self.log.info(f"test accuracy {acc:.4f}")
 
     def round_record(self, rnd: int, seconds: float) -> RoundRecord:
-        selection = self.state.selections[rnd]
-        verdicts = self.state.verdicts[rnd]
-        summary = self.state.summaries[rnd]
-        extra: dict[str, Any] = {
-            "declined": list(selection.declined),
-            "silent": list(verdicts.silent),
-        }
-        if self.config.reputation:
-            extra["reputation"] = {k: round(v, 6) for k, v in verdicts.reputations}
-        if self.config.dp != "none":
-            spent = [v for _, v in verdicts.privacy]
-            extra["epsilon_spent_mean"] = sum(spent) / len(spent)
-        extra["block_height"] = self.state.record_heights.get(("chain-summary", rnd))
-        return RoundRecord(
-            round=rnd,
-            accuracy=summary.accuracy,
-            loss=summary.loss,
-            selected=list(selection.selected),
-            accepted=sorted(verdicts.accepted),
-            rejected=dict(sorted(verdicts.rejected.items())),
-            epsilon_spent_max=(
-                max(v for _, v in verdicts.privacy) if self.config.dp != "none" else None
-            ),
-            seconds=seconds,
-            extra=extra,
-        )
+        record = round_record(self.state, rnd, seconds=seconds)
+        record.extra["block_height"] = self.state.record_heights.get(("chain-summary", rnd))
+        return record
 
     async def drive(self, stop: asyncio.Event, metrics_path: Path) -> dict[str, Any]:
         start = time.perf_counter()

@@ -7,12 +7,10 @@ the concatenated raw little-endian bytes of the tensors in name order, and a
 trailer with the digest and the sender's signed claim. Protobuf types stop
 here: callers get ``name -> torch.Tensor`` mappings (``fl.weights.Weights``).
 
-The digest (:func:`weights_digest`) is SHA-256 over canonical bytes (fixed
-field order, explicit dtype and shape): a tag and the tensor count, then for
-each tensor in name order its name, dtype, shape and raw bytes, each
-length-prefixed. The claim the sender signs binds round, sender id, base
-digest, digest and sample count (:func:`claim_bytes`), in an envelope of kind
-``update`` (clients) or ``model`` (the server).
+The digest is ``chain.digests.weights_digest`` (SHA-256 over canonical
+bytes, recomputed here as the chunks arrive); the claim the sender signs
+(``chain.digests.claim_bytes``) travels in an envelope of kind ``update``
+(clients) or ``model`` (the server).
 
 :class:`TensorStreamReceiver` checks, in this order, and raises
 :class:`UpdateRejected` with the gRPC status a servicer should return:
@@ -36,7 +34,7 @@ from __future__ import annotations
 import hashlib
 import math
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
 
@@ -44,7 +42,18 @@ import grpc
 import numpy as np
 import torch
 
-from consensus.canonical import pack_blob, pack_text, pack_u32, pack_u64
+from chain.digests import (
+    DIGEST_TAG,
+    DTYPES,
+    NUMPY_DTYPES,
+    ModelSpec,
+    claim_bytes,
+    dtype_name,
+    nbytes_of,
+    raw_bytes,
+    tensor_record,
+)
+from consensus.canonical import pack_u32
 from fl.weights import Weights
 from node.identity import AuthError, Identity, verify_envelope
 from proto import llbcfl_pb2 as pb
@@ -58,25 +67,6 @@ MODEL_KIND: Final = "model"
 MODEL_REQUEST_KIND: Final = "model-request"
 # Who may sign a stream of each kind.
 SIGNER_ROLES: Final = {UPDATE_KIND: ("client",), MODEL_KIND: ("server",)}
-_DIGEST_TAG: Final = b"LLBCFL/tensors/v1\x00"
-
-ModelSpec = Mapping[str, tuple[str, tuple[int, ...]]]
-"""What a receiver expects: tensor name -> (dtype name, shape)."""
-
-_DTYPES: Final[dict[str, torch.dtype]] = {
-    "float16": torch.float16,
-    "float32": torch.float32,
-    "float64": torch.float64,
-    "int8": torch.int8,
-    "int16": torch.int16,
-    "int32": torch.int32,
-    "int64": torch.int64,
-    "uint8": torch.uint8,
-    "bool": torch.bool,
-}
-_DTYPE_NAMES: Final = {dtype: name for name, dtype in _DTYPES.items()}
-# Little-endian numpy dtypes: the wire byte order whatever the host's.
-_NUMPY: Final = {name: np.dtype(name).newbyteorder("<") for name in _DTYPES}
 
 
 class UpdateRejected(Exception):
@@ -97,63 +87,6 @@ class UpdateRejected(Exception):
         self.evidence: ReceivedTensors | None = None
 
 
-def _dtype_name(tensor: torch.Tensor) -> str:
-    name = _DTYPE_NAMES.get(tensor.dtype)
-    if name is None:
-        raise ValueError(f"unsupported tensor dtype {tensor.dtype}")
-    return name
-
-
-def model_spec(weights: Weights) -> dict[str, tuple[str, tuple[int, ...]]]:
-    """The :data:`ModelSpec` of ``weights`` (e.g. a freshly built model's)."""
-    return {name: (_dtype_name(t), tuple(t.shape)) for name, t in weights.items()}
-
-
-def _nbytes(dtype: str, shape: tuple[int, ...]) -> int:
-    return math.prod(shape) * _NUMPY[dtype].itemsize
-
-
-def _raw(tensor: torch.Tensor) -> bytes:
-    array = tensor.detach().cpu().contiguous().numpy()
-    return array.astype(array.dtype.newbyteorder("<"), copy=False).tobytes()
-
-
-def _tensor_record(name: str, dtype: str, shape: tuple[int, ...], nbytes: int) -> bytes:
-    dims = b"".join(pack_u64(d) for d in shape)
-    return pack_text(name) + pack_text(dtype) + pack_u32(len(shape)) + dims + pack_u64(nbytes)
-
-
-def _digest(records: Iterable[tuple[str, str, tuple[int, ...], bytes | memoryview]]) -> bytes:
-    """SHA-256 over the canonical bytes of tensors given in name order."""
-    items = list(records)
-    hasher = hashlib.sha256(_DIGEST_TAG + pack_u32(len(items)))
-    for name, dtype, shape, raw in items:
-        hasher.update(_tensor_record(name, dtype, shape, len(raw)))
-        hasher.update(raw)
-    return hasher.digest()
-
-
-def weights_digest(weights: Weights) -> bytes:
-    """The canonical digest of ``weights``: the same for any insertion order."""
-    return _digest(
-        (name, _dtype_name(weights[name]), tuple(weights[name].shape), _raw(weights[name]))
-        for name in sorted(weights)
-    )
-
-
-def claim_bytes(
-    *, round: int, sender_id: str, base_digest: bytes, digest: bytes, num_samples: int
-) -> bytes:
-    """Canonical bytes of the claim a sender signs at the end of a tensor stream."""
-    return (
-        pack_u64(round)
-        + pack_text(sender_id)
-        + pack_blob(base_digest)
-        + pack_blob(digest)
-        + pack_u64(num_samples)
-    )
-
-
 Layout = list[tuple[str, str, tuple[int, ...], int, int]]  # name, dtype, shape, offset, nbytes
 
 
@@ -161,7 +94,7 @@ def _layout(specs: Iterable[tuple[str, str, tuple[int, ...]]]) -> Layout:
     """Where each tensor's bytes lie in the stream (tensors in the given order)."""
     layout, offset = [], 0
     for name, dtype, shape in specs:
-        nbytes = _nbytes(dtype, shape)
+        nbytes = nbytes_of(dtype, shape)
         layout.append((name, dtype, shape, offset, nbytes))
         offset += nbytes
     return layout
@@ -176,7 +109,7 @@ class _StreamHasher:
 
     def __init__(self, layout: Layout) -> None:
         self._layout = layout
-        self._hasher = hashlib.sha256(_DIGEST_TAG + pack_u32(len(layout)))
+        self._hasher = hashlib.sha256(DIGEST_TAG + pack_u32(len(layout)))
         self._next = 0  # index of the tensor being hashed
         self._opened = False  # its record header is hashed
         self._done = 0  # stream bytes hashed
@@ -187,7 +120,7 @@ class _StreamHasher:
             while self._next < len(self._layout):
                 name, dtype, shape, offset, nbytes = self._layout[self._next]
                 if not self._opened:
-                    self._hasher.update(_tensor_record(name, dtype, shape, nbytes))
+                    self._hasher.update(tensor_record(name, dtype, shape, nbytes))
                     self._opened = True
                 stop = min(end, offset + nbytes)
                 if stop > self._done:
@@ -244,7 +177,7 @@ def tensor_stream(
     trailer needs it), so the first chunk leaves before the data is hashed.
     """
     _check_chunk_bytes(chunk_bytes)
-    specs = [(n, _dtype_name(weights[n]), tuple(weights[n].shape)) for n in sorted(weights)]
+    specs = [(n, dtype_name(weights[n]), tuple(weights[n].shape)) for n in sorted(weights)]
     layout = _layout(specs)
     header = pb.TensorStreamHeader(
         round=round,
@@ -254,7 +187,7 @@ def tensor_stream(
         tensors=[pb.TensorSpec(name=n, dtype=d, shape=s) for n, d, s in specs],
         total_bytes=sum(item[4] for item in layout),
     )
-    data = b"".join(_raw(weights[name]) for name, _, _ in specs)
+    data = b"".join(raw_bytes(weights[name]) for name, _, _ in specs)
     hasher = _StreamHasher(layout)
 
     def signed_trailer() -> pb.TensorStreamTrailer:
@@ -301,7 +234,7 @@ def relay_stream(
     """The same stream again, with the original sender's claim (miners serve FetchUpdate)."""
     _check_chunk_bytes(chunk_bytes)
     names = [spec.name for spec in received.header.tensors]
-    data = b"".join(_raw(received.weights[name]) for name in names)
+    data = b"".join(raw_bytes(received.weights[name]) for name in names)
     trailer = pb.TensorStreamTrailer(digest=received.digest, claim=received.claim)
     return _parts(received.header, data, chunk_bytes, lambda: trailer)
 
@@ -333,7 +266,7 @@ class TensorStreamReceiver:
         self, *, expected: ModelSpec, max_total_bytes: int, max_chunk_bytes: int = CHUNK_BYTES
     ) -> None:
         for name, (dtype, _shape) in expected.items():
-            if dtype not in _DTYPES:
+            if dtype not in DTYPES:
                 raise ValueError(f"expected tensor {name} has unsupported dtype {dtype!r}")
         self._names = sorted(expected)
         self._expected = expected
@@ -384,7 +317,7 @@ class TensorStreamReceiver:
                     f"tensor {spec.name}: expected {want_dtype} {list(want_shape)}, "
                     f"got {spec.dtype} {list(spec.shape)}"
                 )
-        total = sum(_nbytes(*self._expected[name]) for name in self._names)
+        total = sum(nbytes_of(*self._expected[name]) for name in self._names)
         if header.total_bytes != total:
             raise _invalid(f"stream declares {header.total_bytes} bytes, the tensors need {total}")
         if not header.sender_id:
@@ -451,8 +384,8 @@ class TensorStreamReceiver:
     def _decode(self, dtype: str, shape: tuple[int, ...], offset: int) -> torch.Tensor:
         count = math.prod(shape)
         if count == 0:
-            return torch.empty(shape, dtype=_DTYPES[dtype])
-        array = np.frombuffer(self._buffer, dtype=_NUMPY[dtype], count=count, offset=offset)
+            return torch.empty(shape, dtype=DTYPES[dtype])
+        array = np.frombuffer(self._buffer, dtype=NUMPY_DTYPES[dtype], count=count, offset=offset)
         if not array.dtype.isnative:
             array = array.astype(array.dtype.newbyteorder("="))
         return torch.from_numpy(array).reshape(shape)

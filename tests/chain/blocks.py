@@ -8,12 +8,13 @@ Signatures are placeholders: applying a committed block checks none.
 
 from __future__ import annotations
 
-from chain.records import ChainState, Record, encode_operation
+from chain.records import Record, encode_operation, timestamp_of
+from chain.state import ChainState
 from consensus.ledger import Block, Request, encode_batch
 
 
-def record_request(submitter: str, record: Record, timestamp: int) -> Request:
-    return Request(submitter, timestamp, encode_operation(record, timestamp=timestamp), b"sig")
+def record_request(submitter: str, record: Record) -> Request:
+    return Request(submitter, timestamp_of(record), encode_operation(record), b"sig")
 
 
 def next_block(state: ChainState, requests: list[Request]) -> Block:
@@ -27,8 +28,8 @@ def next_block(state: ChainState, requests: list[Request]) -> Block:
     )
 
 
-def commit(state: ChainState, records: list[tuple[str, Record, int]]) -> Block:
-    """Apply ``(submitter, record, timestamp)`` entries as ``state``'s next block; return it."""
+def commit(state: ChainState, records: list[tuple[str, Record]]) -> Block:
+    """Apply ``(submitter, record)`` entries as ``state``'s next block; return it."""
     block = next_block(state, [record_request(*entry) for entry in records])
     state.apply_block(block)
     return block

@@ -7,8 +7,6 @@ import math
 import pytest
 
 from chain.records import (
-    REGISTRATION_TIMESTAMP,
-    ChainState,
     Registration,
     RoundSummary,
     RoundVerdicts,
@@ -16,11 +14,10 @@ from chain.records import (
     UpdateRecord,
     decode_operation,
     encode_operation,
-    selection_timestamp,
-    summary_timestamp,
-    verdicts_agree,
-    verdicts_timestamp,
+    timestamp_of,
 )
+from chain.state import ChainState
+from chain.verdicts import verdicts_agree
 from consensus.canonical import MalformedMessage
 from consensus.ledger import Block, Request, encode_batch
 from fl.config import RunConfig
@@ -44,7 +41,7 @@ def registration(cid: str, per_class: int = 10) -> Registration:
 def registered_state(selection_seed: str = "block") -> ChainState:
     """Every client registered, in one committed block (height 1)."""
     state = ChainState(CONFIG, clients=CLIENTS, selection_seed=selection_seed)
-    commit(state, [(cid, registration(cid), REGISTRATION_TIMESTAMP) for cid in CLIENTS])
+    commit(state, [(cid, registration(cid)) for cid in CLIENTS])
     return state
 
 
@@ -68,11 +65,11 @@ def verdicts_for(state: ChainState, selected: tuple[str, ...], rnd: int = 1) -> 
 def play_round(state: ChainState, rnd: int) -> Block:
     """Commit round ``rnd``'s selection, verdicts and summary in three blocks; the last one."""
     selection = state.expected_selection(rnd)
-    commit(state, [("server", selection, selection_timestamp(rnd))])
+    commit(state, [("server", selection)])
     verdicts = verdicts_for(state, selection.selected, rnd)
-    commit(state, [("miner-0", verdicts, verdicts_timestamp(rnd))])
+    commit(state, [("miner-0", verdicts)])
     summary = RoundSummary(rnd, bytes([rnd]) * 32, 0.5, 0.5)
-    return commit(state, [("server", summary, summary_timestamp(rnd))])
+    return commit(state, [("server", summary)])
 
 
 def check(state: ChainState, requests: list[Request]) -> str:
@@ -90,16 +87,16 @@ def check(state: ChainState, requests: list[Request]) -> str:
 )
 def test_records_round_trip_through_canonical_bytes(record: object) -> None:
     # Prepare
-    operation = encode_operation(record, timestamp=9)  # type: ignore[arg-type]
+    operation = encode_operation(record)  # type: ignore[arg-type]
     # Execute
     timestamp, decoded = decode_operation(operation)
     # Assert
-    assert (timestamp, decoded) == (9, record)
-    assert encode_operation(decoded, timestamp=9) == operation
+    assert (timestamp, decoded) == (timestamp_of(record), record)
+    assert encode_operation(decoded) == operation
 
 
 def test_trailing_bytes_are_malformed() -> None:
-    operation = encode_operation(RoundSummary(1, b"\x01" * 32, 0.5, 0.5), timestamp=3)
+    operation = encode_operation(RoundSummary(1, b"\x01" * 32, 0.5, 0.5))
     with pytest.raises(MalformedMessage):
         decode_operation(operation + b"\x00")
 
@@ -110,7 +107,7 @@ def test_selection_equal_to_algorithm_1_is_valid() -> None:
     selection = state.expected_selection(1)
     # Execute
     problem = state.check_block(
-        block_of([request("server", selection, 2)]), verify=always, role_of=ROLES
+        block_of([request("server", selection)]), verify=always, role_of=ROLES
     )
     # Assert
     assert problem == ""
@@ -122,9 +119,7 @@ def test_selection_other_than_algorithm_1_is_refused() -> None:
     expected = state.expected_selection(1)
     other = tuple(sorted(set(CLIENTS) - set(expected.selected)))
     forged = Selection(1, expected.seed, other, expected.declined)
-    problem = state.check_block(
-        block_of([request("server", forged, 2)]), verify=always, role_of=ROLES
-    )
+    problem = state.check_block(block_of([request("server", forged)]), verify=always, role_of=ROLES)
     assert "differs from Algorithm 1" in problem
 
 
@@ -132,7 +127,7 @@ def test_selection_by_a_client_is_refused() -> None:
     state = registered_state()
     selection = state.expected_selection(1)
     problem = state.check_block(
-        block_of([request("client-000", selection, 2)]), verify=always, role_of=ROLES
+        block_of([request("client-000", selection)]), verify=always, role_of=ROLES
     )
     assert "needs a server" in problem
 
@@ -141,7 +136,7 @@ def test_bad_signature_is_refused() -> None:
     state = registered_state()
     never = lambda *_args: False  # noqa: E731
     problem = state.check_block(
-        block_of([request("server", state.expected_selection(1), 2)]), verify=never, role_of=ROLES
+        block_of([request("server", state.expected_selection(1))]), verify=never, role_of=ROLES
     )
     assert problem.endswith("bad signature")
 
@@ -156,12 +151,8 @@ def test_verdicts_with_wrong_reputations_are_refused() -> None:
         1, honest.updates, (), tuple((c, 1.0) for c, _ in honest.reputations), honest.privacy
     )
     # Execute
-    good = state.check_block(
-        block_of([request("miner-0", honest, 1)]), verify=always, role_of=ROLES
-    )
-    bad = state.check_block(
-        block_of([request("miner-0", inflated, 1)]), verify=always, role_of=ROLES
-    )
+    good = state.check_block(block_of([request("miner-0", honest)]), verify=always, role_of=ROLES)
+    bad = state.check_block(block_of([request("miner-0", inflated)]), verify=always, role_of=ROLES)
     # Assert
     assert good == ""
     assert "reputations differ" in bad
@@ -174,7 +165,7 @@ def test_verdicts_from_an_unselected_client_are_refused() -> None:
     outsider = next(c for c in CLIENTS if c not in selection.selected)
     record = verdicts_for(state, tuple(sorted((*selection.selected, outsider))))
     problem = state.check_block(
-        block_of([request("miner-0", record, 1)]), verify=always, role_of=ROLES
+        block_of([request("miner-0", record)]), verify=always, role_of=ROLES
     )
     assert "distinct selected clients" in problem
 
@@ -209,8 +200,8 @@ def test_replica_check_of_verdicts_is_exact_on_verdict_and_tolerant_on_accuracy(
 def test_round_1_seed_is_the_digest_of_the_block_with_the_last_registration() -> None:
     # Prepare: registrations in two blocks, then an empty block
     state = ChainState(CONFIG, clients=CLIENTS)
-    first = [(cid, registration(cid), REGISTRATION_TIMESTAMP) for cid in CLIENTS[:2]]
-    rest = [(cid, registration(cid), REGISTRATION_TIMESTAMP) for cid in CLIENTS[2:]]
+    first = [(cid, registration(cid)) for cid in CLIENTS[:2]]
+    rest = [(cid, registration(cid)) for cid in CLIENTS[2:]]
     commit(state, first)
     last_registration = commit(state, rest)
     later = commit(state, [])
@@ -219,7 +210,7 @@ def test_round_1_seed_is_the_digest_of_the_block_with_the_last_registration() ->
     # Assert
     assert selection.seed == last_registration.digest
     assert selection.seed != later.digest
-    assert check(state, [request("server", selection, selection_timestamp(1))]) == ""
+    assert check(state, [request("server", selection)]) == ""
 
 
 def test_round_r_seed_is_the_digest_of_the_block_with_the_summary_of_r_minus_1() -> None:
@@ -227,22 +218,22 @@ def test_round_r_seed_is_the_digest_of_the_block_with_the_summary_of_r_minus_1()
     state = registered_state()
     summary_block = play_round(state, 1)
     late = RoundVerdicts(1, (), state.selections[1].selected, (), ())
-    commit(state, [("miner-1", late, verdicts_timestamp(1))])
+    commit(state, [("miner-1", late)])
     # Execute
     selection = state.expected_selection(2)
     # Assert
     assert selection.seed == summary_block.digest
     assert state.head_hash != summary_block.digest
-    assert check(state, [request("server", selection, selection_timestamp(2))]) == ""
+    assert check(state, [request("server", selection)]) == ""
 
 
 def test_selection_in_the_same_block_as_the_summary_it_follows_is_refused() -> None:
     # Prepare: round 1 selected and judged; its summary not yet committed
     state = registered_state()
     selection = state.expected_selection(1)
-    commit(state, [("server", selection, selection_timestamp(1))])
+    commit(state, [("server", selection)])
     verdicts = verdicts_for(state, selection.selected)
-    commit(state, [("miner-0", verdicts, verdicts_timestamp(1))])
+    commit(state, [("miner-0", verdicts)])
     summary = RoundSummary(1, b"\x01" * 32, 0.5, 0.5)
     # The only seeds a proposer could know: the round-1 anchor and the current head
     seeds = (state.anchors[1], state.head_hash)
@@ -252,13 +243,13 @@ def test_selection_in_the_same_block_as_the_summary_it_follows_is_refused() -> N
         check(
             state,
             [
-                request("server", summary, summary_timestamp(1)),
-                request("server", record, selection_timestamp(2)),
+                request("server", summary),
+                request("server", record),
             ],
         )
         for record in forged
     ]
-    alone = check(state, [request("server", summary, summary_timestamp(1))])
+    alone = check(state, [request("server", summary)])
     # Assert
     assert alone == ""
     assert all("belongs in a later block" in p for p in problems), problems
@@ -267,11 +258,11 @@ def test_selection_in_the_same_block_as_the_summary_it_follows_is_refused() -> N
 def test_selection_in_the_same_block_as_the_last_registration_is_refused() -> None:
     # Prepare: all but the last client registered
     state = ChainState(CONFIG, clients=CLIENTS)
-    commit(state, [(cid, registration(cid), REGISTRATION_TIMESTAMP) for cid in CLIENTS[:-1]])
-    last = request(CLIENTS[-1], registration(CLIENTS[-1]), REGISTRATION_TIMESTAMP)
+    commit(state, [(cid, registration(cid)) for cid in CLIENTS[:-1]])
+    last = request(CLIENTS[-1], registration(CLIENTS[-1]))
     forged = Selection(1, state.head_hash, CLIENTS[: CONFIG.clients_per_round], ())
     # Execute
-    problem = check(state, [last, request("server", forged, selection_timestamp(1))])
+    problem = check(state, [last, request("server", forged)])
     # Assert
     assert "belongs in a later block" in problem
 
@@ -282,7 +273,7 @@ def test_run_derived_seed_is_refused_under_block_seeds() -> None:
     expected = state.expected_selection(1)
     forged = Selection(1, selection_seed(CONFIG, 1), expected.selected, expected.declined)
     # Execute
-    problem = check(state, [request("server", forged, selection_timestamp(1))])
+    problem = check(state, [request("server", forged)])
     # Assert
     assert "has seed" in problem and "selection_seed = block" in problem
 
@@ -293,7 +284,7 @@ def test_block_seed_is_refused_under_run_seeds() -> None:
     expected = state.expected_selection(1)
     forged = Selection(1, state.head_hash, expected.selected, expected.declined)
     # Execute
-    problem = check(state, [request("server", forged, selection_timestamp(1))])
+    problem = check(state, [request("server", forged)])
     # Assert
     assert expected.seed == selection_seed(CONFIG, 1)
     assert "has seed" in problem and "selection_seed = run" in problem
@@ -307,7 +298,7 @@ def test_run_seeds_equal_the_simulators_in_every_round() -> None:
     selection = state.expected_selection(2)
     # Assert
     assert selection.seed == selection_seed(CONFIG, 2)
-    assert check(state, [request("server", selection, selection_timestamp(2))]) == ""
+    assert check(state, [request("server", selection)]) == ""
 
 
 def test_unknown_selection_seed_is_refused() -> None:

@@ -32,10 +32,10 @@ from typing import Any
 import pytest
 
 from chain.records import Registration, RoundSummary, RoundVerdicts, Selection, decode_operation
+from chain.simulator import run_simulation
 from consensus.ledger import Block
 from fl.config import RunConfig
 from fl.data import load_mnist
-from fl.simulator import run_simulation
 from node.chaintools import read_blocks
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -23,14 +23,15 @@ from typing import Any
 
 import torch
 
-from chain.records import ChainState, Registration, RoundSummary, Selection
+from chain.models import initial_weights
+from chain.records import Registration, RoundSummary, RoundVerdicts, Selection
+from chain.state import ChainState
 from fl.config import RunConfig
 from fl.data import Split
 from fl.rounds import ClientState, Federation
 from node.client import ClientHost
 from node.daemon import NodeLog
 from node.genesis import Genesis
-from node.offchain import initial_weights
 from node.privacy_ledger import PrivacyLedger
 from proto import llbcfl_pb2 as pb
 from tests.node.conftest import NODES, fixed_identity, network_genesis
@@ -77,6 +78,8 @@ def prepared_chain(genesis: Genesis) -> ChainState:
     for rnd in range(1, ROUNDS + 1):
         state.apply_record("server", Selection(rnd, bytes(32), SELECTED, ()))
         if rnd < ROUNDS:
+            silent = RoundVerdicts(rnd, (), tuple(sorted(SELECTED)), (), ())
+            state.apply_record("miner-0", silent)
             state.apply_record("server", RoundSummary(rnd, summary_digest(rnd), 0.5, 0.5))
     return state
 
@@ -118,7 +121,7 @@ async def make_host(ledger: Path, *, cid: str = "client-000") -> RecordingHost:
 def notice(rnd: int, digest: bytes | None = None) -> pb.RoundNotice:
     """The notice the server would send for round ``rnd`` (the committed model)."""
     if digest is None:
-        from node.tensors import weights_digest
+        from chain.digests import weights_digest
 
         digest = weights_digest(initial_weights(CONFIG)) if rnd == 1 else summary_digest(rnd - 1)
     return pb.RoundNotice(round=rnd, model_digest=digest, deadline_ms=1000)

@@ -16,7 +16,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from chain.records import ChainState, RoundSummary, RoundVerdicts, UpdateRecord
+from chain.digests import ModelSpec
+from chain.digests import weights_digest as digest_of
+from chain.models import GlobalModels, initial_spec, initial_weights
+from chain.records import RoundSummary, RoundVerdicts, UpdateRecord
+from chain.state import ChainState
 from fl.config import RunConfig
 from fl.data import Split
 from node.checkpoints import (
@@ -29,10 +33,9 @@ from node.checkpoints import (
 from node.daemon import NodeLog
 from node.genesis import Genesis
 from node.identity import Identity
-from node.offchain import BlobStore, GlobalModels, initial_spec, initial_weights
+from node.offchain import BlobStore
 from node.server import Server
-from node.tensors import UPDATE_KIND, ModelSpec, receive_tensor_stream, tensor_stream
-from node.tensors import weights_digest as digest_of
+from node.tensors import UPDATE_KIND, receive_tensor_stream, tensor_stream
 
 CONFIG = RunConfig(clients=3, rounds=3, model="mlp", server_momentum=0.5, server_lr=0.5)
 CLIENTS = ("client-000", "client-001", "client-002")
@@ -47,7 +50,7 @@ class History:
     spec: ModelSpec
 
     def checkpoint(self, rnd: int) -> Checkpoint:
-        weights = self.models.weights(rnd + 1, self.state, self.blobs)
+        weights = self.models.weights(rnd + 1, self.state, self.blobs.update_of)
         assert weights is not None
         return Checkpoint(rnd, weights, self.models.velocity(rnd + 1))
 
@@ -94,14 +97,14 @@ def history(genesis: Genesis, identities: dict[str, Identity]) -> History:
             entries.append(UpdateRecord(cid, received.digest, b"", 100 * n, 0.9, True, "", b"sig"))
         state.verdicts[rnd] = RoundVerdicts(rnd, tuple(entries), (), (), ())
     models = GlobalModels(CONFIG)
-    assert models.weights(ROUNDS + 1, state, blobs) is not None
+    assert models.weights(ROUNDS + 1, state, blobs.update_of) is not None
     return History(state, blobs, models, spec)
 
 
 def resumed_weights(history: History, checkpoint: Checkpoint) -> OrderedDict[str, torch.Tensor]:
     models = GlobalModels(CONFIG)
     models.resume(checkpoint.round + 1, checkpoint.weights, checkpoint.velocity)
-    weights = models.weights(ROUNDS + 1, history.state, history.blobs)
+    weights = models.weights(ROUNDS + 1, history.state, history.blobs.update_of)
     assert weights is not None
     return weights
 
@@ -130,7 +133,7 @@ def test_models_resumed_from_a_checkpoint_equal_the_recomputation(
     # Execute: aggregate rounds 2 and 3 from it
     weights = resumed_weights(history, checkpoint)
     # Assert: bit for bit the weights recomputed from round 1
-    expected = history.models.weights(ROUNDS + 1, history.state, history.blobs)
+    expected = history.models.weights(ROUNDS + 1, history.state, history.blobs.update_of)
     assert expected is not None
     assert list(weights) == list(expected)
     assert all(torch.equal(weights[name], expected[name]) for name in expected)
@@ -154,7 +157,7 @@ def test_resuming_without_the_velocity_gives_other_weights(history: History) -> 
     # Execute
     weights = resumed_weights(history, Checkpoint(1, checkpoint.weights, None))
     # Assert
-    expected = history.models.weights(ROUNDS + 1, history.state, history.blobs)
+    expected = history.models.weights(ROUNDS + 1, history.state, history.blobs.update_of)
     assert expected is not None
     assert digest_of(weights) != digest_of(expected)
 
@@ -283,8 +286,7 @@ def test_server_resumes_its_models_after_the_checkpoint(
     server = Server(
         server_genesis, identities["server"], run_dir=tmp_path, test=test, log=NodeLog("server")
     )
-    for summary in history.summaries(last=2).values():
-        server.state.apply_record("server", summary)
+    server.state.summaries.update(history.summaries(last=2))  # as the fixture's verdicts
     for rnd in (1, 2):
         write_checkpoint(server.checkpoint_dir, history.checkpoint(rnd))
     # Execute
@@ -292,6 +294,6 @@ def test_server_resumes_its_models_after_the_checkpoint(
     # Assert: round 3 starts from round 2's checkpoint; rounds 1-2 are not recomputed
     assert resumed == 2
     assert server.models.first == 3
-    weights = server.models.weights(3, server.state, server.blobs)
+    weights = server.models.weights(3, server.state, server.blobs.update_of)
     assert weights is not None
     assert digest_of(weights) == history.summaries()[2].model_digest

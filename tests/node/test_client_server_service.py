@@ -11,7 +11,7 @@ import grpc
 import pytest
 import torch
 
-from chain.records import REGISTRATION_TIMESTAMP, Registration
+from chain.records import Registration
 from fl.config import RunConfig
 from fl.data import Split
 from fl.rounds import Federation
@@ -109,14 +109,13 @@ def fl_server(small_genesis: Genesis, identities: dict[str, Identity], tmp_path:
         (
             c.node_id,
             Registration(c.node_id, (50, 50, 0, 0, 0, 0, 0, 0, 0, 0, 0)),
-            REGISTRATION_TIMESTAMP,
         )
         for c in small_genesis.membership.clients
     ]
     commit(s.state, registrations)  # a block: its digest seeds round 1's selection
     selection = s.state.expected_selection(1)
     s.state.apply_record("server", selection)
-    weights = s.models.weights(1, s.state, s.blobs)
+    weights = s.models.weights(1, s.state, s.blobs.update_of)
     s.current = (1, weights, b"")
     return s
 

@@ -16,13 +16,13 @@ import grpc
 import pytest
 import torch
 
+from chain.digests import weights_digest
+from chain.models import initial_weights
 from chain.records import (
-    REGISTRATION_TIMESTAMP,
     Registration,
     RoundSummary,
     RoundVerdicts,
     decode_operation,
-    selection_timestamp,
 )
 from consensus.ledger import Block, Request, encode_batch
 from fl.config import RunConfig
@@ -31,8 +31,7 @@ from node.daemon import NodeLog, add_servicer, signed_record
 from node.genesis import Genesis
 from node.identity import Identity
 from node.miner import Miner, MinerServicer
-from node.offchain import initial_weights
-from node.tensors import tensor_stream, weights_digest
+from node.tensors import tensor_stream
 from proto import llbcfl_pb2 as pb
 from proto import llbcfl_pb2_grpc as pb_grpc
 from tests.chain.blocks import commit
@@ -62,7 +61,6 @@ def miner(small_genesis: Genesis, identities: dict[str, Identity], tmp_path: Pat
         (
             c.node_id,
             Registration(c.node_id, (50, 50, 0, 0, 0, 0, 0, 0, 0, 0, 0)),
-            REGISTRATION_TIMESTAMP,
         )
         for c in small_genesis.membership.clients
     ]
@@ -225,9 +223,7 @@ def test_second_different_update_of_the_round_is_refused(miner: Miner, identitie
 
 def test_submit_by_the_wrong_role_is_refused(miner: Miner, identities: Any) -> None:
     # A client signs a round summary, which only the server may submit.
-    envelope = signed_record(
-        identities["client-000"], RoundSummary(1, b"\x01" * 32, 0.5, 0.5), timestamp=3
-    )
+    envelope = signed_record(identities["client-000"], RoundSummary(1, b"\x01" * 32, 0.5, 0.5))
 
     async def body(stub: Any) -> None:
         with pytest.raises(grpc.aio.AioRpcError) as info:
@@ -240,7 +236,7 @@ def test_submit_by_the_wrong_role_is_refused(miner: Miner, identities: Any) -> N
 
 def test_submit_with_a_forged_signature_is_refused(miner: Miner, identities: Any) -> None:
     selection = miner.state.expected_selection(1)
-    envelope = signed_record(identities["server"], selection, timestamp=selection_timestamp(1))
+    envelope = signed_record(identities["server"], selection)
     envelope.signature = bytes(64)
 
     async def body(stub: Any) -> None:
@@ -312,7 +308,7 @@ def verdicts_of_miner(miner: Miner) -> RoundVerdicts:
 
 
 def block_with(miner: Miner, signer: Identity, record: RoundVerdicts) -> Block:
-    envelope = signed_record(signer, record, timestamp=1)
+    envelope = signed_record(signer, record)
     request = Request(signer.node_id, 1, bytes(envelope.payload), bytes(envelope.signature))
     return Block.propose(
         height=miner.state.height + 1,

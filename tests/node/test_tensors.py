@@ -10,6 +10,7 @@ import grpc
 import pytest
 import torch
 
+from chain.digests import model_spec, weights_digest
 from fl.models import build_model
 from fl.weights import get_weights
 from node.identity import Identity
@@ -19,11 +20,9 @@ from node.tensors import (
     UPDATE_KIND,
     TensorStreamReceiver,
     UpdateRejected,
-    model_spec,
     receive_tensor_stream,
     relay_stream,
     tensor_stream,
-    weights_digest,
 )
 from proto import llbcfl_pb2 as pb
 

@@ -5,11 +5,11 @@ import itertools
 import pytest
 import torch
 
+from chain.simulator import run_simulation, simulate_rounds
 from fl.attacks import ATTACKS
 from fl.config import RunConfig
 from fl.privacy import BUDGET_RTOL
 from fl.rounds import Federation, validation_params
-from fl.simulator import run_simulation, simulate_rounds
 from tests.fl.synthetic import synthetic_splits
 
 SPLITS = synthetic_splits()
