@@ -360,7 +360,7 @@ def data() -> None:
 )
 def data_fetch(data_dir: str | None) -> None:
     """Download the four MNIST files (or verify the ones present) and check their MD5."""
-    from node.datafetch import fetch_mnist
+    from commands.datafetch import fetch_mnist
 
     try:
         fetch_mnist(resolve_data_root(data_dir))
@@ -385,7 +385,7 @@ def data_fetch(data_dir: str | None) -> None:
 @click.option("--quiet", is_flag=True, help="no progress bar")
 def simulate(metrics_out: str | None, plot: str | None, quiet: bool, **kwargs: Any) -> None:
     """Run the whole federated loop in one process."""
-    from node.runner import run_simulate
+    from commands.runner import run_simulate
 
     config = _config(kwargs)
     try:
@@ -550,9 +550,9 @@ def network_up_command(
     """Start a whole network on 127.0.0.1 (one OS process per node), run it, stop it."""
     import time as _time
 
+    from commands.launcher import network_up
     from node.durable import write_json_durably
     from node.genesis import GenesisError
-    from node.launcher import network_up
 
     config = _config(kwargs)
 
@@ -661,7 +661,7 @@ def chain() -> None:
 @click.option("--height", type=int, default=None, help="only this block")
 def chain_show(db: str, height: int | None) -> None:
     """Blocks, per-round selections and verdicts, reputations and privacy spent."""
-    from node.chaintools import show_chain
+    from commands.chaintools import show_chain
 
     try:
         for line in show_chain(Path(db), height=height):
@@ -675,7 +675,7 @@ def chain_show(db: str, height: int | None) -> None:
 @click.option("--genesis", "genesis_path", type=click.Path(dir_okay=False), required=True)
 def chain_verify(db: str, genesis_path: str) -> None:
     """Check links, payload digests, commit certificates and record signatures."""
-    from node.chaintools import verify_chain_file
+    from commands.chaintools import verify_chain_file
 
     try:
         ok, message = verify_chain_file(Path(db), Path(genesis_path))
@@ -708,8 +708,8 @@ def privacy_plan(**kwargs: Any) -> None:
 @click.option("--label", "labels", multiple=True, help="legend label per file, in order")
 def plot(metrics: tuple[str, ...], out: str, title: str | None, labels: tuple[str, ...]) -> None:
     """Overlay accuracy-vs-round curves of saved runs (METRICS are JSON files)."""
-    from node.plotting import plot_runs
-    from node.runner import read_metrics
+    from commands.plotting import plot_runs
+    from commands.runner import read_metrics
 
     if labels and len(labels) != len(metrics):
         raise click.UsageError(f"{len(labels)} --label given for {len(metrics)} files")

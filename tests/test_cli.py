@@ -12,7 +12,7 @@ import pytest
 from click.testing import CliRunner
 
 import cli
-import node.datafetch
+import commands.datafetch
 
 
 def all_commands(group: click.Group, prefix: tuple[str, ...] = ()) -> Iterator[tuple[str, ...]]:
@@ -122,8 +122,8 @@ def test_fetch_rejects_a_download_with_the_wrong_md5(tmp_path, monkeypatch):
     server = http.server.HTTPServer(("127.0.0.1", 0), _FixedFileHandler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
-    monkeypatch.setattr(node.datafetch, "MIRRORS", (f"http://127.0.0.1:{server.server_port}/",))
-    monkeypatch.setattr(node.datafetch, "_fetch_with_torchvision", lambda root: False)
+    monkeypatch.setattr(commands.datafetch, "MIRRORS", (f"http://127.0.0.1:{server.server_port}/",))
+    monkeypatch.setattr(commands.datafetch, "_fetch_with_torchvision", lambda root: False)
     try:
         # Execute
         result = CliRunner().invoke(cli.main, ["data", "fetch", "--data-dir", str(tmp_path)])

@@ -14,12 +14,12 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from commands.plotting import plot_runs
 from fl.config import RunConfig
 from fl.data import load_mnist, resolve_data_root
 from fl.rounds import Federation
 from fl.simulator import RoundRecord, metrics_document, simulate_rounds
 from node.durable import write_json_durably
-from node.plotting import plot_runs
 
 
 def read_metrics(path: Path) -> dict[str, Any]:
