@@ -287,7 +287,7 @@ def summarize(docs: dict[str, dict]) -> dict[str, Any]:
 
 
 def plots(docs: dict[str, dict], out_dir: Path) -> None:
-    from node.plotting import plot_runs
+    from commands.plotting import plot_runs
 
     def group(prefix: str, names: list[str], title: str, fname: str) -> None:
         chosen = [n for n in names if n in docs]

@@ -130,7 +130,7 @@ def main() -> None:
         if name == "noniid_e1":
             entry["mean_accuracy_rounds_96_100"] = sum(acc[95:100]) / len(acc[95:100])
         result[name] = entry
-    from node.plotting import plot_runs
+    from commands.plotting import plot_runs
 
     plot_runs(
         list(docs.values()),

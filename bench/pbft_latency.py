@@ -33,11 +33,11 @@ from pathlib import Path
 import grpc
 
 from chain.records import Registration
+from commands.launcher import NodeProcess, free_ports, node_commands
 from fl.config import RunConfig
 from node.daemon import signed_record
 from node.genesis import ProtocolParams, init_network, key_path, node_ids
 from node.identity import load_identity
-from node.launcher import NodeProcess, free_ports, node_commands
 from proto import llbcfl_pb2 as pb
 from proto import llbcfl_pb2_grpc as pb_grpc
 

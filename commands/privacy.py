@@ -20,6 +20,7 @@ from typing import Any
 import click
 import torch
 
+from commands.options import run_config, run_options
 from fl.config import RunConfig
 from fl.data import DataError, load_mnist, resolve_data_root
 
@@ -51,6 +52,16 @@ CANARY_CANDIDATES = 50
 @click.group()
 def privacy() -> None:
     """Inspect a run's privacy plan; audit the client's release empirically."""
+
+
+@privacy.command("plan")
+@run_options
+def privacy_plan(**kwargs: Any) -> None:
+    """Print the privacy plan of a run as JSON: the calibrated noise, the registration
+    histogram's noise, and epsilon per participation and in total by each accountant."""
+    from fl.rounds import privacy_report
+
+    click.echo(json.dumps(privacy_report(run_config(kwargs)), indent=1))
 
 
 @privacy.command("audit")

@@ -1,14 +1,21 @@
-"""The run configuration shared by ``simulate`` and (later) ``network up``.
+"""The run configuration shared by ``simulate``, ``network init`` / ``up`` and the genesis.
 
-One dataclass holds every option, so the metrics file records the complete
-configuration and both front ends validate it the same way.
+One dataclass holds every run option, so the metrics file records the
+complete configuration and every front end validates it the same way. Each
+field is the option's one declaration: its name and type, its default and,
+through :func:`option`, its help text, short flag, choices and check. From
+these fields ``commands.options`` builds the click options, :meth:`RunConfig._problems`
+runs the checks (plus the few that involve two fields), and the genesis's
+``[run]`` table holds them all (``node.genesis``). A new run option is a
+field here and the code that uses it.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
-from typing import Any
+from collections.abc import Callable, Collection, Iterator
+from dataclasses import Field, asdict, dataclass, field, fields
+from typing import Any, Final
 
 from fl.aggregation import AGGREGATIONS
 from fl.attacks import ATTACKS
@@ -17,132 +24,282 @@ from fl.partition import DISTRIBUTIONS
 from fl.privacy import ACCOUNTANTS, DEFAULT_REGISTRATION_SHARE, MECHANISMS
 from fl.validation import RULES
 
+DATASETS: tuple[str, ...] = ("mnist",)
 SELECTIONS: tuple[str, ...] = ("weighted", "paper", "random")
 SERVER_LR_DECAYS: tuple[str, ...] = ("none", "cosine")
 
 
+# Declaring an option -----------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Check:
+    """One option's check: ``ok(value)``, else ``message`` with ``{flag}`` (``--name``)
+    and ``{value}`` filled in (``str.format``)."""
+
+    ok: Callable[[Any], bool]
+    message: str
+
+    def problem(self, name: str, value: Any) -> str | None:
+        return None if self.ok(value) else self.message.format(flag=flag(name), value=value)
+
+
+def at_least(low: int) -> Check:
+    return Check(lambda v: v >= low, f"{{flag}} must be >= {low}, got {{value}}")
+
+
+def positive(*, finite: bool = False) -> Check:
+    """``> 0`` (NaN fails); with ``finite``, infinity fails too."""
+    if finite:
+        return Check(lambda v: v > 0 and math.isfinite(v), "{flag} must be positive, got {value}")
+    return Check(lambda v: v > 0, "{flag} must be positive, got {value}")
+
+
+def within(interval: str) -> Check:
+    """An interval written as the message shows it: ``"(0, 1]"``, ``"[0, 1)"`` ... (NaN fails)."""
+    low, high = (float(bound) for bound in interval[1:-1].split(","))
+    low_open, high_open = interval[0] == "(", interval[-1] == ")"
+
+    def ok(v: Any) -> bool:
+        above = low < v if low_open else low <= v
+        below = v < high if high_open else v <= high
+        return above and below
+
+    return Check(ok, f"{{flag}} must be in {interval}, got {{value}}")
+
+
+def one_of(choices: Collection[str]) -> Check:
+    listed = ", ".join(choices).replace("{", "{{").replace("}", "}}")
+    return Check(lambda v: v in choices, f"{{flag}} must be one of {listed}, got {{value!r}}")
+
+
+@dataclass(frozen=True)
+class RunOption:
+    """What the command line and the checks know of a run option besides its
+    name, type and default (a field without :func:`option` gets these defaults)."""
+
+    help: str | None = None
+    short: str | None = None  # e.g. "-K"
+    choices: tuple[str, ...] | None = None
+    checks: tuple[Check, ...] = ()
+    directory: bool = False  # a folder (the command line refuses a file)
+    negatable: bool = True  # booleans: --name/--no-name; False: a plain --name flag
+
+
+OPTION: Final = "run_option"
+
+
+def option(
+    default: Any,
+    help: str | None = None,
+    *,
+    short: str | None = None,
+    choices: Collection[str] | None = None,
+    check: Check | None = None,
+    directory: bool = False,
+    negatable: bool = True,
+) -> Any:
+    """A :class:`RunConfig` field with its option's metadata. ``choices`` come with
+    their check (:func:`one_of`) unless ``check`` replaces it."""
+    checks = (check,) if check else (one_of(choices),) if choices else ()
+    spec = RunOption(
+        help=help,
+        short=short,
+        choices=tuple(choices) if choices else None,
+        checks=checks,
+        directory=directory,
+        negatable=negatable,
+    )
+    return field(default=default, metadata={OPTION: spec})
+
+
+def run_option(f: Field[Any]) -> RunOption:
+    return f.metadata.get(OPTION, RunOption())
+
+
+def flag(name: str) -> str:
+    """The command-line spelling of field ``name``: ``--server-lr`` for ``server_lr``."""
+    return "--" + name.replace("_", "-")
+
+
+# The run options ---------------------------------------------------------
+
+_KNOWN_DATASET = Check(
+    lambda v: v in DATASETS,
+    f"unknown dataset {{value!r}} (only {' or '.join(map(repr, DATASETS))} is supported)",
+)
+
+
 @dataclass(frozen=True)
 class RunConfig:
-    dataset: str = "mnist"
-    data_dir: str | None = None
-    clients: int = 100
-    frac: float = 0.1
-    rounds: int = 50
-    dist: str = "iid"
-    alpha: float = 0.5
-    model: str = "cnn"
-    local_epochs: float = 1.0
-    batch_size: int = 10
-    lr: float = 0.01
-    momentum: float = 0.5
-    dropout: bool = True
-    seed: int = 0
-    aggregation: str = "fedavg"
-    server_momentum: float = 0.0
-    server_lr: float = 1.0
-    server_lr_decay: str = "none"
-    selection: str = "weighted"
+    dataset: str = option("mnist", choices=DATASETS, check=_KNOWN_DATASET)
+    data_dir: str | None = option(
+        None,
+        "MNIST root holding MNIST/raw/ [default: $LLBCFL_DATA, else ./data]",
+        directory=True,
+    )
+    clients: int = option(100, "number of clients K", short="-K", check=at_least(1))
+    frac: float = option(
+        0.1, "fraction of clients selected per round", short="-C", check=within("(0, 1]")
+    )
+    rounds: int = option(50, short="-T", check=at_least(1))
+    dist: str = option(
+        "iid",
+        "data partition: iid, noniid (2 label shards per client), dirichlet",
+        choices=DISTRIBUTIONS,
+    )
+    alpha: float = option(0.5, "Dirichlet concentration for --dist dirichlet", check=positive())
+    model: str = option("cnn", choices=MODEL_NAMES)
+    local_epochs: float = option(
+        1.0,
+        "local epochs per round (fractions train on part of an epoch)",
+        short="-E",
+        check=positive(finite=True),
+    )
+    batch_size: int = option(10, short="-B", check=at_least(1))
+    lr: float = option(0.01, check=positive())
+    momentum: float = option(0.5, check=within("[0, 1)"))
+    dropout: bool = option(
+        True,
+        "the CNN's dropout during local training (off helps DP-SGD: the noise already regularises)",
+    )
+    seed: int = option(0)
+    aggregation: str = option("fedavg", choices=AGGREGATIONS)
+    server_momentum: float = option(
+        0.0, "server momentum b of FedAvgM (0: plain FedAvg)", check=within("[0, 1)")
+    )
+    server_lr: float = option(
+        1.0, "server step size applied to the aggregate (FedAvgM)", check=positive()
+    )
+    server_lr_decay: str = option(
+        "none",
+        "schedule of the server step: none, or cosine from --server-lr down to a tenth of it "
+        "in the last round",
+        choices=SERVER_LR_DECAYS,
+    )
+    selection: str = option(
+        "weighted",
+        "weighted: reputation gate then score-weighted draw; paper: top-N; random: uniform "
+        "(the FedAvg control)",
+        choices=SELECTIONS,
+    )
     # Local differential privacy (docs/PRIVACY.md).
-    dp: str = "none"
-    epsilon: float = 10.0
-    delta: float = 1e-5
-    clip: float = 1.0
-    dp_participations: int | None = None
-    dp_subspace: int = 0
-    dp_augmentations: int = 1
+    dp: str = option(
+        "none", "local DP mechanism applied on each client during training", choices=MECHANISMS
+    )
+    # Checked only under DP (in _problems).
+    epsilon: float = option(10.0, "each client's total privacy budget over the run")
+    delta: float = option(1e-5, "DP delta (gaussian only)", check=within("(0, 1)"))
+    clip: float = option(
+        1.0,
+        "per-sample gradient norm bound (L2 for gaussian, L1 for laplace)",
+        check=positive(),
+    )
+    dp_participations: int | None = option(
+        None,
+        "rounds a client may join; noise is calibrated for this many "
+        "[default: 1.1 x rounds x frac]",
+        check=at_least(1),
+    )
+    dp_subspace: int = option(
+        0,
+        "clip and noise per-sample gradients in a random public subspace of this dimension "
+        "(0: full parameter space); makes --dp laplace usable",
+        check=at_least(0),
+    )
+    dp_augmentations: int = option(
+        1,
+        "average each record's gradient over this many copies (itself and random shifts of "
+        "up to 2 pixels) before clipping; same privacy, less noisy gradient",
+        check=at_least(1),
+    )
     # Accountant for the Gaussian mechanism: rdp, prv, or auto (the tighter).
-    dp_accountant: str = "auto"
-    # Share of epsilon spent on the registration's noisy label histogram.
-    dp_registration_share: float = DEFAULT_REGISTRATION_SHARE
+    dp_accountant: str = option(
+        "auto",
+        "Gaussian accounting: rdp (Renyi DP), prv (privacy loss random variables), or auto: "
+        "calibrate with both and keep the one that needs less noise",
+        choices=ACCOUNTANTS,
+    )
+    dp_registration_share: float = option(
+        DEFAULT_REGISTRATION_SHARE,
+        "share of epsilon spent on the registration's noisy label histogram",
+        check=within("(0, 1)"),
+    )
     # Noise from a seeded generator: no privacy at all (tests, equivalence
     # checks and testbeds only; a node refuses it outside a testbed genesis).
-    reproducible_noise: bool = False
+    reproducible_noise: bool = option(
+        False,
+        "draw DP noise from the run seed instead of the OS's secret generator: anyone with "
+        "the seed can remove it, so there is NO privacy (tests and equivalence checks only)",
+        negatable=False,
+    )
     # Trust: validation, reputation, selection.
-    validation: bool = True
-    val_rule: str = "relative"
-    val_k: float = 3.0
-    val_threshold: float = 0.5
-    norm_bound: float | None = None
-    val_norm_spread: bool = False
-    val_cosine_spread: bool = False
-    val_reference_cosine: bool = False
-    reputation: bool = True
-    rep_threshold: float = 0.4
-    freshness: float = 0.9
+    validation: bool = option(True, "miners' checks and Algorithm 2 (off: accept every update)")
+    val_rule: str = option(
+        "relative",
+        "relative: reject below round median - k*MAD; absolute: the paper's threshold",
+        choices=RULES,
+    )
+    val_k: float = option(3.0, "MAD multiplier of the relative rule")
+    val_threshold: float = option(0.5, "minimum validation accuracy of the absolute rule")
+    norm_bound: float | None = option(
+        None, "reject updates whose L2 norm exceeds this [default: no absolute bound]"
+    )
+    val_norm_spread: bool = option(
+        False,
+        "relative rule: also reject norms above the round median + k*MAD (for IID DP runs "
+        "under attack; on non-IID data it rejects honest clients)",
+    )
+    val_cosine_spread: bool = option(
+        False,
+        "relative rule: also reject updates whose cosine with the round's other updates is "
+        "below the median - k*MAD (for IID DP runs under attack)",
+    )
+    val_reference_cosine: bool = option(
+        False,
+        "relative rule: also reject updates whose cosine with the validation set's clipped "
+        "descent direction (at --clip) is below the round median - k*MAD (for IID runs under "
+        "attack; colluding attackers cannot move this reference)",
+    )
+    reputation: bool = option(True, "subjective-logic reputation in selection")
+    rep_threshold: float = option(
+        0.4,
+        "reputation a client needs to be eligible (weighted selection)",
+        check=within("[0, 1]"),
+    )
+    freshness: float = option(0.9, "per-round decay z of old evidence", check=within("(0, 1]"))
     # Attacks for the robustness experiments.
-    malicious: float = 0.0
-    attack: str = "labelflip"
-    train_size: int = 60_000
-    val_size: int = 1_000
-    test_size: int = 9_000
+    malicious: float = option(0.0, "fraction of clients that attack", check=within("[0, 1)"))
+    attack: str = option("labelflip", "what malicious clients do", choices=ATTACKS)
+    val_size: int = option(1_000, "test images held by the miners for validation")
+    test_size: int = option(9_000, "test images used to report accuracy")
+    train_size: int = option(60_000, "training images shared among the clients")
     # Intra-op threads per process; results are bit-identical only for equal counts.
-    threads: int = 1
+    threads: int = option(
+        1,
+        "torch threads per process (results are identical only for equal counts)",
+        check=at_least(1),
+    )
 
     def __post_init__(self) -> None:
         problems = list(self._problems())
         if problems:
             raise ValueError("; ".join(problems))
 
-    def _problems(self) -> Any:
-        if self.dataset != "mnist":
-            yield f"unknown dataset {self.dataset!r} (only 'mnist' is supported)"
-        if self.clients < 1:
-            yield f"--clients must be >= 1, got {self.clients}"
-        if not 0 < self.frac <= 1:
-            yield f"--frac must be in (0, 1], got {self.frac}"
-        if self.rounds < 1:
-            yield f"--rounds must be >= 1, got {self.rounds}"
-        for name, value, allowed in (
-            ("--dist", self.dist, DISTRIBUTIONS),
-            ("--model", self.model, MODEL_NAMES),
-            ("--aggregation", self.aggregation, AGGREGATIONS),
-            ("--server-lr-decay", self.server_lr_decay, SERVER_LR_DECAYS),
-            ("--selection", self.selection, SELECTIONS),
-            ("--dp", self.dp, MECHANISMS),
-            ("--dp-accountant", self.dp_accountant, ACCOUNTANTS),
-            ("--val-rule", self.val_rule, RULES),
-            ("--attack", self.attack, ATTACKS),
-        ):
-            if value not in allowed:
-                yield f"{name} must be one of {', '.join(allowed)}, got {value!r}"
-        if self.alpha <= 0:
-            yield f"--alpha must be positive, got {self.alpha}"
-        if not (self.local_epochs > 0 and math.isfinite(self.local_epochs)):
-            yield f"--local-epochs must be positive, got {self.local_epochs}"
-        if self.batch_size < 1:
-            yield f"--batch-size must be >= 1, got {self.batch_size}"
-        if not self.lr > 0:
-            yield f"--lr must be positive, got {self.lr}"
-        if not 0 <= self.momentum < 1:
-            yield f"--momentum must be in [0, 1), got {self.momentum}"
+    def _problems(self) -> Iterator[str]:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if value is None:  # an optional option left unset
+                continue
+            for check in run_option(f).checks:
+                problem = check.problem(f.name, value)
+                if problem is not None:
+                    yield problem
+        # The checks that involve two options.
         if self.dp != "none" and not (self.epsilon > 0 and math.isfinite(self.epsilon)):
             yield f"--epsilon must be a positive number, got {self.epsilon}"
-        if not 0 < self.delta < 1:
-            yield f"--delta must be in (0, 1), got {self.delta}"
-        if not self.clip > 0:
-            yield f"--clip must be positive, got {self.clip}"
-        if self.dp_participations is not None and self.dp_participations < 1:
-            yield f"--dp-participations must be >= 1, got {self.dp_participations}"
-        if self.dp_augmentations < 1:
-            yield f"--dp-augmentations must be >= 1, got {self.dp_augmentations}"
-        elif self.dp_augmentations > 1 and self.dp == "none":
+        if self.dp_augmentations > 1 and self.dp == "none":
             yield "--dp-augmentations needs --dp gaussian or laplace (it shapes DP-SGD's gradients)"
-        if not 0 < self.dp_registration_share < 1:
-            yield (f"--dp-registration-share must be in (0, 1), got {self.dp_registration_share}")
-        if self.dp_subspace < 0:
-            yield f"--dp-subspace must be >= 0, got {self.dp_subspace}"
-        if not 0 <= self.malicious < 1:
-            yield f"--malicious must be in [0, 1), got {self.malicious}"
-        if not 0 < self.freshness <= 1:
-            yield f"--freshness must be in (0, 1], got {self.freshness}"
-        if not 0 <= self.rep_threshold <= 1:
-            yield f"--rep-threshold must be in [0, 1], got {self.rep_threshold}"
-        if not 0 <= self.server_momentum < 1:
-            yield f"--server-momentum must be in [0, 1), got {self.server_momentum}"
-        if not self.server_lr > 0:
-            yield f"--server-lr must be positive, got {self.server_lr}"
-        if self.threads < 1:
-            yield f"--threads must be >= 1, got {self.threads}"
         if self.clients > self.train_size:
             yield f"--clients ({self.clients}) exceeds the training samples ({self.train_size})"
 

@@ -5,7 +5,7 @@ The four IDX files live in ``ROOT/MNIST/raw/`` either gzip-compressed
 header (magic 2051 for images, 2049 for labels, the item count, then rows and
 columns for images) followed by raw ``uint8`` values.
 
-This module only reads local files; downloading lives in ``node.datafetch``.
+This module only reads local files; downloading lives in ``commands.datafetch``.
 Splits: every training image goes to the clients;
 the test images are taken in a fixed public order (:func:`evaluation_order`),
 the first ``val_size`` of it are the miners' validation set, and accuracy is

@@ -1,20 +1,23 @@
 """The one way this project writes a file that must survive a crash.
 
-``write_durably`` writes to a temporary file in the target's directory
-(created with mode 0600, so a secret is never readable by others, not even
-for a moment), flushes and fsyncs it, sets the final mode, renames it over
-the target and fsyncs the directory. After a crash the target is either the
+``write_durably`` (and ``open_durably``, for data streamed in) writes to a
+temporary file in the target's directory (created with mode 0600, so a
+secret is never readable by others, not even for a moment), flushes and
+fsyncs it, sets the final mode, renames it over the target and fsyncs the
+directory. After a crash the target is either the
 old or the new version, never a mixture, and once the call returns the new
 version is on disk (the rename is durable only after the directory's fsync).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 
 def fsync_directory(directory: Path) -> None:
@@ -29,14 +32,17 @@ def fsync_directory(directory: Path) -> None:
         os.close(fd)
 
 
-def write_durably(path: Path, data: bytes, *, mode: int = 0o600) -> None:
-    """Replace ``path`` with ``data`` atomically and durably (file mode ``mode``)."""
+@contextlib.contextmanager
+def open_durably(path: Path, *, mode: int = 0o600) -> Iterator[BinaryIO]:
+    """A binary handle whose content replaces ``path`` (file mode ``mode``) atomically
+    and durably when the block ends; an exception in the block leaves ``path`` as it
+    was and removes the temporary file (for data streamed in, such as a download)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
+            yield handle
             handle.flush()
             os.fsync(handle.fileno())
         os.chmod(tmp, mode)
@@ -45,6 +51,12 @@ def write_durably(path: Path, data: bytes, *, mode: int = 0o600) -> None:
         Path(tmp).unlink(missing_ok=True)
         raise
     fsync_directory(path.parent)
+
+
+def write_durably(path: Path, data: bytes, *, mode: int = 0o600) -> None:
+    """Replace ``path`` with ``data`` atomically and durably (file mode ``mode``)."""
+    with open_durably(path, mode=mode) as handle:
+        handle.write(data)
 
 
 def write_json_durably(path: Path, doc: Any, *, mode: int = 0o644) -> None:

@@ -6,13 +6,19 @@ import http.server
 import json
 import threading
 from collections.abc import Iterator
+from dataclasses import fields
 
 import click
 import pytest
 from click.testing import CliRunner
 
 import cli
-import node.datafetch
+import commands.datafetch
+from fl.config import RunConfig, flag, run_option
+from tests.run_configs import changed_config, cli_args
+
+# The commands that take the run options (every RunConfig field).
+RUN_COMMANDS = [("simulate",), ("network", "up"), ("network", "init"), ("privacy", "plan")]
 
 
 def all_commands(group: click.Group, prefix: tuple[str, ...] = ()) -> Iterator[tuple[str, ...]]:
@@ -29,6 +35,73 @@ def test_every_command_has_help(path):
     result = CliRunner().invoke(cli.main, [*path, "--help"])
     assert result.exit_code == 0, result.output
     assert "Usage:" in result.output
+
+
+def _command(path: tuple[str, ...]) -> click.Command:
+    command: click.Command = cli.main
+    for name in path:
+        assert isinstance(command, click.Group)
+        command = command.commands[name]
+    return command
+
+
+@pytest.mark.parametrize("path", RUN_COMMANDS, ids=" ".join)
+def test_every_run_option_is_an_option_with_its_declared_default_and_help(path):
+    # Prepare
+    params = {p.name: p for p in _command(path).params}
+    # Assert
+    for f in fields(RunConfig):
+        assert f.name in params, f"{' '.join(path)} lacks {flag(f.name)}"
+        param = params[f.name]
+        assert param.opts[0] == flag(f.name)
+        assert param.default == f.default
+        assert param.help == run_option(f).help
+
+
+@pytest.mark.parametrize("path", RUN_COMMANDS, ids=" ".join)
+def test_run_options_on_the_command_line_give_that_config(path):
+    # Prepare: every field off its default, spelled out as arguments
+    config = changed_config(clients=3)
+    args = cli_args(config)
+    if path == ("network", "init"):
+        args += ["--out", "unused"]
+    # Execute: parse only
+    command = _command(path)
+    context = command.make_context(" ".join(path), args)
+    # Assert
+    run = {f.name: context.params[f.name] for f in fields(RunConfig)}
+    assert RunConfig(**run) == config
+
+
+@pytest.mark.parametrize("path", [("simulate",), ("network", "up")], ids=" ".join)
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["-K", "0"], "--clients must be >= 1, got 0"),
+        (["--frac", "0"], "--frac must be in (0, 1], got 0.0"),
+        (["-E", "inf"], "--local-epochs must be positive, got inf"),
+        (["--lr", "nan"], "--lr must be positive, got nan"),
+        (["--momentum", "1"], "--momentum must be in [0, 1), got 1.0"),
+        (["--delta", "1"], "--delta must be in (0, 1), got 1.0"),
+        (["--rep-threshold", "1.5"], "--rep-threshold must be in [0, 1], got 1.5"),
+        (["--dp-participations", "0"], "--dp-participations must be >= 1, got 0"),
+        (["--dp-subspace", "-1"], "--dp-subspace must be >= 0, got -1"),
+        (["--threads", "0"], "--threads must be >= 1, got 0"),
+        (["--dp", "gaussian", "--epsilon", "0"], "--epsilon must be a positive number, got 0.0"),
+        (["-K", "10", "--train-size", "5"], "--clients (10) exceeds the training samples (5)"),
+        (
+            ["-K", "0", "--server-lr", "0"],
+            "--clients must be >= 1, got 0; --server-lr must be positive, got 0.0",
+        ),
+    ],
+)
+def test_bad_run_option_values_are_one_line_usage_errors(path, args, message):
+    # Execute
+    result = CliRunner().invoke(cli.main, [*path, *args])
+    # Assert
+    assert result.exit_code == 2
+    assert [line for line in result.output.splitlines() if "Error" in line] == [f"Error: {message}"]
+    assert "Traceback" not in result.output
 
 
 def test_bad_option_value_is_a_plain_usage_error():
@@ -122,8 +195,8 @@ def test_fetch_rejects_a_download_with_the_wrong_md5(tmp_path, monkeypatch):
     server = http.server.HTTPServer(("127.0.0.1", 0), _FixedFileHandler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
-    monkeypatch.setattr(node.datafetch, "MIRRORS", (f"http://127.0.0.1:{server.server_port}/",))
-    monkeypatch.setattr(node.datafetch, "_fetch_with_torchvision", lambda root: False)
+    monkeypatch.setattr(commands.datafetch, "MIRRORS", (f"http://127.0.0.1:{server.server_port}/",))
+    monkeypatch.setattr(commands.datafetch, "_fetch_with_torchvision", lambda root: False)
     try:
         # Execute
         result = CliRunner().invoke(cli.main, ["data", "fetch", "--data-dir", str(tmp_path)])

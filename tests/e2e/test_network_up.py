@@ -33,10 +33,10 @@ import pytest
 
 from chain.records import Registration, RoundSummary, RoundVerdicts, Selection, decode_operation
 from chain.simulator import run_simulation
+from commands.chaintools import read_blocks
 from consensus.ledger import Block
 from fl.config import RunConfig
 from fl.data import load_mnist
-from node.chaintools import read_blocks
 
 ROOT = Path(__file__).resolve().parents[2]
 OPTIONS = {
@@ -405,8 +405,8 @@ def test_nodes_started_by_hand_and_a_restarted_server_match_simulate(
     tmp_path: Path, mnist_root: Path
 ) -> None:
     # Prepare: network init with a host map of free ports, then one `node` per role
+    from commands.launcher import free_ports
     from node.genesis import node_ids
-    from node.launcher import free_ports
 
     options = {**OPTIONS, "clients": 4, "rounds": 3}
     run_options = [f"--{k.replace('_', '-')}={v}" for k, v in options.items()]

@@ -9,6 +9,7 @@ from dataclasses import fields
 
 import pytest
 
+from fl.config import RunConfig
 from fl.selection import SelectionParams, self_assessment
 from node.genesis import (
     Genesis,
@@ -21,6 +22,26 @@ from node.genesis import (
     split_address,
     write_genesis,
 )
+from tests.run_configs import changed_config
+
+
+def test_every_run_option_round_trips_through_the_file(tmp_path, genesis):
+    # Prepare: every run field off its default
+    config = changed_config(clients=3)
+    changed = Genesis(
+        protocol=ProtocolParams(testbed=True),
+        selection=genesis.selection,
+        run=config,
+        nodes=genesis.nodes,
+    )
+    path = tmp_path / "genesis.toml"
+    # Execute
+    write_genesis(changed, path)
+    loaded = read_genesis(path)
+    # Assert
+    assert loaded.run == config
+    assert loaded.digest == changed.digest
+    assert set(changed.to_dict()["run"]) == {f.name for f in fields(RunConfig)}
 
 
 def test_write_then_read_gives_the_same_genesis(tmp_path, genesis):

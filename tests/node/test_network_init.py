@@ -3,13 +3,22 @@
 from __future__ import annotations
 
 import stat
+import sys
+from dataclasses import fields
 
 import pytest
 from click.testing import CliRunner
 
 import cli
+from fl.config import RunConfig
 from node.genesis import key_path, read_genesis
 from node.identity import load_identity
+from tests.run_configs import changed_config, cli_args
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on Python 3.10 only
+    import tomli as tomllib
 
 
 def init(*args):
@@ -34,6 +43,19 @@ def test_writes_genesis_and_one_private_key_per_node(tmp_path):
         assert load_identity(path).public_key == node.public_key
     assert stat.S_IMODE((out / "keys").stat().st_mode) == 0o700
     assert "4 miners (f = 1), 12 clients" in result.output
+
+
+def test_every_run_option_given_reaches_the_genesis(tmp_path):
+    # Prepare: every field off its default (a testbed, for --reproducible-noise)
+    config = changed_config(clients=3)
+    out = tmp_path / "net"
+    # Execute
+    result = init("--out", str(out), "--testbed", *cli_args(config))
+    # Assert: the [run] table holds every field, and reads back as the config
+    assert result.exit_code == 0, result.output
+    doc = tomllib.loads((out / "genesis.toml").read_text())
+    assert set(doc["run"]) == {f.name for f in fields(RunConfig)}
+    assert read_genesis(out / "genesis.toml").run == config
 
 
 @pytest.mark.parametrize(

@@ -9,14 +9,13 @@ checking the MD5 of every downloaded ``.gz`` before it is moved into place.
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
 import urllib.error
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
 from fl.data import DATA_ENV, MNIST_FILES, DataError, MnistFile, content_md5, find_file, raw_dir
+from node.durable import open_durably
 
 MIRRORS: tuple[str, ...] = (
     "https://ossci-datasets.s3.amazonaws.com/mnist/",
@@ -36,22 +35,16 @@ def _verified(root: Path, spec: MnistFile) -> bool:
 
 
 def _download(url: str, dest: Path, *, expected_md5: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.")
-    try:
-        digest = hashlib.md5()
-        with (
-            os.fdopen(fd, "wb") as out,
-            urllib.request.urlopen(url, timeout=TIMEOUT_SECONDS) as resp,
-        ):
-            while chunk := resp.read(1 << 20):
-                digest.update(chunk)
-                out.write(chunk)
+    digest = hashlib.md5()
+    with (
+        open_durably(dest, mode=0o644) as out,
+        urllib.request.urlopen(url, timeout=TIMEOUT_SECONDS) as resp,
+    ):
+        while chunk := resp.read(1 << 20):
+            digest.update(chunk)
+            out.write(chunk)
         if digest.hexdigest() != expected_md5:
             raise DataError(f"{url}: MD5 {digest.hexdigest()} does not match {expected_md5}")
-        os.replace(tmp, dest)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def _fetch_with_torchvision(root: Path) -> bool:

@@ -16,11 +16,11 @@ from tqdm import tqdm
 
 from chain.metrics import RoundRecord, metrics_document
 from chain.simulator import simulate_rounds
+from commands.plotting import plot_runs
 from fl.config import RunConfig
 from fl.data import load_mnist, resolve_data_root
 from fl.rounds import Federation
 from node.durable import write_json_durably
-from node.plotting import plot_runs
 
 
 def read_metrics(path: Path) -> dict[str, Any]:

@@ -1,0 +1,188 @@
+"""``network``: write a network's genesis and keys (``init``), or run one locally (``up``)."""
+
+from __future__ import annotations
+
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from commands.options import run_config, run_options, selection_seed_option
+
+
+@click.group()
+def network() -> None:
+    """Set up a network of node daemons: one server, n = 3f+1 miners, K clients."""
+
+
+@network.command("init")
+@run_options
+@click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(file_okay=False),
+    required=True,
+    help="directory for genesis.toml and keys/",
+)
+@click.option(
+    "--miners",
+    type=int,
+    default=4,
+    show_default=True,
+    help="number of miners n = 3f+1 (tolerates f faulty ones)",
+)
+@click.option(
+    "--host-map",
+    type=click.Path(exists=True, dir_okay=False),
+    default=None,
+    help="TOML (or .json) table: node id, role or 'default' -> host or host:port "
+    "[default: every node on 127.0.0.1]",
+)
+@click.option(
+    "--base-port",
+    type=int,
+    default=50051,
+    show_default=True,
+    help="first port; nodes without a port in --host-map get sequential ports",
+)
+@click.option("--force", is_flag=True, help="replace an existing genesis and its keys")
+@click.option(
+    "--testbed",
+    is_flag=True,
+    help="mark the network as a testbed for experiments on public data: only a testbed "
+    "may use --reproducible-noise",
+)
+@selection_seed_option
+def network_init(
+    out_dir: str,
+    miners: int,
+    host_map: str | None,
+    base_port: int,
+    force: bool,
+    testbed: bool,
+    selection_seed: str,
+    **kwargs: Any,
+) -> None:
+    """Write OUT/genesis.toml and a key file per node (OUT/keys/<id>.key, mode 0600).
+
+    The run options define the federated run every node will follow; the
+    genesis also holds protocol parameters (timeouts, chunk size) that can be
+    edited before the network starts.
+    """
+    from node.genesis import GenesisError, ProtocolParams, init_network, load_host_map
+
+    config = run_config(kwargs)
+    out = Path(out_dir)
+    try:
+        hosts = load_host_map(Path(host_map)) if host_map else {}
+        genesis = init_network(
+            out,
+            run=config,
+            miners=miners,
+            base_port=base_port,
+            hosts=hosts,
+            protocol=ProtocolParams(selection_seed=selection_seed, testbed=testbed),
+            force=force,
+        )
+    except (GenesisError, OSError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    members = genesis.membership
+    click.echo(
+        f"wrote {out / 'genesis.toml'} (network {genesis.digest.hex()[:16]}): 1 server, "
+        f"{len(members.miners)} miners (f = {genesis.protocol.f}), {len(members.clients)} clients"
+    )
+    click.echo(f"keys in {out / 'keys'}/ (mode 0600): give each node only its own key")
+    for label, nodes in (
+        ("server", members.servers),
+        ("miners", members.miners),
+        ("clients", members.clients),
+    ):
+        first, last = nodes[0], nodes[-1]
+        ids = first.node_id if first is last else f"{first.node_id} .. {last.node_id}"
+        addresses = first.address if first is last else f"{first.address} .. {last.address}"
+        click.echo(f"  {label:<8} {ids:<28} {addresses}")
+
+
+@network.command("up")
+@run_options
+@click.option("--miners", type=int, default=4, show_default=True, help="n = 3f+1 miners")
+@click.option(
+    "--client-procs",
+    type=int,
+    default=2,
+    show_default=True,
+    help="OS processes the clients are spread over",
+)
+@click.option(
+    "--run-dir",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="where genesis, keys, logs and chains go [default: a new folder under ./runs/]",
+)
+@click.option(
+    "--round-deadline",
+    type=float,
+    default=60.0,
+    show_default=True,
+    help="seconds the miners wait for selected clients' updates",
+)
+@click.option("--timeout", type=float, default=None, help="give up after this many seconds")
+@click.option("--metrics-out", type=click.Path(dir_okay=False), default=None)
+@selection_seed_option
+def network_up_command(
+    miners: int,
+    client_procs: int,
+    run_dir: str | None,
+    round_deadline: float,
+    timeout: float | None,
+    metrics_out: str | None,
+    selection_seed: str,
+    **kwargs: Any,
+) -> None:
+    """Start a whole network on 127.0.0.1 (one OS process per node), run it, stop it."""
+    import time as _time
+
+    from commands.launcher import network_up
+    from node.durable import write_json_durably
+    from node.genesis import GenesisError
+
+    config = run_config(kwargs)
+
+    def stop_on_sigterm(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt  # the launcher's finally stops every node it started
+
+    signal.signal(signal.SIGTERM, stop_on_sigterm)
+    if run_dir is None:
+        run_path = Path("runs") / _time.strftime("%Y%m%d-%H%M%S")
+        suffix = 1
+        while run_path.exists():
+            run_path = Path("runs") / f"{_time.strftime('%Y%m%d-%H%M%S')}-{suffix}"
+            suffix += 1
+    else:
+        run_path = Path(run_dir)
+    try:
+        doc = network_up(
+            config,
+            run_dir=run_path,
+            miners=miners,
+            client_procs=client_procs,
+            round_deadline_ms=int(round_deadline * 1000),
+            selection_seed=selection_seed,
+            progress=lambda line: click.echo(line, err=True),
+            timeout=timeout,
+        )
+    except (GenesisError, RuntimeError, OSError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    except KeyboardInterrupt:
+        click.echo("interrupted; every node process was stopped", err=True)
+        sys.exit(130)
+    if metrics_out:
+        write_json_durably(Path(metrics_out), doc)
+    heads = set(doc["chain_heads"].values())
+    click.echo(
+        f"final accuracy {doc['final_accuracy']:.4f}, best {doc['best_accuracy']:.4f}, "
+        f"{doc['total_seconds']:.1f} s; {len(doc['chain_heads'])} miners, "
+        f"{'one head' if len(heads) == 1 else 'DIFFERENT heads'}; run dir {run_path}"
+    )

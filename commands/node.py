@@ -1,0 +1,64 @@
+"""``node``: run one node daemon (or a process of client identities)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+
+@click.command("node")
+@click.option("--role", type=click.Choice(["client", "miner", "server"]), required=True)
+@click.option("--genesis", "genesis_path", type=click.Path(dir_okay=False), required=True)
+@click.option("--key", "keys", multiple=True, type=click.Path(dir_okay=False), help="key file")
+@click.option(
+    "--key-dir",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="clients: host every client key in this folder",
+)
+@click.option("--data-dir", type=click.Path(file_okay=False), default=None)
+@click.option("--db", type=click.Path(dir_okay=False), default=None, help="miner chain (SQLite)")
+@click.option(
+    "--run-dir",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="miners and server: state, blobs, checkpoints",
+)
+@click.option("--metrics-out", type=click.Path(dir_okay=False), default=None, help="server only")
+@click.option(
+    "--privacy-ledger",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="clients: the privacy-budget ledger of the hosted clients' records; keep one per "
+    "machine and data set, runs on the same records add to it "
+    "[default: $XDG_STATE_HOME/llbcfl/privacy-ledger.json, else ~/.local/state/...]",
+)
+def node_command(
+    role: str,
+    genesis_path: str,
+    keys: tuple[str, ...],
+    key_dir: str | None,
+    data_dir: str | None,
+    db: str | None,
+    run_dir: str | None,
+    metrics_out: str | None,
+    privacy_ledger: str | None,
+) -> None:
+    """Run one node daemon (or, for clients, several client identities) until SIGINT/SIGTERM."""
+    from node.roles import run_node
+
+    try:
+        run_node(
+            role=role,
+            genesis_path=Path(genesis_path),
+            keys=[Path(k) for k in keys],
+            key_dir=Path(key_dir) if key_dir else None,
+            data_dir=data_dir,
+            db=Path(db) if db else None,
+            run_dir=Path(run_dir) if run_dir else None,
+            metrics_out=Path(metrics_out) if metrics_out else None,
+            privacy_ledger=Path(privacy_ledger) if privacy_ledger else None,
+        )
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from exc

@@ -1,0 +1,90 @@
+"""Options shared by several commands: the run options and ``--selection-seed``.
+
+The run options are generated from :class:`fl.config.RunConfig`'s fields
+(name, type, default, and the help, short flag and choices of
+:func:`fl.config.option`), so a new field is a new option of every command
+that takes the run options.
+"""
+
+from __future__ import annotations
+
+import typing
+from collections.abc import Callable
+from dataclasses import Field, fields
+from typing import Any
+
+import click
+
+from chain.records import SELECTION_SEEDS
+from fl.config import RunConfig, flag, run_option
+
+_TYPES: dict[type, click.ParamType] = {int: click.INT, float: click.FLOAT, str: click.STRING}
+
+
+def _value_type(f: Field[Any]) -> type:
+    """The field's type without ``| None``."""
+    hint = typing.get_type_hints(RunConfig)[f.name]
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    return args[0] if args else hint
+
+
+def run_click_option(f: Field[Any]) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """The click option of one :class:`RunConfig` field."""
+    spec = run_option(f)
+    kind = _value_type(f)
+    decls = [flag(f.name)]
+    settings: dict[str, Any] = {"default": f.default, "help": spec.help}
+    if kind is bool:
+        if spec.negatable:
+            decls = [f"{flag(f.name)}/--no-{flag(f.name)[2:]}"]
+        else:
+            settings["is_flag"] = True
+    elif spec.choices is not None:
+        settings["type"] = click.Choice(spec.choices)
+    elif spec.directory:
+        settings["type"] = click.Path(file_okay=False)
+    else:
+        settings["type"] = _TYPES[kind]
+    # Shown unless there is no default value or the option is a plain flag.
+    if f.default is not None and "is_flag" not in settings:
+        settings["show_default"] = True
+    if spec.short:
+        decls.append(spec.short)
+    return click.option(f.name, *decls, **settings)
+
+
+def run_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """The federated-run options (every :class:`RunConfig` field) of ``simulate``,
+    ``network init``, ``network up`` and ``privacy plan``."""
+    for f in reversed(fields(RunConfig)):
+        fn = run_click_option(f)(fn)
+    return fn
+
+
+REPRODUCIBLE_NOISE_WARNING = (
+    "WARNING: --reproducible-noise draws the DP noise from the run seed; anyone who knows "
+    "the seed can remove it, so this run has NO differential privacy (tests and "
+    "equivalence checks only)"
+)
+
+
+def run_config(kwargs: dict[str, Any]) -> RunConfig:
+    try:
+        config = RunConfig(**kwargs)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from exc
+    if config.reproducible_noise and config.dp != "none":
+        click.echo(REPRODUCIBLE_NOISE_WARNING, err=True)
+    return config
+
+
+selection_seed_option = click.option(
+    "--selection-seed",
+    type=click.Choice(SELECTION_SEEDS),
+    default="block",
+    show_default=True,
+    help="seed of each round's client selection: 'block' = digest of the block that closed "
+    "the previous round (the one holding its summary; round 1: the last registration), "
+    "as in the paper's protocol; 'run' = derived from --seed, so the selection equals "
+    "simulate's (for equivalence checks)",
+)
