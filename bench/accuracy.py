@@ -191,7 +191,13 @@ def relative_cost(spec: dict[str, Any]) -> float:
 
 
 def _run(
-    name: str, spec: dict[str, Any], data_dir: str | None, out_dir: str, seed: int, smoke: bool
+    name: str,
+    spec: dict[str, Any],
+    data_dir: str | None,
+    out_dir: str,
+    seed: int,
+    smoke: bool,
+    reproducible: bool = False,
 ) -> dict:
     import torch
 
@@ -203,6 +209,8 @@ def _run(
     torch.set_num_threads(1)
     if smoke:  # a quick check of the script itself, not of the numbers
         spec = {**spec, "rounds": 2, "train_size": 6_000}
+    if reproducible:  # noise from the run seed: for equivalence checks only, no privacy
+        spec = {**spec, "reproducible_noise": True}
     cfg = RunConfig(data_dir=data_dir, clients=100, seed=seed, delta=1e-5, **EVAL, **spec)
     splits = load_mnist(
         resolve_data_root(data_dir),
@@ -436,6 +444,11 @@ def main() -> None:
     parser.add_argument("--report", default=None, help="write markdown tables here")
     parser.add_argument("--smoke", action="store_true", help="2 rounds on 6,000 images")
     parser.add_argument(
+        "--reproducible-noise",
+        action="store_true",
+        help="DP noise from the run seed (no privacy): to check that a change alters no result",
+    )
+    parser.add_argument(
         "--total-seconds",
         type=float,
         default=0.0,
@@ -463,7 +476,16 @@ def main() -> None:
         order = sorted(todo, key=lambda n: -relative_cost(todo[n]))
         with ProcessPoolExecutor(max_workers=args.jobs) as pool:
             futures = {
-                pool.submit(_run, n, todo[n], args.data_dir, str(out_dir), args.seed, args.smoke): n
+                pool.submit(
+                    _run,
+                    n,
+                    todo[n],
+                    args.data_dir,
+                    str(out_dir),
+                    args.seed,
+                    args.smoke,
+                    args.reproducible_noise,
+                ): n
                 for n in order
             }
             for i, fut in enumerate(as_completed(futures), 1):
