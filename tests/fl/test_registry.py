@@ -1,0 +1,46 @@
+"""The name -> implementation registries (fl.registry)."""
+
+import pytest
+
+from fl.registry import Registry
+
+
+def test_register_files_the_object_and_returns_it_unchanged():
+    registry: Registry[object] = Registry("widget")
+
+    @registry.register("a")
+    def a() -> None: ...
+
+    assert registry.get("a") is a
+    assert "a" in registry and "b" not in registry and 3 not in registry
+
+
+def test_names_keep_registration_order():
+    registry: Registry[int] = Registry("number")
+    for name, value in (("zeta", 1), ("alpha", 2), ("mid", 3)):
+        registry.register(name)(value)
+    assert registry.names() == ("zeta", "alpha", "mid")
+    assert list(registry) == ["zeta", "alpha", "mid"] and len(registry) == 3
+
+
+def test_unknown_name_is_a_clear_error_listing_the_choices():
+    registry: Registry[int] = Registry("widget")
+    registry.register("one")(1)
+    registry.register("two")(2)
+    with pytest.raises(ValueError, match=r"^unknown widget 'three' \(choices: one, two\)$"):
+        registry.get("three")
+    with pytest.raises(ValueError, match="unknown widget"):
+        registry.get(None)  # type: ignore[arg-type]
+
+
+def test_duplicate_registration_is_refused_and_keeps_the_first():
+    registry: Registry[int] = Registry("widget")
+    registry.register("one")(1)
+    with pytest.raises(ValueError, match="widget 'one' is already registered"):
+        registry.register("one")(2)
+    assert registry.get("one") == 1
+
+
+def test_empty_name_is_refused():
+    with pytest.raises(ValueError, match="non-empty string"):
+        Registry("widget").register("")
