@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from fl.aggregation import aggregate
-from fl.attacks import choose_malicious, poison_labels, poison_update
+from fl.attacks import attack_of, choose_malicious
 from fl.config import RunConfig
 from fl.data import NUM_CLASSES, Split
 from fl.models import FLModel, build_model, count_parameters
@@ -185,7 +185,7 @@ def privacy_report(config: RunConfig) -> dict[str, object]:
 
 def validation_params(config: RunConfig) -> ValidationParams:
     return ValidationParams(
-        rule=config.val_rule,  # type: ignore[arg-type]
+        rule=config.val_rule,
         mad_k=config.val_k,
         min_accuracy=config.val_threshold,
         norm_bound=config.norm_bound,
@@ -268,14 +268,18 @@ class ClientState:
         :class:`BudgetExhausted` when it would exceed the budget. ``noise``
         defaults to :func:`participation_noise`.
         """
-        if self.attack == "silent":
+        attack = None if self.attack is None else attack_of(self.attack)
+        if attack is not None and attack.silent:
             return None
         if self.declines():
             raise BudgetExhausted(f"{self.client}: privacy budget exhausted")
         self.accountant.record_participation()
         set_weights(model, global_weights)
         gen = torch_generator(config.seed, "train", round, self.client)
-        y = self.y if self.attack is None else poison_labels(self.attack, self.y, generator=gen)
+        if attack is not None:
+            y = attack.labels(self.y, num_classes=NUM_CLASSES, generator=gen)
+        else:
+            y = self.y
         if config.dp == "none":
             stats = train_local(model, self.x, y, config=train_config(config), generator=gen)
         else:
@@ -295,8 +299,8 @@ class ClientState:
             (name, param.detach() - global_weights[name])
             for name, param in model.named_parameters()
         )
-        if self.attack is not None:
-            delta = poison_update(self.attack, delta, generator=gen)
+        if attack is not None:
+            delta = attack.update(delta, generator=gen)
         return ClientUpdate(self.client, round, delta, self.released_records, stats.mean_loss)
 
 
@@ -386,12 +390,16 @@ def registration_histogram(
 ) -> tuple[int, ...]:
     """What a client's registration releases: its noisy label histogram.
 
-    A liar (``--attack lie``) claims twice the equal share, spread over
-    every class, with no invalid label, whatever its data holds.
+    An attack may register something else (``--attack lie`` claims twice
+    the equal share, spread over every class, with no invalid label,
+    whatever its data holds).
     """
-    if attack == "lie":
-        per_class = -(-nominal_max_samples(config) // NUM_CLASSES)
-        return (per_class,) * NUM_CLASSES + (0,)
+    if attack is not None:
+        claimed = attack_of(attack).registration(
+            claimed_records=nominal_max_samples(config), num_classes=NUM_CLASSES
+        )
+        if claimed is not None:
+            return claimed
     return release_histogram(y, num_classes=NUM_CLASSES, plan=plan, noise=noise)
 
 
