@@ -33,16 +33,15 @@ from fl.data import NUM_CLASSES, Split
 from fl.models import FLModel, build_model, count_parameters
 from fl.partition import partition
 from fl.privacy import (
-    GAUSSIAN_ACCOUNTANTS,
     BudgetExhausted,
     DPConfig,
     NoiseSource,
     PrivacyAccountant,
     PrivacyPlan,
-    Release,
     SecretNoise,
     SeededNoise,
     history_epsilon,
+    mechanism_of,
     merged,
     plan_privacy,
     public_schedule,
@@ -130,39 +129,31 @@ def replace_one_epsilon(config: RunConfig) -> float:
     the Poisson-subsampled case needs its own replace-one analysis, so it
     is refused.
     """
-    plan = privacy_plan(config)
     dp = dp_config(config)
-    full = merged([plan.registration] + [plan.step.release] * dp.max_participations)
-    if config.dp == "laplace":
-        return 2 * history_epsilon("laplace", full, delta=dp.delta, accountant="basic")
-    if config.dp != "gaussian":
-        return 0.0
-    if plan.step.sample_rate != 1:
-        raise ValueError("replace-one accounting is implemented for full-batch steps (q = 1)")
-    registration = Release(plan.registration.noise / math.sqrt(2), 1.0, 1)
-    step = Release(plan.step.noise_multiplier_or_eps0 / 2, 1.0, plan.step.steps)
-    history = merged([registration] + [step] * dp.max_participations)
-    return history_epsilon("gaussian", history, delta=dp.delta, accountant=plan.accountant)
+    return mechanism_of(config).replace_one_epsilon(
+        privacy_plan(config), participations=dp.max_participations, delta=dp.delta
+    )
 
 
 def privacy_report(config: RunConfig) -> dict[str, object]:
     """The privacy plan in force, for metrics files and ``privacy plan``."""
     plan = privacy_plan(config)
     dp = dp_config(config)
+    mechanism = mechanism_of(config)
     out: dict[str, object] = {
         "mechanism": config.dp,
         "adjacency": "add/remove one record",
         "noise": "reproducible (NO PRIVACY)" if config.reproducible_noise else "secret",
     }
-    if config.dp == "none":
+    if mechanism.is_none:
         return out
     one = [plan.step.release]
     full = merged([plan.registration] + [plan.step.release] * dp.max_participations)
-    accountants = GAUSSIAN_ACCOUNTANTS if config.dp == "gaussian" else ("basic",)
+    accountants = mechanism.accountants
     out.update(
         {
             "epsilon": config.epsilon,
-            "delta": config.delta if config.dp == "gaussian" else 0.0,
+            "delta": mechanism.delta(config.delta),
             "accountant": plan.accountant,
             "participations": dp.max_participations,
             "sample_rate": plan.step.sample_rate,
@@ -280,7 +271,7 @@ class ClientState:
             y = attack.labels(self.y, num_classes=NUM_CLASSES, generator=gen)
         else:
             y = self.y
-        if config.dp == "none":
+        if mechanism_of(config).is_none:
             stats = train_local(model, self.x, y, config=train_config(config), generator=gen)
         else:
             stats = train_local_dp(
@@ -372,7 +363,7 @@ class Federation:
 
 def public_projection(config: RunConfig) -> torch.Tensor | None:
     """The run's shared random subspace for ``--dp-subspace`` (derived from the seed, public)."""
-    if config.dp == "none" or config.dp_subspace == 0:
+    if mechanism_of(config).is_none or config.dp_subspace == 0:
         return None
     params = count_parameters(build_model(config.model, generator=torch.Generator()))
     return subspace_projection(

@@ -17,6 +17,7 @@ import torch
 from fl.config import RunConfig
 from fl.data import MnistSplits
 from fl.models import build_model
+from fl.privacy import mechanism_of
 from fl.reputation import ReputationBook
 from fl.rounds import (
     Federation,
@@ -95,6 +96,7 @@ def simulate_rounds(
     book = ReputationBook(reputation_params(config))
     self_scores = federation.self_scores(config)
     velocity: torch.Tensor | None = None
+    private = not mechanism_of(config).is_none
     for rnd in range(1, config.rounds + 1):
         t0 = clock()
         declined = sorted(cid for cid, c in federation.clients.items() if c.declines())
@@ -136,7 +138,7 @@ def simulate_rounds(
         loss, acc = evaluate(model, splits.test.x, splits.test.y)
         spent = [c.accountant.spent_epsilon() for c in federation.clients.values()]
         extra: dict[str, Any] = {"declined": declined, "silent": silent}
-        if config.dp != "none":
+        if private:
             extra["epsilon_spent_mean"] = sum(spent) / len(spent)
         if config.reputation:
             extra["reputation"] = {
@@ -149,7 +151,7 @@ def simulate_rounds(
             selected=selected,
             accepted=sorted(u.client for u in accepted),
             rejected=rejected,
-            epsilon_spent_max=max(spent) if config.dp != "none" else None,
+            epsilon_spent_max=max(spent) if private else None,
             seconds=clock() - t0,
             extra=extra,
         )

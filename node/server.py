@@ -48,6 +48,7 @@ from chain.records import (
 from fl.attacks import choose_malicious
 from fl.data import Split
 from fl.models import build_model
+from fl.privacy import mechanism_of
 from fl.seeds import numpy_generator, torch_generator
 from fl.simulator import RoundRecord, metrics_document
 from fl.training import evaluate
@@ -307,7 +308,7 @@ class Server:
         }
         if self.config.reputation:
             extra["reputation"] = {k: round(v, 6) for k, v in verdicts.reputations}
-        if self.config.dp != "none":
+        if not mechanism_of(self.config).is_none:
             spent = [v for _, v in verdicts.privacy]
             extra["epsilon_spent_mean"] = sum(spent) / len(spent)
         extra["block_height"] = self.state.record_heights.get(("chain-summary", rnd))
@@ -319,7 +320,7 @@ class Server:
             accepted=sorted(verdicts.accepted),
             rejected=dict(sorted(verdicts.rejected.items())),
             epsilon_spent_max=(
-                max(v for _, v in verdicts.privacy) if self.config.dp != "none" else None
+                None if mechanism_of(self.config).is_none else max(v for _, v in verdicts.privacy)
             ),
             seconds=seconds,
             extra=extra,

@@ -1,7 +1,9 @@
-"""The name -> implementation registries (fl.registry)."""
+"""The name -> implementation registries (fl.registry) and the tables built on them."""
 
 import pytest
 
+from fl.config import RunConfig
+from fl.privacy import mechanism_of
 from fl.registry import Registry
 
 
@@ -44,3 +46,26 @@ def test_duplicate_registration_is_refused_and_keeps_the_first():
 def test_empty_name_is_refused():
     with pytest.raises(ValueError, match="non-empty string"):
         Registry("widget").register("")
+
+
+@pytest.mark.parametrize(
+    ("name", "none", "delta", "norm", "accountants"),
+    [
+        ("none", True, 0.0, "l2", ()),
+        ("gaussian", False, 1e-5, "l2", ("rdp", "prv")),
+        ("laplace", False, 0.0, "l1", ("basic",)),
+    ],
+)
+def test_each_mechanism_states_what_differs(name, none, delta, norm, accountants):
+    mechanism = mechanism_of(name)
+    assert mechanism.name == name
+    assert mechanism.is_none is none
+    assert mechanism.delta(1e-5) == delta
+    assert mechanism.clip_norm == norm
+    assert mechanism.accountants == accountants
+    assert mechanism_of(RunConfig(dp=name)).name == name
+
+
+def test_unknown_mechanism_is_a_clear_error():
+    with pytest.raises(ValueError, match=r"unknown DP mechanism 'exponential' \(choices: none"):
+        mechanism_of("exponential")
