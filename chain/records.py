@@ -58,7 +58,7 @@ from consensus.canonical import (
 )
 from consensus.ledger import Block, Request
 from fl.config import RunConfig
-from fl.data import NUM_CLASSES
+from fl.datasets import dataset_of
 from fl.privacy import PrivacyAccountant, PrivacyPlan, released_count
 from fl.reputation import ReputationBook
 from fl.rounds import (
@@ -424,7 +424,7 @@ class ChainState:
             cid: self_assessment(
                 self.summary(cid),
                 max_samples=nominal_max_samples(self.config),
-                num_classes=NUM_CLASSES,
+                num_classes=dataset_of(self.config).num_classes,
             )
             for cid in self.clients
         }
@@ -491,9 +491,10 @@ class ChainState:
             old = self.registrations.get(record.client)
             if old is not None and old != record:
                 raise InvalidRecord(f"{record.client} is already registered differently")
-            if len(record.histogram) != NUM_CLASSES + 1:
+            if len(record.histogram) != dataset_of(self.config).num_classes + 1:
                 raise InvalidRecord(
-                    f"a registration holds {NUM_CLASSES + 1} counts (one per class, then "
+                    f"a registration holds {dataset_of(self.config).num_classes + 1} counts "
+                    "(one per class, then "
                     f"invalid labels), got {len(record.histogram)}"
                 )
         elif isinstance(record, Selection):

@@ -58,6 +58,7 @@ import torch.nn.functional as F
 from scipy import stats
 
 from fl.config import RunConfig
+from fl.datasets import dataset_of
 from fl.models import FLModel
 from fl.privacy import (
     PrivacyAccountant,
@@ -268,7 +269,7 @@ class AuditGame:
         self.projection = public_projection(self.config)
         # The divisor is public and the same under both hypotheses: the count
         # the client's registration released (here: its true count).
-        self.histogram = (len(setup.y),) + (0,) * 10
+        self.histogram = (len(setup.y),) + (0,) * dataset_of(self.config).num_classes
         self.clean = self._update(canary=False, plan=self._noiseless(), round=0)
         self.contribution = self._update(canary=True, plan=self._noiseless(), round=0) - self.clean
         if self.projection is not None:

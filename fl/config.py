@@ -12,6 +12,7 @@ from typing import Any
 
 from fl.aggregation import AGGREGATIONS
 from fl.attacks import ATTACKS
+from fl.datasets import DATASETS
 from fl.models import MODEL_NAMES
 from fl.partition import DISTRIBUTIONS
 from fl.privacy import ACCOUNTANTS, DEFAULT_REGISTRATION_SHARE, MECHANISMS
@@ -84,8 +85,8 @@ class RunConfig:
             raise ValueError("; ".join(problems))
 
     def _problems(self) -> Any:
-        if self.dataset != "mnist":
-            yield f"unknown dataset {self.dataset!r} (only 'mnist' is supported)"
+        if self.dataset not in DATASETS:
+            yield f"unknown dataset {self.dataset!r} (choices: {', '.join(DATASETS)})"
         if self.clients < 1:
             yield f"--clients must be >= 1, got {self.clients}"
         if not 0 < self.frac <= 1:

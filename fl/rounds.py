@@ -29,8 +29,8 @@ import torch
 from fl.aggregation import aggregate
 from fl.attacks import attack_of, choose_malicious
 from fl.config import RunConfig
-from fl.data import NUM_CLASSES, Split
-from fl.models import FLModel, build_model, count_parameters
+from fl.datasets import Split, dataset_of
+from fl.models import FLModel, count_parameters, model_for
 from fl.partition import partition
 from fl.privacy import (
     BudgetExhausted,
@@ -74,6 +74,7 @@ def train_config(config: RunConfig) -> TrainConfig:
         momentum=config.momentum,
         dropout=config.dropout,
         augmentations=config.dp_augmentations,
+        pad_value=dataset_of(config).pad_value,
     )
 
 
@@ -268,7 +269,7 @@ class ClientState:
         set_weights(model, global_weights)
         gen = torch_generator(config.seed, "train", round, self.client)
         if attack is not None:
-            y = attack.labels(self.y, num_classes=NUM_CLASSES, generator=gen)
+            y = attack.labels(self.y, num_classes=dataset_of(config).num_classes, generator=gen)
         else:
             y = self.y
         if mechanism_of(config).is_none:
@@ -355,7 +356,9 @@ class Federation:
     def self_scores(self, config: RunConfig) -> dict[str, float]:
         return {
             cid: self_assessment(
-                c.summary, max_samples=nominal_max_samples(config), num_classes=NUM_CLASSES
+                c.summary,
+                max_samples=nominal_max_samples(config),
+                num_classes=dataset_of(config).num_classes,
             )
             for cid, c in self.clients.items()
         }
@@ -365,7 +368,7 @@ def public_projection(config: RunConfig) -> torch.Tensor | None:
     """The run's shared random subspace for ``--dp-subspace`` (derived from the seed, public)."""
     if mechanism_of(config).is_none or config.dp_subspace == 0:
         return None
-    params = count_parameters(build_model(config.model, generator=torch.Generator()))
+    params = count_parameters(model_for(config, generator=torch.Generator()))
     return subspace_projection(
         params=params, dim=config.dp_subspace, generator=torch_generator(config.seed, "subspace")
     )
@@ -385,13 +388,14 @@ def registration_histogram(
     the equal share, spread over every class, with no invalid label,
     whatever its data holds).
     """
+    num_classes = dataset_of(config).num_classes
     if attack is not None:
         claimed = attack_of(attack).registration(
-            claimed_records=nominal_max_samples(config), num_classes=NUM_CLASSES
+            claimed_records=nominal_max_samples(config), num_classes=num_classes
         )
         if claimed is not None:
             return claimed
-    return release_histogram(y, num_classes=NUM_CLASSES, plan=plan, noise=noise)
+    return release_histogram(y, num_classes=num_classes, plan=plan, noise=noise)
 
 
 def selection_seed(config: RunConfig, rnd: int) -> bytes:

@@ -15,8 +15,8 @@ from typing import Any
 import torch
 
 from fl.config import RunConfig
-from fl.data import MnistSplits
-from fl.models import build_model
+from fl.datasets import Splits
+from fl.models import model_for
 from fl.privacy import mechanism_of
 from fl.reputation import ReputationBook
 from fl.rounds import (
@@ -84,14 +84,14 @@ def metrics_document(
 
 def simulate_rounds(
     config: RunConfig,
-    splits: MnistSplits,
+    splits: Splits,
     *,
     clock: Callable[[], float],
     federation: Federation | None = None,
 ) -> Iterator[RoundRecord]:
     """Yield one record per round; the caller decides when to stop."""
     federation = federation or Federation.create(config, splits.train)
-    model = build_model(config.model, generator=torch_generator(config.seed, "init"))
+    model = model_for(config, generator=torch_generator(config.seed, "init"))
     global_weights = get_weights(model)
     book = ReputationBook(reputation_params(config))
     self_scores = federation.self_scores(config)
@@ -159,7 +159,7 @@ def simulate_rounds(
 
 def run_simulation(
     config: RunConfig,
-    splits: MnistSplits,
+    splits: Splits,
     *,
     clock: Callable[[], float],
     until: Callable[[RoundRecord], bool] | None = None,

@@ -26,7 +26,7 @@ import torch
 from chain.records import ChainState
 from consensus.canonical import Reader, pack_blob
 from fl.config import RunConfig
-from fl.models import build_model
+from fl.models import model_for
 from fl.rounds import ClientUpdate, aggregate_round
 from fl.seeds import torch_generator
 from fl.weights import get_weights
@@ -45,7 +45,7 @@ from proto import llbcfl_pb2 as pb
 
 def initial_weights(config: RunConfig) -> OrderedDict[str, torch.Tensor]:
     """The round-1 global model: the seeded initial model the simulator builds."""
-    return get_weights(build_model(config.model, generator=torch_generator(config.seed, "init")))
+    return get_weights(model_for(config, generator=torch_generator(config.seed, "init")))
 
 
 def initial_spec(config: RunConfig) -> ModelSpec:

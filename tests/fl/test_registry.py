@@ -2,9 +2,15 @@
 
 import pytest
 
+from fl.aggregation import AGGREGATION_REGISTRY, AGGREGATIONS
+from fl.attacks import ATTACK_REGISTRY, ATTACKS
 from fl.config import RunConfig
-from fl.privacy import mechanism_of
+from fl.datasets import DATASET_REGISTRY, DATASETS
+from fl.models import MODEL_NAMES, MODEL_REGISTRY
+from fl.partition import DISTRIBUTION_REGISTRY, DISTRIBUTIONS
+from fl.privacy import MECHANISM_REGISTRY, MECHANISMS, mechanism_of
 from fl.registry import Registry
+from fl.validation import RULE_REGISTRY, RULES
 
 
 def test_register_files_the_object_and_returns_it_unchanged():
@@ -46,6 +52,39 @@ def test_duplicate_registration_is_refused_and_keeps_the_first():
 def test_empty_name_is_refused():
     with pytest.raises(ValueError, match="non-empty string"):
         Registry("widget").register("")
+
+
+@pytest.mark.parametrize(
+    ("names", "registry"),
+    [
+        (AGGREGATIONS, AGGREGATION_REGISTRY),
+        (ATTACKS, ATTACK_REGISTRY),
+        (DATASETS, DATASET_REGISTRY),
+        (DISTRIBUTIONS, DISTRIBUTION_REGISTRY),
+        (MECHANISMS, MECHANISM_REGISTRY),
+        (MODEL_NAMES, MODEL_REGISTRY),
+        (RULES, RULE_REGISTRY),
+    ],
+)
+def test_the_choice_tuples_are_the_registries_names(names, registry):
+    assert isinstance(names, tuple)
+    assert names == registry.names()
+
+
+def test_the_existing_choices_keep_their_names_and_order():
+    assert AGGREGATIONS[:4] == ("fedavg", "median", "trimmed-mean", "krum")
+    assert ATTACKS[:6] == ("labelflip", "noise", "scale", "nan", "silent", "lie")
+    assert MECHANISMS == ("none", "gaussian", "laplace")
+    assert RULES[:2] == ("relative", "absolute")
+    assert MODEL_NAMES[:3] == ("cnn", "cnn-large", "mlp")
+    assert DISTRIBUTIONS[:3] == ("iid", "noniid", "dirichlet")
+    assert DATASETS[:2] == ("mnist", "synthetic")
+
+
+def test_config_checks_the_dataset_against_the_registry():
+    with pytest.raises(ValueError, match=r"unknown dataset 'cifar' \(choices: mnist, synthetic"):
+        RunConfig(dataset="cifar")
+    assert RunConfig(dataset="synthetic").dataset == "synthetic"
 
 
 @pytest.mark.parametrize(
