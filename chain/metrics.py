@@ -13,6 +13,7 @@ from typing import Any
 
 from chain.state import ChainState
 from fl.config import RunConfig
+from fl.privacy import mechanism_of
 from fl.rounds import privacy_report
 
 
@@ -50,8 +51,9 @@ def round_record(state: ChainState, rnd: int, *, seconds: float) -> RoundRecord:
     verdicts = state.verdicts[rnd]
     summary = state.summaries[rnd]
     spent = [v for _, v in verdicts.privacy]
+    private = not mechanism_of(config).is_none
     extra: dict[str, Any] = {"declined": list(selection.declined), "silent": list(verdicts.silent)}
-    if config.dp != "none":
+    if private:
         extra["epsilon_spent_mean"] = sum(spent) / len(spent)
     if config.reputation:
         extra["reputation"] = {k: round(v, 6) for k, v in verdicts.reputations}
@@ -62,7 +64,7 @@ def round_record(state: ChainState, rnd: int, *, seconds: float) -> RoundRecord:
         selected=list(selection.selected),
         accepted=sorted(verdicts.accepted),
         rejected=dict(sorted(verdicts.rejected.items())),
-        epsilon_spent_max=max(spent) if config.dp != "none" else None,
+        epsilon_spent_max=max(spent) if private else None,
         seconds=seconds,
         extra=extra,
     )

@@ -22,7 +22,7 @@ from chain.digests import ModelSpec, model_spec, weights_digest
 from chain.records import UpdateRecord
 from chain.state import ChainState
 from fl.config import RunConfig
-from fl.models import build_model
+from fl.models import model_for
 from fl.rounds import ClientUpdate, aggregate_round
 from fl.seeds import torch_generator
 from fl.weights import get_weights
@@ -33,7 +33,7 @@ FetchUpdate = Callable[[UpdateRecord], ClientUpdate | None]
 
 def initial_weights(config: RunConfig) -> OrderedDict[str, torch.Tensor]:
     """The round-1 global model: the seeded initial model."""
-    return get_weights(build_model(config.model, generator=torch_generator(config.seed, "init")))
+    return get_weights(model_for(config, generator=torch_generator(config.seed, "init")))
 
 
 def initial_spec(config: RunConfig) -> ModelSpec:

@@ -28,8 +28,8 @@ from chain.sequencer import Sequencer
 from chain.state import ChainState
 from chain.verdicts import Upload, build_verdicts, own_verdicts
 from fl.config import RunConfig
-from fl.data import MnistSplits
-from fl.models import build_model
+from fl.datasets import Splits
+from fl.models import model_for
 from fl.rounds import ClientUpdate, Federation, validate_round
 from fl.seeds import torch_generator
 from fl.training import evaluate
@@ -41,7 +41,7 @@ MINER = "miner-0"
 
 def simulate_rounds(
     config: RunConfig,
-    splits: MnistSplits,
+    splits: Splits,
     *,
     clock: Callable[[], float],
     federation: Federation | None = None,
@@ -52,7 +52,7 @@ def simulate_rounds(
     chain = Sequencer(state)
     for cid, client in federation.clients.items():
         chain.commit(cid, Registration(cid, tuple(client.histogram)))
-    model = build_model(config.model, generator=torch_generator(config.seed, "init"))
+    model = model_for(config, generator=torch_generator(config.seed, "init"))
     models = GlobalModels(config)
     held: dict[tuple[bytes, str], ClientUpdate] = {}
 
@@ -102,7 +102,7 @@ def simulate_rounds(
 
 def run_simulation(
     config: RunConfig,
-    splits: MnistSplits,
+    splits: Splits,
     *,
     clock: Callable[[], float],
     until: Callable[[RoundRecord], bool] | None = None,

@@ -49,7 +49,7 @@ from chain.records import (
 from consensus.canonical import MalformedMessage
 from consensus.ledger import Block, Request
 from fl.config import RunConfig
-from fl.data import NUM_CLASSES
+from fl.datasets import dataset_of
 from fl.privacy import PrivacyAccountant, PrivacyPlan, released_count
 from fl.reputation import ReputationBook
 from fl.rounds import (
@@ -182,7 +182,7 @@ class ChainState:
             cid: self_assessment(
                 self.summary(cid),
                 max_samples=nominal_max_samples(self.config),
-                num_classes=NUM_CLASSES,
+                num_classes=dataset_of(self.config).num_classes,
             )
             for cid in self.clients
         }
@@ -280,9 +280,10 @@ class ChainState:
             raise InvalidRecord(f"{submitter} registers as {record.client}")
         if record.client in self.registrations:
             raise InvalidRecord(f"{record.client} is already registered differently")
-        if len(record.histogram) != NUM_CLASSES + 1:
+        bins = dataset_of(self.config).num_classes + 1
+        if len(record.histogram) != bins:
             raise InvalidRecord(
-                f"a registration holds {NUM_CLASSES + 1} counts (one per class, then "
+                f"a registration holds {bins} counts (one per class, then "
                 f"invalid labels), got {len(record.histogram)}"
             )
 

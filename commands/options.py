@@ -17,6 +17,7 @@ import click
 
 from chain.records import SELECTION_SEEDS
 from fl.config import RunConfig, flag, run_option
+from fl.privacy import mechanism_of
 
 _TYPES: dict[type, click.ParamType] = {int: click.INT, float: click.FLOAT, str: click.STRING}
 
@@ -73,7 +74,7 @@ def run_config(kwargs: dict[str, Any]) -> RunConfig:
         config = RunConfig(**kwargs)
     except ValueError as exc:
         raise click.UsageError(str(exc)) from exc
-    if config.reproducible_noise and config.dp != "none":
+    if config.reproducible_noise and not mechanism_of(config).is_none:
         click.echo(REPRODUCIBLE_NOISE_WARNING, err=True)
     return config
 

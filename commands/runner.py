@@ -18,7 +18,7 @@ from chain.metrics import RoundRecord, metrics_document
 from chain.simulator import simulate_rounds
 from commands.plotting import plot_runs
 from fl.config import RunConfig
-from fl.data import load_mnist, resolve_data_root
+from fl.datasets import load_splits
 from fl.rounds import Federation
 from node.durable import write_json_durably
 
@@ -37,10 +37,7 @@ def run_simulate(
     config: RunConfig, *, metrics_out: Path | None, plot: Path | None, progress: bool = True
 ) -> dict[str, Any]:
     torch.set_num_threads(config.threads)
-    root = resolve_data_root(config.data_dir)
-    splits = load_mnist(
-        root, train_size=config.train_size, val_size=config.val_size, test_size=config.test_size
-    )
+    splits = load_splits(config)
     start = time.perf_counter()
     federation = Federation.create(config, splits.train)
     records: list[RoundRecord] = []

@@ -10,15 +10,36 @@ in a fixed client order, so the result is bit-for-bit reproducible):
   smallest values and average the rest (Yin et al. 2018).
 - ``krum``: the update closest to its n - f - 2 nearest neighbours (Blanchard
   et al. 2017); ``m > 1`` averages the m best (multi-Krum).
+
+``--aggregation`` names a rule of ``AGGREGATION_REGISTRY``: a function
+``(updates, context) -> aggregate`` registered under its name, which takes
+from :class:`AggregationContext` whatever it needs (weights, trim ratio,
+Krum's f). A new rule is one more registered function.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 
-AGGREGATIONS: tuple[str, ...] = ("fedavg", "median", "trimmed-mean", "krum")
+from fl.registry import Registry
+
+
+@dataclass(frozen=True)
+class AggregationContext:
+    """What a rule may use besides the updates: the FedAvg weights (one per
+    row), the trimmed mean's trim ratio and Krum's assumed attacker count
+    (None: the most Krum tolerates)."""
+
+    weights: Sequence[float]
+    trim_ratio: float = 0.1
+    krum_f: int | None = None
+
+
+AggregationRule = Callable[[torch.Tensor, AggregationContext], torch.Tensor]
+AGGREGATION_REGISTRY: Registry[AggregationRule] = Registry("aggregation")
 
 
 def _check(updates: torch.Tensor) -> None:
@@ -71,6 +92,31 @@ def krum(updates: torch.Tensor, *, f: int, m: int = 1) -> torch.Tensor:
     return updates[best].mean(dim=0)
 
 
+@AGGREGATION_REGISTRY.register("fedavg")
+def _fedavg_rule(updates: torch.Tensor, context: AggregationContext) -> torch.Tensor:
+    return fedavg(updates, context.weights)
+
+
+@AGGREGATION_REGISTRY.register("median")
+def _median_rule(updates: torch.Tensor, context: AggregationContext) -> torch.Tensor:
+    return coordinate_median(updates)
+
+
+@AGGREGATION_REGISTRY.register("trimmed-mean")
+def _trimmed_mean_rule(updates: torch.Tensor, context: AggregationContext) -> torch.Tensor:
+    return trimmed_mean(updates, beta=context.trim_ratio)
+
+
+@AGGREGATION_REGISTRY.register("krum")
+def _krum_rule(updates: torch.Tensor, context: AggregationContext) -> torch.Tensor:
+    n = updates.shape[0]
+    f = context.krum_f if context.krum_f is not None else max(0, (n - 3) // 2)
+    return krum(updates, f=f)
+
+
+AGGREGATIONS: tuple[str, ...] = AGGREGATION_REGISTRY.names()
+
+
 def aggregate(
     name: str,
     updates: torch.Tensor,
@@ -79,15 +125,6 @@ def aggregate(
     trim_ratio: float = 0.1,
     krum_f: int | None = None,
 ) -> torch.Tensor:
-    """Dispatch by the ``--aggregation`` name."""
-    if name == "fedavg":
-        return fedavg(updates, weights)
-    if name == "median":
-        return coordinate_median(updates)
-    if name == "trimmed-mean":
-        return trimmed_mean(updates, beta=trim_ratio)
-    if name == "krum":
-        n = updates.shape[0]
-        f = krum_f if krum_f is not None else max(0, (n - 3) // 2)
-        return krum(updates, f=f)
-    raise ValueError(f"unknown aggregation {name!r}; choose one of {', '.join(AGGREGATIONS)}")
+    """Apply the rule registered as ``name`` (the ``--aggregation`` name)."""
+    rule = AGGREGATION_REGISTRY.get(name)
+    return rule(updates, AggregationContext(weights, trim_ratio, krum_f))

@@ -58,13 +58,14 @@ import torch.nn.functional as F
 from scipy import stats
 
 from fl.config import RunConfig
+from fl.datasets import dataset_of
 from fl.models import FLModel
 from fl.privacy import (
-    GAUSSIAN_ACCOUNTANTS,
     PrivacyAccountant,
     PrivacyPlan,
     history_epsilon,
     mechanism_noise,
+    mechanism_of,
 )
 from fl.rounds import (
     ClientState,
@@ -217,7 +218,7 @@ class AuditSetup:
     def __post_init__(self) -> None:
         if self.fault not in FAULTS:
             raise ValueError(f"fault must be one of {FAULTS}, got {self.fault!r}")
-        if self.config.dp == "none":
+        if mechanism_of(self.config).is_none:
             raise ValueError("an audit needs a DP mechanism (--dp gaussian or laplace)")
         step = privacy_plan(self.config).step
         if step.sample_rate != 1 or step.steps != 1 or self.config.dp_augmentations != 1:
@@ -268,7 +269,7 @@ class AuditGame:
         self.projection = public_projection(self.config)
         # The divisor is public and the same under both hypotheses: the count
         # the client's registration released (here: its true count).
-        self.histogram = (len(setup.y),) + (0,) * 10
+        self.histogram = (len(setup.y),) + (0,) * dataset_of(self.config).num_classes
         self.clean = self._update(canary=False, plan=self._noiseless(), round=0)
         self.contribution = self._update(canary=True, plan=self._noiseless(), round=0) - self.clean
         if self.projection is not None:
@@ -336,7 +337,7 @@ class AuditGame:
         Centred: the two hypotheses give mirror-image distributions around
         0 (the noise is symmetric), so 0 is the natural threshold.
         """
-        if self.config.dp == "gaussian":
+        if mechanism_of(self.config).gaussian_tradeoff:
             norm = self.contribution.norm()
             return float(residual @ self.contribution / norm - norm / 2)
         z, c = self.to_subspace(residual), self.contribution_sub
@@ -386,8 +387,9 @@ def run_audit(
             progress(t + 1, trials)
     alpha = (1 - confidence) / len(ATTACKS)  # Bonferroni over the attacks
     calibration = int(calibration_share * trials)
-    delta = config.delta if config.dp == "gaussian" else 0.0
-    single_gaussian = config.dp == "gaussian"
+    mechanism = mechanism_of(config)
+    delta = mechanism.delta(config.delta)
+    single_gaussian = mechanism.gaussian_tradeoff
     attacks = {}
 
     def model_free(counts: ErrorCounts) -> float:
@@ -415,9 +417,9 @@ def run_audit(
     bound_name = "gdp" if single_gaussian else "model_free"
     lower = max(a[bound_name]["epsilon_lower_bound"] for a in attacks.values())
     plan = game.plan
-    accountants = GAUSSIAN_ACCOUNTANTS if config.dp == "gaussian" else ("basic",)
+    accountants = mechanism.accountants
     per_release = {
-        a: history_epsilon(config.dp, [plan.step.release], delta=config.delta, accountant=a)  # type: ignore[arg-type]
+        a: history_epsilon(config.dp, [plan.step.release], delta=config.delta, accountant=a)
         for a in accountants
     }
     claim = per_release[plan.accountant]

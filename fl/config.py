@@ -19,12 +19,12 @@ from typing import Any, Final
 
 from fl.aggregation import AGGREGATIONS
 from fl.attacks import ATTACKS
+from fl.datasets import DATASETS
 from fl.models import MODEL_NAMES
 from fl.partition import DISTRIBUTIONS
 from fl.privacy import ACCOUNTANTS, DEFAULT_REGISTRATION_SHARE, MECHANISMS
 from fl.validation import RULES
 
-DATASETS: tuple[str, ...] = ("mnist",)
 SELECTIONS: tuple[str, ...] = ("weighted", "paper", "random")
 SERVER_LR_DECAYS: tuple[str, ...] = ("none", "cosine")
 
@@ -126,7 +126,7 @@ def flag(name: str) -> str:
 
 _KNOWN_DATASET = Check(
     lambda v: v in DATASETS,
-    f"unknown dataset {{value!r}} (only {' or '.join(map(repr, DATASETS))} is supported)",
+    f"unknown dataset {{value!r}} (choices: {', '.join(DATASETS)})",
 )
 
 

@@ -10,18 +10,21 @@
 
 Each function returns one sorted ``int64`` index array per client; together
 they are disjoint and cover every sample (``noniid`` drops the remainder when
-the count does not divide evenly).
+the count does not divide evenly). ``partition`` dispatches through
+``DISTRIBUTION_REGISTRY``, where each scheme is registered under its
+``--dist`` name.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
 
 import numpy as np
 
-Distribution = Literal["iid", "noniid", "dirichlet"]
-DISTRIBUTIONS: tuple[str, ...] = ("iid", "noniid", "dirichlet")
+from fl.registry import Registry
+
+Distribution = str  # a name registered in DISTRIBUTION_REGISTRY
 
 
 @dataclass(frozen=True)
@@ -81,6 +84,42 @@ def partition_dirichlet(
     )
 
 
+# A scheme: (labels, num_clients, rng, alpha, shards_per_client) -> one index array per client.
+Scheme = Callable[..., list[np.ndarray]]
+DISTRIBUTION_REGISTRY: Registry[Scheme] = Registry("distribution")
+
+
+@DISTRIBUTION_REGISTRY.register("iid")
+def _iid(
+    *, labels: np.ndarray, num_clients: int, rng: np.random.Generator, **_: object
+) -> list[np.ndarray]:
+    return partition_iid(n_samples=len(labels), num_clients=num_clients, rng=rng)
+
+
+@DISTRIBUTION_REGISTRY.register("noniid")
+def _noniid(
+    *,
+    labels: np.ndarray,
+    num_clients: int,
+    rng: np.random.Generator,
+    shards_per_client: int,
+    **_: object,
+) -> list[np.ndarray]:
+    return partition_shards(
+        labels=labels, num_clients=num_clients, shards_per_client=shards_per_client, rng=rng
+    )
+
+
+@DISTRIBUTION_REGISTRY.register("dirichlet")
+def _dirichlet(
+    *, labels: np.ndarray, num_clients: int, rng: np.random.Generator, alpha: float, **_: object
+) -> list[np.ndarray]:
+    return partition_dirichlet(labels=labels, num_clients=num_clients, alpha=alpha, rng=rng)
+
+
+DISTRIBUTIONS: tuple[str, ...] = DISTRIBUTION_REGISTRY.names()
+
+
 def partition(
     *,
     dist: Distribution,
@@ -92,15 +131,14 @@ def partition(
 ) -> list[np.ndarray]:
     if num_clients < 1 or num_clients > len(labels):
         raise ValueError(f"client count must be in 1..{len(labels)}, got {num_clients}")
-    if dist == "iid":
-        return partition_iid(n_samples=len(labels), num_clients=num_clients, rng=rng)
-    if dist == "noniid":
-        return partition_shards(
-            labels=labels, num_clients=num_clients, shards_per_client=shards_per_client, rng=rng
-        )
-    if dist == "dirichlet":
-        return partition_dirichlet(labels=labels, num_clients=num_clients, alpha=alpha, rng=rng)
-    raise ValueError(f"unknown distribution {dist!r}; choose one of {', '.join(DISTRIBUTIONS)}")
+    scheme = DISTRIBUTION_REGISTRY.get(dist)
+    return scheme(
+        labels=labels,
+        num_clients=num_clients,
+        rng=rng,
+        alpha=alpha,
+        shards_per_client=shards_per_client,
+    )
 
 
 def summarize(labels: np.ndarray) -> ShardSummary:

@@ -38,6 +38,12 @@ Two mechanisms:
     to ``ln(1 + q (exp(eps0) - 1))`` (Balle, Barthe, Gaboardi, NeurIPS 2018,
     Theorem 8) and releases compose by basic composition.
 
+Each mechanism is a :class:`NoiseMechanism` registered in
+``MECHANISM_REGISTRY`` under its ``--dp`` name (``none`` is the one that
+clips, draws and spends nothing); it holds what differs between them: the
+calibration, the accounting, the noise draw, the clipping norm, whether a
+delta applies. Callers ask ``mechanism_of(config)`` rather than compare names.
+
 The budget ``epsilon`` in :class:`DPConfig` is the total over the whole run,
 the registration included: the histogram takes ``registration_share`` of it
 and :func:`plan_privacy` calibrates the training noise so that registration
@@ -61,16 +67,17 @@ import os
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Literal, Protocol, TypeVar
+from typing import Any, ClassVar, Literal, Protocol, TypeVar
 
 import numpy as np
 import torch
 from opacus.accountants import PRVAccountant, RDPAccountant
 from opacus.accountants.analysis import rdp as privacy_analysis
 
-Mechanism = Literal["none", "gaussian", "laplace"]
+from fl.registry import Registry
+
+Mechanism = str  # a name registered in MECHANISM_REGISTRY ("none", "gaussian", "laplace")
 Norm = Literal["l1", "l2"]
-MECHANISMS: tuple[Mechanism, ...] = ("none", "gaussian", "laplace")
 # "auto": calibrate with each valid accountant and keep the one that needs
 # the least noise for the budget.
 ACCOUNTANTS: tuple[str, ...] = ("auto", "rdp", "prv")
@@ -212,14 +219,11 @@ class DPConfig:
     accountant: str = "auto"
 
     def __post_init__(self) -> None:
-        if self.mechanism not in MECHANISMS:
-            raise ValueError(
-                f"unknown DP mechanism {self.mechanism!r}; expected one of {MECHANISMS}"
-            )
+        mechanism = mechanism_of(self.mechanism)
         # `not x > 0` also rejects NaN.
         if not self.epsilon > 0:
             raise ValueError(f"epsilon must be > 0, got {self.epsilon}")
-        if self.mechanism != "none" and math.isinf(self.epsilon):
+        if not mechanism.is_none and math.isinf(self.epsilon):
             raise ValueError(f"epsilon must be finite for mechanism {self.mechanism!r}")
         if not 0 < self.delta < 1:
             raise ValueError(f"delta must be in (0, 1), got {self.delta}")
@@ -239,7 +243,7 @@ class DPConfig:
     @property
     def clip_norm(self) -> Norm:
         """The clipping norm that matches the mechanism's sensitivity."""
-        return "l1" if self.mechanism == "laplace" else "l2"
+        return mechanism_of(self).clip_norm
 
 
 @dataclass(frozen=True)
@@ -292,17 +296,12 @@ class PrivacyPlan:
     @property
     def histogram_scale(self) -> float:
         """Standard deviation (gaussian) or scale (laplace) of the histogram noise."""
-        if self.mechanism == "gaussian":
-            return self.registration.noise
-        if self.mechanism == "laplace":
-            return 1.0 / self.registration.noise
-        return 0.0
+        return mechanism_of(self).histogram_scale(self.registration)
 
     @property
     def histogram_sd(self) -> float:
         """Standard deviation of the noise on each histogram bin."""
-        scale = self.histogram_scale
-        return scale * math.sqrt(2.0) if self.mechanism == "laplace" else scale
+        return mechanism_of(self).histogram_sd(self.histogram_scale)
 
     @property
     def class_threshold(self) -> float:
@@ -413,11 +412,10 @@ def laplace_epsilon(history: Sequence[Release]) -> float:
 def history_epsilon(
     mechanism: Mechanism, history: Sequence[Release], *, delta: float, accountant: str
 ) -> float:
-    if mechanism == "none" or not history:
+    """Epsilon of ``history``, releases of the mechanism named ``mechanism``."""
+    if not history:
         return 0.0
-    if mechanism == "gaussian":
-        return gaussian_epsilon(history, delta=delta, accountant=accountant)
-    return laplace_epsilon(history)
+    return mechanism_of(mechanism).epsilon(history, delta=delta, accountant=accountant)
 
 
 def composed_epsilon(
@@ -432,12 +430,13 @@ def composed_epsilon(
     """
     return sum(
         history_epsilon(
-            mechanism,
-            merged(r for kind, r in releases if kind == mechanism),
+            name,
+            merged(r for kind, r in releases if kind == name),
             delta=delta,
             accountant=accountant,
         )
-        for mechanism in ("gaussian", "laplace")
+        for name in MECHANISM_REGISTRY.names()
+        if not mechanism_of(name).is_none
     )
 
 
@@ -590,50 +589,222 @@ def plan_privacy(
     the participations the rest, by basic composition.
     """
     _check_rate_and_steps(sample_rate, steps)
-    total_steps = steps * config.max_participations
-    if config.mechanism == "laplace":
+    return mechanism_of(config).calibrate(
+        config, sample_rate=sample_rate, steps=steps, epsilon_tolerance=epsilon_tolerance
+    )
+
+
+# Mechanisms -------------------------------------------------------------------------
+
+
+class NoiseMechanism:
+    """What differs between local-DP mechanisms; one registered subclass per ``--dp`` name.
+
+    Class attributes state its kind: ``is_none`` (no clipping, no noise, no
+    spend), ``uses_delta`` (approximate DP: its epsilon holds at a delta),
+    ``clip_norm`` (the norm of its sensitivity, which per-sample gradients
+    are clipped in), ``accountants`` (those that can read a history of its
+    releases) and ``gaussian_tradeoff`` (one full-batch release is exactly a
+    Gaussian mechanism, so an audit may bound ``mu``-GDP). Methods calibrate
+    a plan, account a history, draw noise and describe the histogram noise.
+    """
+
+    name: ClassVar[str]
+    is_none: ClassVar[bool] = False
+    uses_delta: ClassVar[bool] = False
+    clip_norm: ClassVar[Norm] = "l2"
+    accountants: ClassVar[tuple[str, ...]] = ()
+    gaussian_tradeoff: ClassVar[bool] = False
+
+    def delta(self, delta: float) -> float:
+        """The delta its guarantee holds at, given the configured one (0 for pure DP)."""
+        return delta if self.uses_delta else 0.0
+
+    def calibrate(
+        self, config: DPConfig, *, sample_rate: float, steps: int, epsilon_tolerance: float
+    ) -> PrivacyPlan:
+        """The noise of the registration and of each step, so that registration plus
+        ``config.max_participations`` participations spend ``config.epsilon``."""
+        raise NotImplementedError
+
+    def epsilon(self, history: Sequence[Release], *, delta: float, accountant: str) -> float:
+        """Epsilon spent by a (non-empty) history of its releases."""
+        raise NotImplementedError
+
+    def replace_one_epsilon(self, plan: PrivacyPlan, *, participations: int, delta: float) -> float:
+        """The total epsilon of ``plan`` read under replace-one adjacency (see
+        ``fl.rounds.replace_one_epsilon``)."""
+        raise NotImplementedError
+
+    def draw(
+        self, shape: torch.Size | tuple[int, ...], *, scale: float, noise: NoiseSource
+    ) -> torch.Tensor | None:
+        """Noise of ``shape`` at ``scale`` from ``noise`` (None: it adds nothing)."""
+        raise NotImplementedError
+
+    def histogram_scale(self, registration: Release) -> float:
+        """The scale its histogram noise is drawn at (what :meth:`draw` takes)."""
+        raise NotImplementedError
+
+    def histogram_sd(self, scale: float) -> float:
+        """The standard deviation of noise drawn at ``scale``."""
+        return scale
+
+
+MECHANISM_REGISTRY: Registry[type[NoiseMechanism]] = Registry("DP mechanism")
+
+
+def mechanism_of(of: Any) -> NoiseMechanism:
+    """The registered mechanism ``of`` names: a name, or anything with a
+    ``mechanism`` (DPConfig, PrivacyPlan) or ``dp`` (RunConfig) attribute."""
+    if isinstance(of, str):
+        name = of
+    elif hasattr(of, "mechanism"):
+        name = of.mechanism
+    else:
+        name = of.dp
+    return MECHANISM_REGISTRY.get(name)()
+
+
+@MECHANISM_REGISTRY.register("none")
+class NoNoise(NoiseMechanism):
+    """No differential privacy: no clipping, no noise, nothing spent."""
+
+    name = "none"
+    is_none = True
+
+    def calibrate(
+        self, config: DPConfig, *, sample_rate: float, steps: int, epsilon_tolerance: float
+    ) -> PrivacyPlan:
+        return PrivacyPlan(
+            self.name, "none", Release(0.0, 1.0, 1), StepPlan(sample_rate, steps, 0.0, 0.0)
+        )
+
+    def epsilon(self, history: Sequence[Release], *, delta: float, accountant: str) -> float:
+        return 0.0
+
+    def replace_one_epsilon(self, plan: PrivacyPlan, *, participations: int, delta: float) -> float:
+        return 0.0
+
+    def draw(
+        self, shape: torch.Size | tuple[int, ...], *, scale: float, noise: NoiseSource
+    ) -> torch.Tensor | None:
+        return None
+
+    def histogram_scale(self, registration: Release) -> float:
+        return 0.0
+
+
+@MECHANISM_REGISTRY.register("gaussian")
+class GaussianMechanism(NoiseMechanism):
+    """L2 clipping, Gaussian noise, RDP or PRV accounting at a delta."""
+
+    name = "gaussian"
+    uses_delta = True
+    clip_norm = "l2"
+    accountants = GAUSSIAN_ACCOUNTANTS
+    gaussian_tradeoff = True
+
+    def calibrate(
+        self, config: DPConfig, *, sample_rate: float, steps: int, epsilon_tolerance: float
+    ) -> PrivacyPlan:
+        total_steps = steps * config.max_participations
+        candidates = []
+        accountants = GAUSSIAN_ACCOUNTANTS if config.accountant == "auto" else (config.accountant,)
+        for accountant in accountants:
+            sigma_1 = calibrate_gaussian(
+                epsilon=config.epsilon,
+                delta=config.delta,
+                sample_rate=1.0,
+                steps=1,
+                accountant=accountant,
+                epsilon_tolerance=epsilon_tolerance,
+            )
+            registration = Release(sigma_1 / math.sqrt(config.registration_share), 1.0, 1)
+            sigma = calibrate_gaussian(
+                epsilon=config.epsilon,
+                delta=config.delta,
+                sample_rate=sample_rate,
+                steps=total_steps,
+                accountant=accountant,
+                prefix=(registration,),
+                epsilon_tolerance=epsilon_tolerance,
+            )
+            candidates.append((sigma, accountant, registration))
+        sigma, accountant, registration = min(candidates)
+        return PrivacyPlan(
+            self.name,
+            accountant,
+            registration,
+            StepPlan(sample_rate, steps, sigma, sigma * config.clip),
+        )
+
+    def epsilon(self, history: Sequence[Release], *, delta: float, accountant: str) -> float:
+        return gaussian_epsilon(history, delta=delta, accountant=accountant)
+
+    def replace_one_epsilon(self, plan: PrivacyPlan, *, participations: int, delta: float) -> float:
+        # Every noise multiplier halves (the histogram's shrinks by sqrt 2);
+        # exact at q = 1 only.
+        if plan.step.sample_rate != 1:
+            raise ValueError("replace-one accounting is implemented for full-batch steps (q = 1)")
+        registration = Release(plan.registration.noise / math.sqrt(2), 1.0, 1)
+        step = Release(plan.step.noise_multiplier_or_eps0 / 2, 1.0, plan.step.steps)
+        history = merged([registration] + [step] * participations)
+        return self.epsilon(history, delta=delta, accountant=plan.accountant)
+
+    def draw(
+        self, shape: torch.Size | tuple[int, ...], *, scale: float, noise: NoiseSource
+    ) -> torch.Tensor | None:
+        return noise.gaussian(shape, scale=scale)
+
+    def histogram_scale(self, registration: Release) -> float:
+        return registration.noise
+
+
+@MECHANISM_REGISTRY.register("laplace")
+class LaplaceMechanism(NoiseMechanism):
+    """L1 clipping, Laplace noise, pure DP by basic composition."""
+
+    name = "laplace"
+    clip_norm = "l1"
+    accountants = ("basic",)
+
+    def calibrate(
+        self, config: DPConfig, *, sample_rate: float, steps: int, epsilon_tolerance: float
+    ) -> PrivacyPlan:
+        total_steps = steps * config.max_participations
         eps_h = config.registration_share * config.epsilon
         eps0 = calibrate_laplace(
             epsilon=config.epsilon - eps_h, sample_rate=sample_rate, steps=total_steps
         )
         return PrivacyPlan(
-            "laplace",
+            self.name,
             "basic",
             Release(eps_h, 1.0, 1),
             StepPlan(sample_rate, steps, eps0, config.clip / eps0),
         )
-    if config.mechanism == "none":
-        return PrivacyPlan(
-            "none", "none", Release(0.0, 1.0, 1), StepPlan(sample_rate, steps, 0.0, 0.0)
-        )
-    candidates = []
-    for accountant in GAUSSIAN_ACCOUNTANTS if config.accountant == "auto" else (config.accountant,):
-        sigma_1 = calibrate_gaussian(
-            epsilon=config.epsilon,
-            delta=config.delta,
-            sample_rate=1.0,
-            steps=1,
-            accountant=accountant,
-            epsilon_tolerance=epsilon_tolerance,
-        )
-        registration = Release(sigma_1 / math.sqrt(config.registration_share), 1.0, 1)
-        sigma = calibrate_gaussian(
-            epsilon=config.epsilon,
-            delta=config.delta,
-            sample_rate=sample_rate,
-            steps=total_steps,
-            accountant=accountant,
-            prefix=(registration,),
-            epsilon_tolerance=epsilon_tolerance,
-        )
-        candidates.append((sigma, accountant, registration))
-    sigma, accountant, registration = min(candidates)
-    return PrivacyPlan(
-        "gaussian",
-        accountant,
-        registration,
-        StepPlan(sample_rate, steps, sigma, sigma * config.clip),
-    )
+
+    def epsilon(self, history: Sequence[Release], *, delta: float, accountant: str) -> float:
+        return laplace_epsilon(history)
+
+    def replace_one_epsilon(self, plan: PrivacyPlan, *, participations: int, delta: float) -> float:
+        # Pure DP: replacing a record is removing one and adding one.
+        full = merged([plan.registration] + [plan.step.release] * participations)
+        return 2 * self.epsilon(full, delta=delta, accountant="basic")
+
+    def draw(
+        self, shape: torch.Size | tuple[int, ...], *, scale: float, noise: NoiseSource
+    ) -> torch.Tensor | None:
+        return noise.laplace(shape, scale=scale)
+
+    def histogram_scale(self, registration: Release) -> float:
+        return 1.0 / registration.noise
+
+    def histogram_sd(self, scale: float) -> float:
+        return scale * math.sqrt(2.0)
+
+
+MECHANISMS: tuple[Mechanism, ...] = MECHANISM_REGISTRY.names()
 
 
 # Registration: the noisy label histogram -------------------------------------------
@@ -657,10 +828,9 @@ def release_histogram(
     exact count.
     """
     counts = label_histogram(labels, num_classes=num_classes)
-    if plan.mechanism == "gaussian":
-        counts = counts + noise.gaussian(counts.shape, scale=plan.histogram_scale)
-    elif plan.mechanism == "laplace":
-        counts = counts + noise.laplace(counts.shape, scale=plan.histogram_scale)
+    drawn = mechanism_of(plan).draw(counts.shape, scale=plan.histogram_scale, noise=noise)
+    if drawn is not None:
+        counts = counts + drawn
     return tuple(int(v) for v in torch.round(counts).tolist())
 
 
@@ -711,7 +881,7 @@ class PrivacyAccountant:
 
     def would_exceed(self) -> bool:
         """True when one more participation would overspend the budget."""
-        if self.config.mechanism == "none":
+        if mechanism_of(self.config).is_none:
             return False
         after = self._spent(append_release(self._history, self.plan.step.release))
         return after > self.config.epsilon * (1 + BUDGET_RTOL)
@@ -720,13 +890,13 @@ class PrivacyAccountant:
         """Account for the registration histogram (once, before it is released)."""
         if self._registered:
             raise ValueError("the registration is already accounted")
-        if self.config.mechanism != "none":
+        if not mechanism_of(self.config).is_none:
             self._history = append_release(self._history, self.plan.registration)
         self._registered = True
 
     def record_participation(self) -> None:
         """Account for one participation (call before training starts)."""
-        if self.config.mechanism != "none":
+        if not mechanism_of(self.config).is_none:
             self._history = append_release(self._history, self.plan.step.release)
         self._participations += 1
 
@@ -776,13 +946,7 @@ def mechanism_noise(
     shape: torch.Size, *, mechanism: Mechanism, scale: float, noise: NoiseSource
 ) -> torch.Tensor | None:
     """The mechanism's noise of ``shape`` (None for ``none``)."""
-    if mechanism == "none":
-        return None
-    if mechanism == "gaussian":
-        return noise.gaussian(shape, scale=scale)
-    if mechanism == "laplace":
-        return noise.laplace(shape, scale=scale)
-    raise ValueError(f"unknown DP mechanism {mechanism!r}; expected one of {MECHANISMS}")
+    return mechanism_of(mechanism).draw(shape, scale=scale, noise=noise)
 
 
 def noisy_sum(clipped: Grads, *, mechanism: Mechanism, scale: float, noise: NoiseSource) -> Grads:
@@ -812,7 +976,7 @@ def clipped_sum(per_sample: torch.Tensor, *, config: DPConfig) -> torch.Tensor:
     caller can take per-sample gradients a chunk at a time; see
     :func:`noisy_average` for the rest of the step.
     """
-    if config.mechanism != "none":
+    if not mechanism_of(config).is_none:
         per_sample = clip_per_sample(per_sample, norm=config.clip_norm, bound=config.clip)
     return per_sample.sum(dim=0)
 

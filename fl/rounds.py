@@ -27,22 +27,21 @@ import numpy as np
 import torch
 
 from fl.aggregation import aggregate
-from fl.attacks import choose_malicious, poison_labels, poison_update
+from fl.attacks import attack_of, choose_malicious
 from fl.config import RunConfig
-from fl.data import NUM_CLASSES, Split
-from fl.models import FLModel, build_model, count_parameters
+from fl.datasets import Split, dataset_of
+from fl.models import FLModel, count_parameters, model_for
 from fl.partition import partition
 from fl.privacy import (
-    GAUSSIAN_ACCOUNTANTS,
     BudgetExhausted,
     DPConfig,
     NoiseSource,
     PrivacyAccountant,
     PrivacyPlan,
-    Release,
     SecretNoise,
     SeededNoise,
     history_epsilon,
+    mechanism_of,
     merged,
     plan_privacy,
     public_schedule,
@@ -75,6 +74,7 @@ def train_config(config: RunConfig) -> TrainConfig:
         momentum=config.momentum,
         dropout=config.dropout,
         augmentations=config.dp_augmentations,
+        pad_value=dataset_of(config).pad_value,
     )
 
 
@@ -130,39 +130,31 @@ def replace_one_epsilon(config: RunConfig) -> float:
     the Poisson-subsampled case needs its own replace-one analysis, so it
     is refused.
     """
-    plan = privacy_plan(config)
     dp = dp_config(config)
-    full = merged([plan.registration] + [plan.step.release] * dp.max_participations)
-    if config.dp == "laplace":
-        return 2 * history_epsilon("laplace", full, delta=dp.delta, accountant="basic")
-    if config.dp != "gaussian":
-        return 0.0
-    if plan.step.sample_rate != 1:
-        raise ValueError("replace-one accounting is implemented for full-batch steps (q = 1)")
-    registration = Release(plan.registration.noise / math.sqrt(2), 1.0, 1)
-    step = Release(plan.step.noise_multiplier_or_eps0 / 2, 1.0, plan.step.steps)
-    history = merged([registration] + [step] * dp.max_participations)
-    return history_epsilon("gaussian", history, delta=dp.delta, accountant=plan.accountant)
+    return mechanism_of(config).replace_one_epsilon(
+        privacy_plan(config), participations=dp.max_participations, delta=dp.delta
+    )
 
 
 def privacy_report(config: RunConfig) -> dict[str, object]:
     """The privacy plan in force, for metrics files and ``privacy plan``."""
     plan = privacy_plan(config)
     dp = dp_config(config)
+    mechanism = mechanism_of(config)
     out: dict[str, object] = {
         "mechanism": config.dp,
         "adjacency": "add/remove one record",
         "noise": "reproducible (NO PRIVACY)" if config.reproducible_noise else "secret",
     }
-    if config.dp == "none":
+    if mechanism.is_none:
         return out
     one = [plan.step.release]
     full = merged([plan.registration] + [plan.step.release] * dp.max_participations)
-    accountants = GAUSSIAN_ACCOUNTANTS if config.dp == "gaussian" else ("basic",)
+    accountants = mechanism.accountants
     out.update(
         {
             "epsilon": config.epsilon,
-            "delta": config.delta if config.dp == "gaussian" else 0.0,
+            "delta": mechanism.delta(config.delta),
             "accountant": plan.accountant,
             "participations": dp.max_participations,
             "sample_rate": plan.step.sample_rate,
@@ -185,7 +177,7 @@ def privacy_report(config: RunConfig) -> dict[str, object]:
 
 def validation_params(config: RunConfig) -> ValidationParams:
     return ValidationParams(
-        rule=config.val_rule,  # type: ignore[arg-type]
+        rule=config.val_rule,
         mad_k=config.val_k,
         min_accuracy=config.val_threshold,
         norm_bound=config.norm_bound,
@@ -268,15 +260,19 @@ class ClientState:
         :class:`BudgetExhausted` when it would exceed the budget. ``noise``
         defaults to :func:`participation_noise`.
         """
-        if self.attack == "silent":
+        attack = None if self.attack is None else attack_of(self.attack)
+        if attack is not None and attack.silent:
             return None
         if self.declines():
             raise BudgetExhausted(f"{self.client}: privacy budget exhausted")
         self.accountant.record_participation()
         set_weights(model, global_weights)
         gen = torch_generator(config.seed, "train", round, self.client)
-        y = self.y if self.attack is None else poison_labels(self.attack, self.y, generator=gen)
-        if config.dp == "none":
+        if attack is not None:
+            y = attack.labels(self.y, num_classes=dataset_of(config).num_classes, generator=gen)
+        else:
+            y = self.y
+        if mechanism_of(config).is_none:
             stats = train_local(model, self.x, y, config=train_config(config), generator=gen)
         else:
             stats = train_local_dp(
@@ -295,8 +291,8 @@ class ClientState:
             (name, param.detach() - global_weights[name])
             for name, param in model.named_parameters()
         )
-        if self.attack is not None:
-            delta = poison_update(self.attack, delta, generator=gen)
+        if attack is not None:
+            delta = attack.update(delta, generator=gen)
         return ClientUpdate(self.client, round, delta, self.released_records, stats.mean_loss)
 
 
@@ -360,7 +356,9 @@ class Federation:
     def self_scores(self, config: RunConfig) -> dict[str, float]:
         return {
             cid: self_assessment(
-                c.summary, max_samples=nominal_max_samples(config), num_classes=NUM_CLASSES
+                c.summary,
+                max_samples=nominal_max_samples(config),
+                num_classes=dataset_of(config).num_classes,
             )
             for cid, c in self.clients.items()
         }
@@ -368,9 +366,9 @@ class Federation:
 
 def public_projection(config: RunConfig) -> torch.Tensor | None:
     """The run's shared random subspace for ``--dp-subspace`` (derived from the seed, public)."""
-    if config.dp == "none" or config.dp_subspace == 0:
+    if mechanism_of(config).is_none or config.dp_subspace == 0:
         return None
-    params = count_parameters(build_model(config.model, generator=torch.Generator()))
+    params = count_parameters(model_for(config, generator=torch.Generator()))
     return subspace_projection(
         params=params, dim=config.dp_subspace, generator=torch_generator(config.seed, "subspace")
     )
@@ -386,13 +384,18 @@ def registration_histogram(
 ) -> tuple[int, ...]:
     """What a client's registration releases: its noisy label histogram.
 
-    A liar (``--attack lie``) claims twice the equal share, spread over
-    every class, with no invalid label, whatever its data holds.
+    An attack may register something else (``--attack lie`` claims twice
+    the equal share, spread over every class, with no invalid label,
+    whatever its data holds).
     """
-    if attack == "lie":
-        per_class = -(-nominal_max_samples(config) // NUM_CLASSES)
-        return (per_class,) * NUM_CLASSES + (0,)
-    return release_histogram(y, num_classes=NUM_CLASSES, plan=plan, noise=noise)
+    num_classes = dataset_of(config).num_classes
+    if attack is not None:
+        claimed = attack_of(attack).registration(
+            claimed_records=nominal_max_samples(config), num_classes=num_classes
+        )
+        if claimed is not None:
+            return claimed
+    return release_histogram(y, num_classes=num_classes, plan=plan, noise=noise)
 
 
 def selection_seed(config: RunConfig, rnd: int) -> bytes:

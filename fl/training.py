@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call, grad, vmap
 
-from fl.data import MNIST_MEAN, MNIST_STD
+from fl.datasets.mnist import MNIST_BLACK
 from fl.models import FLModel
 from fl.privacy import (
     DPConfig,
@@ -31,9 +31,10 @@ from fl.privacy import (
 # memory bound only: the clipped sum does not depend on it beyond rounding).
 PER_SAMPLE_CHUNK = 100
 # Augmented copies are shifted by up to this many pixels in each direction;
-# pixels shifted in are black (the normalised value of 0).
+# pixels shifted in are empty (the dataset's ``pad_value``; by default
+# MNIST's black, the normalised value of 0).
 MAX_SHIFT = 2
-BLACK = (0.0 - MNIST_MEAN) / MNIST_STD
+BLACK = MNIST_BLACK
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,8 @@ class TrainConfig:
     # of each record (the record itself and randomly shifted copies) before
     # clipping; 1 = no augmentation.
     augmentations: int = 1
+    # What the augmentation's shifts move in: an empty pixel of the dataset.
+    pad_value: float = BLACK
 
     def __post_init__(self) -> None:
         if not self.epochs > 0:
@@ -216,7 +219,9 @@ def train_local_dp(
             xs, ys = x[part], y[part]
             part_masks = [m[start : start + len(part)] for m in masks]
             if shifts is not None:
-                xs = augmented_copies(xs, shifts[:, start : start + len(part)]).flatten(end_dim=1)
+                xs = augmented_copies(
+                    xs, shifts[:, start : start + len(part)], pad_value=config.pad_value
+                ).flatten(end_dim=1)
                 ys = ys.repeat(copies)
                 part_masks = [m.repeat(copies, *([1] * (m.dim() - 1))) for m in part_masks]
             grads, losses = per_sample(params, xs, ys, *part_masks)
@@ -246,14 +251,17 @@ def train_local_dp(
     return TrainStats(mean_loss=total / max(steps, 1), steps=steps, samples=samples)
 
 
-def shift_images(x: torch.Tensor, shifts: torch.Tensor) -> torch.Tensor:
+def shift_images(
+    x: torch.Tensor, shifts: torch.Tensor, *, pad_value: float = BLACK
+) -> torch.Tensor:
     """Each image of ``x`` ([n, C, H, W]) moved by its (down, right) pixels in
-    ``shifts`` ([n, 2] integers within ``MAX_SHIFT``); pixels moved in are black."""
+    ``shifts`` ([n, 2] integers within ``MAX_SHIFT``); pixels moved in are
+    ``pad_value`` (MNIST's black by default)."""
     n, c, h, w = x.shape
     if shifts.shape != (n, 2) or (n and int(shifts.abs().max()) > MAX_SHIFT):
         raise ValueError(f"shifts must be [{n}, 2] within +-{MAX_SHIFT}, got {tuple(shifts.shape)}")
     m = MAX_SHIFT
-    padded = F.pad(x, (m, m, m, m), value=BLACK)
+    padded = F.pad(x, (m, m, m, m), value=pad_value)
     rows = torch.arange(h) + m - shifts[:, :1]  # [n, h]: source row of each output row
     cols = torch.arange(w) + m - shifts[:, 1:]  # [n, w]
     return padded[
@@ -269,10 +277,12 @@ def random_shifts(copies: int, n: int, generator: torch.Generator) -> torch.Tens
     return torch.randint(-MAX_SHIFT, MAX_SHIFT + 1, (copies, n, 2), generator=generator)
 
 
-def augmented_copies(x: torch.Tensor, shifts: torch.Tensor) -> torch.Tensor:
+def augmented_copies(
+    x: torch.Tensor, shifts: torch.Tensor, *, pad_value: float = BLACK
+) -> torch.Tensor:
     """``[1 + len(shifts), n, C, H, W]``: the images themselves, then one shifted
     version of them per ``[n, 2]`` entry of ``shifts``."""
-    return torch.stack([x, *(shift_images(x, s) for s in shifts)])
+    return torch.stack([x, *(shift_images(x, s, pad_value=pad_value) for s in shifts)])
 
 
 def _unflatten_params(

@@ -57,7 +57,10 @@ honest clients; the default ``relative`` rule compares each update with the
 others of the same round and rejects those below
 ``median - k * max(MAD, mad_floor)`` (median absolute deviation; the floor
 stops a round of near-identical scores from rejecting tiny differences).
-``absolute`` is the paper's rule: reject below ``min_accuracy``.
+``absolute`` is the paper's rule: reject below ``min_accuracy``. The rules
+are registered in ``RULE_REGISTRY`` by name (a :class:`Rule` judges a
+round's accuracies and says whether the round-relative tests apply), so a
+new rule is one more registered class.
 """
 
 from __future__ import annotations
@@ -67,22 +70,19 @@ import statistics
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 
 from fl.models import FLModel
 from fl.privacy import clip_per_sample
+from fl.registry import Registry
 from fl.training import PER_SAMPLE_CHUNK, evaluate, per_sample_gradients
 from fl.weights import Weights, set_weights, unflatten
-
-Rule = Literal["relative", "absolute"]
-RULES: tuple[str, ...] = ("relative", "absolute")
 
 
 @dataclass(frozen=True)
 class ValidationParams:
-    rule: Rule = "relative"
+    rule: str = "relative"
     mad_k: float = 3.0
     mad_floor: float = 0.02
     min_accuracy: float = 0.5
@@ -97,9 +97,10 @@ class ValidationParams:
     reference_floor_sds: float = 3.0
 
     def __post_init__(self) -> None:
-        if self.rule not in RULES:
+        if self.rule not in RULE_REGISTRY:
             raise ValueError(
-                f"validation rule must be one of {', '.join(RULES)}, got {self.rule!r}"
+                f"validation rule must be one of {', '.join(RULE_REGISTRY.names())}, "
+                f"got {self.rule!r}"
             )
         if not self.mad_k > 0 or not self.mad_floor >= 0 or not self.norm_factor > 1:
             raise ValueError("need mad_k > 0, mad_floor >= 0 and norm_factor > 1")
@@ -278,31 +279,76 @@ def reference_outliers(
     )
 
 
-def judge_accuracies(
-    accuracies: Mapping[str, float], params: ValidationParams
-) -> dict[str, Verdict]:
-    """Algorithm 2's decision over the validation accuracies of one round."""
-    if not accuracies:
-        return {}
-    verdicts: dict[str, Verdict] = {}
-    if params.rule == "absolute":
+class Rule:
+    """Algorithm 2's decision over a round's validation accuracies."""
+
+    # The round-relative spread tests (norm spread, cosine spread, reference
+    # cosine) apply under this rule.
+    relative: bool = False
+
+    def judge(
+        self, accuracies: Mapping[str, float], params: ValidationParams
+    ) -> dict[str, Verdict]:
+        raise NotImplementedError
+
+
+RULE_REGISTRY: Registry[type[Rule]] = Registry("validation rule")
+
+
+@RULE_REGISTRY.register("relative")
+class RelativeRule(Rule):
+    """Reject below the round's ``median - k * max(MAD, mad_floor)``."""
+
+    relative = True
+
+    def judge(
+        self, accuracies: Mapping[str, float], params: ValidationParams
+    ) -> dict[str, Verdict]:
+        verdicts: dict[str, Verdict] = {}
+        med, mad = median_and_mad(accuracies.values())
+        cut = med - params.mad_k * max(mad, params.mad_floor)
+        for cid, acc in accuracies.items():
+            ok = acc >= cut
+            relation = ">=" if ok else "<"
+            reason = (
+                f"validation accuracy {acc:.4f} {relation} round median {med:.4f} "
+                f"- {params.mad_k:g}*MAD = {cut:.4f}"
+            )
+            verdicts[cid] = Verdict(cid, ok, reason, acc)
+        return verdicts
+
+
+@RULE_REGISTRY.register("absolute")
+class AbsoluteRule(Rule):
+    """The paper's rule: reject below ``min_accuracy``."""
+
+    def judge(
+        self, accuracies: Mapping[str, float], params: ValidationParams
+    ) -> dict[str, Verdict]:
+        verdicts: dict[str, Verdict] = {}
         for cid, acc in accuracies.items():
             ok = acc >= params.min_accuracy
             relation = ">=" if ok else "<"
             reason = f"validation accuracy {acc:.4f} {relation} threshold {params.min_accuracy:.4f}"
             verdicts[cid] = Verdict(cid, ok, reason, acc)
         return verdicts
-    med, mad = median_and_mad(accuracies.values())
-    cut = med - params.mad_k * max(mad, params.mad_floor)
-    for cid, acc in accuracies.items():
-        ok = acc >= cut
-        relation = ">=" if ok else "<"
-        reason = (
-            f"validation accuracy {acc:.4f} {relation} round median {med:.4f} "
-            f"- {params.mad_k:g}*MAD = {cut:.4f}"
-        )
-        verdicts[cid] = Verdict(cid, ok, reason, acc)
-    return verdicts
+
+
+RULES: tuple[str, ...] = RULE_REGISTRY.names()
+
+
+def rule_of(name: str) -> Rule:
+    """The validation rule registered as ``name``."""
+    return RULE_REGISTRY.get(name)()
+
+
+def judge_accuracies(
+    accuracies: Mapping[str, float], params: ValidationParams
+) -> dict[str, Verdict]:
+    """Algorithm 2's decision over the validation accuracies of one round."""
+    if not accuracies:
+        return {}
+    return rule_of(params.rule).judge(accuracies, params)
 
 
 def _reject(verdicts: dict[str, Verdict], norms: dict[str, float], reasons: dict[str, str]) -> None:
@@ -321,6 +367,7 @@ def validate_updates(
     params: ValidationParams,
 ) -> dict[str, Verdict]:
     """Verdict for every ``(client, delta)`` of one round; ``model`` is scratch space."""
+    relative = rule_of(params.rule).relative
     verdicts: dict[str, Verdict] = {}
     norms: dict[str, float] = {}
     for cid, delta in updates:
@@ -344,7 +391,7 @@ def validate_updates(
                     f"update norm {norm:.3f} > {params.norm_factor:g} x "
                     f"round median {median_norm:.3f}"
                 )
-            elif params.norm_spread and params.rule == "relative" and norm > spread_cut:
+            elif params.norm_spread and relative and norm > spread_cut:
                 reason = (
                     f"update norm {norm:.3f} > round median {median_norm:.3f} "
                     f"+ {params.mad_k:g}*MAD = {spread_cut:.3f}"
@@ -354,7 +401,7 @@ def validate_updates(
             verdicts[cid] = Verdict(cid, False, reason, norm=norm)
             del norms[cid]
     deltas = dict(updates)
-    if params.rule == "relative":
+    if relative:
         # The fixed reference first: attackers it removes no longer pull the
         # round's sum in the second test.
         if params.reference_cosine and norms:

@@ -39,7 +39,7 @@ from chain.digests import weights_digest
 from chain.models import initial_spec, initial_weights
 from chain.records import Registration
 from fl.data import shard_digest
-from fl.models import build_model
+from fl.models import model_for
 from fl.privacy import BudgetExhausted
 from fl.rounds import ClientState, Federation, privacy_plan
 from fl.seeds import torch_generator
@@ -118,7 +118,7 @@ class ClientHost:
         self.plan = privacy_plan(self.config)
         self.budget = Budget(self.config.epsilon, self.config.delta, self.plan.accountant)
         self.follower = follower or ChainFollower(genesis, log)
-        self.model = build_model(self.config.model, generator=torch_generator(0, "scratch"))
+        self.model = model_for(self.config, generator=torch_generator(0, "scratch"))
         self.spec = initial_spec(self.config)
         self.initial_digest = weights_digest(initial_weights(self.config))
         # One reservation-and-training at a time across every hosted identity

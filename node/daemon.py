@@ -23,7 +23,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from chain.records import Record, encode_operation, record_kind_name
 from consensus.ledger import Request
 from fl.config import RunConfig
-from fl.data import MnistSplits, load_mnist, resolve_data_root
+from fl.datasets import Splits, load_splits
 from node.genesis import Membership
 from node.identity import Identity, signing_tag, verify_signature
 from proto import llbcfl_pb2 as pb
@@ -214,16 +214,11 @@ async def run_until_signal(
             log.info("stopped")
 
 
-def load_node_splits(config: RunConfig, data_dir: str | None, *, train: bool) -> MnistSplits:
-    """The MNIST splits of a daemon, from ``--data-dir`` or the genesis' data dir.
+def load_node_splits(config: RunConfig, data_dir: str | None, *, train: bool) -> Splits:
+    """The dataset's splits of a daemon, from ``--data-dir`` or the genesis' data dir.
 
     Miners use only the validation split and the server only the test split;
     with ``train=False`` they skip the clients' training images (60,000 as
     float32 are 188 MB, about 600 MB at peak while converting).
     """
-    return load_mnist(
-        resolve_data_root(data_dir or config.data_dir),
-        train_size=config.train_size if train else 1,
-        val_size=config.val_size,
-        test_size=config.test_size,
-    )
+    return load_splits(config, data_dir=data_dir, train=train)

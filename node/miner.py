@@ -57,7 +57,7 @@ from consensus.messages import Blocks, Fetch, Forward, PrePrepare, decode_messag
 from consensus.replica import Replica
 from consensus.store import BlockStore
 from fl.data import Split
-from fl.models import build_model
+from fl.models import model_for
 from fl.rounds import validate_round
 from fl.seeds import torch_generator
 from fl.validation import structural_problem
@@ -187,7 +187,7 @@ class Miner:
         )
         self.models = GlobalModels(self.config)
         self.validation = validation
-        self.scratch = build_model(self.config.model, generator=torch_generator(0, "scratch"))
+        self.scratch = model_for(self.config, generator=torch_generator(0, "scratch"))
         self.sign_pbft = pbft_signer(identity)
         self.replica = Replica(
             replica_id=self.index,

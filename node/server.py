@@ -48,7 +48,7 @@ from chain.records import (
 )
 from fl.attacks import choose_malicious
 from fl.data import Split
-from fl.models import build_model
+from fl.models import model_for
 from fl.seeds import numpy_generator, torch_generator
 from fl.training import evaluate
 from fl.weights import set_weights
@@ -124,7 +124,7 @@ class Server:
         )
         self.models = GlobalModels(self.config)
         self.test = test
-        self.scratch = build_model(self.config.model, generator=torch_generator(0, "scratch"))
+        self.scratch = model_for(self.config, generator=torch_generator(0, "scratch"))
         self.current: tuple[int, Any, bytes] | None = None  # round, weights, digest
 
     async def wait_for(self, condition: Callable[[], bool], stop: asyncio.Event) -> None:

@@ -8,12 +8,24 @@ import torch
 from chain.simulator import run_simulation, simulate_rounds
 from fl.attacks import ATTACKS
 from fl.config import RunConfig
+from fl.datasets import load_splits
 from fl.privacy import BUDGET_RTOL
 from fl.rounds import Federation, validation_params
-from tests.fl.synthetic import synthetic_splits
 
-SPLITS = synthetic_splits()
-BASE = dict(clients=10, frac=1.0, train_size=2_000, model="mlp", lr=0.1, batch_size=10, seed=3)
+# The registered synthetic dataset, selected by name like any other.
+BASE = dict(
+    dataset="synthetic",
+    clients=10,
+    frac=1.0,
+    train_size=2_000,
+    val_size=200,
+    test_size=200,
+    model="mlp",
+    lr=0.1,
+    batch_size=10,
+    seed=3,
+)
+SPLITS = load_splits(RunConfig(**BASE))
 
 
 def run(**overrides):

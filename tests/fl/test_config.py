@@ -17,6 +17,7 @@ from fl.config import (
     run_option,
     within,
 )
+from fl.datasets import DATASET_REGISTRY
 
 
 @pytest.mark.parametrize(
@@ -53,10 +54,10 @@ def test_a_value_outside_the_declared_choices_is_refused_by_name(name):
     assert str(raised.value) == f"{flag(name)} must be one of {', '.join(choices)}, got 'no-such'"
 
 
-def test_the_datasets_are_the_named_constant():
-    with pytest.raises(ValueError, match=r"unknown dataset 'cifar' \(only 'mnist' is supported\)"):
+def test_the_datasets_are_the_registrys():
+    with pytest.raises(ValueError, match=r"unknown dataset 'cifar' \(choices: mnist, synthetic"):
         RunConfig(dataset="cifar")
-    assert DATASETS == ("mnist",)
+    assert DATASET_REGISTRY.names() == DATASETS and {"mnist", "synthetic"} <= set(DATASETS)
     assert run_option(fields(RunConfig)[0]).choices == DATASETS
 
 
