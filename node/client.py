@@ -62,15 +62,8 @@ from node.privacy_ledger import (
     PrivacyLedger,
     entry_for,
 )
-from node.tensors import (
-    MODEL_KIND,
-    MODEL_REQUEST_KIND,
-    UPDATE_KIND,
-    UpdateRejected,
-    receive_tensor_stream,
-    tensor_stream,
-    weights_digest,
-)
+from node.tensor_receiver import UpdateRejected, receive_tensor_stream
+from node.tensors import MODEL_KIND, MODEL_REQUEST_KIND, UPDATE_KIND, tensor_stream, weights_digest
 from proto import llbcfl_pb2 as pb
 from proto import llbcfl_pb2_grpc as pb_grpc
 

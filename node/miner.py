@@ -65,14 +65,13 @@ from node.daemon import (
 from node.genesis import Genesis
 from node.identity import AuthError, Identity, pbft_signer, pbft_verifier, verify_envelope
 from node.offchain import BlobStore, GlobalModels, as_update, initial_spec
-from node.tensors import (
-    UPDATE_KIND,
+from node.tensor_receiver import (
     ReceivedTensors,
     TensorStreamReceiver,
     UpdateRejected,
     receive_tensor_stream,
-    relay_stream,
 )
+from node.tensors import UPDATE_KIND, relay_stream
 from proto import llbcfl_pb2 as pb
 from proto import llbcfl_pb2_grpc as pb_grpc
 

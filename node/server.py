@@ -73,14 +73,12 @@ from node.identity import (
     verify_signature,
 )
 from node.offchain import BlobStore, GlobalModels, initial_spec
+from node.tensor_receiver import AUTH_CODES, UpdateRejected, receive_tensor_stream
 from node.tensors import (
-    AUTH_CODES,
     MODEL_KIND,
     MODEL_REQUEST_KIND,
     UPDATE_KIND,
-    UpdateRejected,
     claim_bytes,
-    receive_tensor_stream,
     tensor_stream,
     weights_digest,
 )

@@ -31,7 +31,8 @@ from node.genesis import Genesis
 from node.identity import Identity
 from node.offchain import BlobStore, GlobalModels, initial_spec, initial_weights
 from node.server import Server
-from node.tensors import UPDATE_KIND, ModelSpec, receive_tensor_stream, tensor_stream
+from node.tensor_receiver import receive_tensor_stream
+from node.tensors import UPDATE_KIND, ModelSpec, tensor_stream
 from node.tensors import weights_digest as digest_of
 
 CONFIG = RunConfig(clients=3, rounds=3, model="mlp", server_momentum=0.5, server_lr=0.5)

@@ -13,14 +13,12 @@ import torch
 from fl.models import build_model
 from fl.weights import get_weights
 from node.identity import Identity
+from node.tensor_receiver import TensorStreamReceiver, UpdateRejected, receive_tensor_stream
 from node.tensors import (
     CHUNK_BYTES,
     MODEL_KIND,
     UPDATE_KIND,
-    TensorStreamReceiver,
-    UpdateRejected,
     model_spec,
-    receive_tensor_stream,
     relay_stream,
     tensor_stream,
     weights_digest,
