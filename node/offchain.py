@@ -31,7 +31,7 @@ from fl.rounds import ClientUpdate, aggregate_round
 from fl.seeds import torch_generator
 from fl.weights import get_weights
 from node.durable import write_durably
-from node.genesis import Membership
+from node.membership import Membership
 from node.tensor_receiver import ReceivedTensors, receive_tensor_stream
 from node.tensors import UPDATE_KIND, ModelSpec, model_spec, relay_stream
 from proto import llbcfl_pb2 as pb

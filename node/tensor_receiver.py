@@ -23,12 +23,13 @@ import math
 from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING
 
 import grpc
 import numpy as np
 import torch
 
+from node.errors import AUTH_CODES, Refused
 from node.identity import AuthError, verify_envelope
 from node.tensors import (
     CHUNK_BYTES,
@@ -48,17 +49,19 @@ if TYPE_CHECKING:
     from node.membership import Membership, NodeInfo
 
 
-class UpdateRejected(Exception):
+class UpdateRejected(Refused):
     """A tensor stream that must not be accepted.
 
-    ``code`` is the gRPC status to answer with; ``sender`` is the node id of
-    the verified signer when the rejection is attributable to it (e.g.
-    non-finite values in a correctly signed update), else ``None``.
+    ``code`` is the gRPC status to answer with (set per instance: the table
+    above); ``sender`` is the node id of the verified signer when the
+    rejection is attributable to it (e.g. non-finite values in a correctly
+    signed update), else ``None``.
     """
 
     def __init__(self, code: grpc.StatusCode, reason: str, *, sender: str | None = None) -> None:
-        super().__init__(f"{code.name}: {reason}")
-        self.code = code
+        Exception.__init__(self, f"{code.name}: {reason}")
+        self.message = reason
+        self.code = code  # type: ignore[misc]
         self.reason = reason
         self.sender = sender
         # The correctly signed stream itself, when it is refused for its values
@@ -91,14 +94,6 @@ class ReceivedTensors:
 
 def _invalid(reason: str, *, sender: str | None = None) -> UpdateRejected:
     return UpdateRejected(grpc.StatusCode.INVALID_ARGUMENT, reason, sender=sender)
-
-
-AUTH_CODES: Final = {
-    "unknown-signer": grpc.StatusCode.UNAUTHENTICATED,
-    "bad-signature": grpc.StatusCode.UNAUTHENTICATED,
-    "wrong-kind": grpc.StatusCode.UNAUTHENTICATED,
-    "wrong-role": grpc.StatusCode.PERMISSION_DENIED,
-}
 
 
 class TensorStreamReceiver:

@@ -27,11 +27,13 @@ from chain.records import (
 from consensus.ledger import Block, Request, encode_batch
 from fl.config import RunConfig
 from fl.data import Split
-from node.daemon import NodeLog, add_servicer, signed_record
+from node.daemon import NodeLog, signed_record
 from node.genesis import Genesis
 from node.identity import Identity
-from node.miner import Miner, MinerServicer
+from node.miner import Miner
+from node.miner_service import MinerHandler, MinerServicer
 from node.offchain import initial_weights
+from node.serving import add_servicer
 from node.tensors import tensor_stream, weights_digest
 from proto import llbcfl_pb2 as pb
 from proto import llbcfl_pb2_grpc as pb_grpc
@@ -77,7 +79,7 @@ def run_with_miner(
 ) -> None:
     async def main() -> None:
         server = grpc.aio.server()
-        add_servicer(server, "Miner", MinerServicer(miner))
+        add_servicer(server, "Miner", MinerServicer(MinerHandler(miner)))
         port = server.add_insecure_port("127.0.0.1:0")
         await server.start()
         try:
