@@ -6,13 +6,28 @@ refusals of ``node.errors`` (``node.serving`` maps them to status codes).
 :func:`run_miner` serves it with ``node.serving.serve`` and drives the
 replica: ``tick`` every ``protocol.tick_ms``, verdicts once a round's uploads
 are in, blob repair and catch-up every 20 ticks.
+
+Every call into the miner's synchronous core (``Replica.step``, ``tick``,
+``propose``, ``Miner.drain``, ``Miner.maybe_submit_verdicts``) holds
+``MinerHandler.core``. Round validation (``fl.rounds.validate_round``, seconds
+for a round of many updates) runs on one dedicated worker thread while the
+core is held, so the event loop keeps answering ``Node.Status``, health,
+uploads being received and ``FetchUpdate``/``FetchBlocks`` meanwhile: before
+the core would validate (the round's uploads are complete or its deadline
+passed; a PRE-PREPARE or FORWARD carries a verdict record), the handler runs
+``Miner._own_validation`` for the same (round, updates) on that thread, and
+the core's own call then finds the verdicts in the miner's cache. If the
+worker's key turns out to be another one, the core validates on the loop as
+before: the outcome never depends on the worker.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +41,7 @@ from node.errors import Duplicate, InvalidRequest, NotFound, NotPermitted, NotRe
 from node.genesis import Genesis
 from node.identity import Identity, verify_envelope
 from node.miner import Miner
-from node.peers import BlobFetcher, catch_up_from_peers
+from node.peers import BlobFetcher, catch_up_from_peers, verdict_records
 from node.serving import Endpoint, serve
 from node.tensor_receiver import ReceivedTensors, TensorStreamReceiver, UpdateRejected
 from node.tensors import UPDATE_KIND, relay_stream
@@ -34,6 +49,7 @@ from proto import llbcfl_pb2 as pb
 from proto import llbcfl_pb2_grpc as pb_grpc
 
 KIND_BY_NAME = {name: kind for kind, name in KIND_NAMES.items()}
+Digests = list[tuple[str, bytes, int]]  # (client, digest, samples), the validation's key
 
 
 class MinerHandler:
@@ -41,7 +57,12 @@ class MinerHandler:
 
     def __init__(self, miner: Miner) -> None:
         self.m = miner
+        self.core = asyncio.Lock()
         self.fetcher = BlobFetcher(miner)
+        self.validator = ThreadPoolExecutor(1, thread_name_prefix="validate")
+
+    def close(self) -> None:
+        self.validator.shutdown(wait=False, cancel_futures=True)
 
     # Requests -----------------------------------------------------------------------
 
@@ -52,9 +73,16 @@ class MinerHandler:
         if missing:
             m.log.info(f"fetching {len(missing)} blob(s) before {type(message).__name__}")
             await self.fetcher.fetch(missing, prefer=message.sender)
-        before = m.replica.height
-        m.replica.step(message)
-        m.drain()
+        async with self.core:
+            for record in verdict_records(message):
+                if record.round == m.state.current_round:
+                    held = [u for u in record.updates if m.blobs.get(u.digest, u.client)]
+                    await self._prevalidate(
+                        record.round, [(u.client, u.digest, u.n_samples) for u in held]
+                    )
+            before = m.replica.height
+            m.replica.step(message)
+            m.drain()
         if isinstance(message, Blocks):
             m.log.info(
                 f"state transfer: {len(message.blocks)} block(s) from replica "
@@ -76,13 +104,14 @@ class MinerHandler:
         request = Request(
             signer.node_id, timestamp, bytes(envelope.payload), bytes(envelope.signature)
         )
-        if timestamp <= m.state.last_timestamp.get(signer.node_id, -1):
-            return pb.SubmitReceipt(accepted=True, reason="already committed")
-        problem = m.state.check_request(request, verify=m.verify_record, role_of=m.roles)
-        if problem:
-            raise WrongState(problem)
-        m.replica.propose(request)
-        m.drain()
+        async with self.core:
+            if timestamp <= m.state.last_timestamp.get(signer.node_id, -1):
+                return pb.SubmitReceipt(accepted=True, reason="already committed")
+            problem = m.state.check_request(request, verify=m.verify_record, role_of=m.roles)
+            if problem:
+                raise WrongState(problem)
+            m.replica.propose(request)
+            m.drain()
         return pb.SubmitReceipt(accepted=True)
 
     def update_receiver(self) -> TensorStreamReceiver:
@@ -98,32 +127,36 @@ class MinerHandler:
         m = self.m
         m.log.warning(f"refused update: {exc.reason}")
         if exc.evidence is not None:
-            m.note_malformed(exc.evidence)
-            self._verdicts_if_due()
+            async with self.core:
+                m.note_malformed(exc.evidence)
+                await self._verdicts_if_due()
 
     async def accept_update(self, received: ReceivedTensors) -> pb.UpdateReceipt:
         """A selected client's update for the open round, from this round's model."""
         m = self.m
         cid, rnd = received.sender.node_id, received.round
-        if rnd != m.state.current_round:
-            raise WrongState(f"round {rnd} is not open for updates (open: {m.state.current_round})")
-        if cid not in m.state.selections[rnd].selected:
-            raise NotPermitted(f"{cid} is not selected in round {rnd}")
-        held = m.blobs.by_round.get(rnd, {}).get(cid)
-        if held is not None:
-            if held == received.digest:
-                return pb.UpdateReceipt(round=rnd, client_id=cid, digest=held)
-            raise Duplicate(f"{cid} already sent an update for round {rnd}")
-        base = m.models.digest(rnd, m.state, m.blobs)
-        if base is None:
-            raise NotReady("global model not yet known")
-        if received.base_digest != base:
-            raise InvalidRequest("update not trained from this round's model")
-        if received.num_samples != m.state.released_records(cid):
-            raise InvalidRequest("sample count differs from the registration")
-        m.blobs.put(received)
-        m.log.info(f"stored update of {cid} ({received.digest.hex()[:12]})")
-        self._verdicts_if_due()
+        async with self.core:
+            if rnd != m.state.current_round:
+                raise WrongState(
+                    f"round {rnd} is not open for updates (open: {m.state.current_round})"
+                )
+            if cid not in m.state.selections[rnd].selected:
+                raise NotPermitted(f"{cid} is not selected in round {rnd}")
+            held = m.blobs.by_round.get(rnd, {}).get(cid)
+            if held is not None:
+                if held == received.digest:
+                    return pb.UpdateReceipt(round=rnd, client_id=cid, digest=held)
+                raise Duplicate(f"{cid} already sent an update for round {rnd}")
+            base = m.models.digest(rnd, m.state, m.blobs)
+            if base is None:
+                raise NotReady("global model not yet known")
+            if received.base_digest != base:
+                raise InvalidRequest("update not trained from this round's model")
+            if received.num_samples != m.state.released_records(cid):
+                raise InvalidRequest("sample count differs from the registration")
+            m.blobs.put(received)
+            m.log.info(f"stored update of {cid} ({received.digest.hex()[:12]})")
+            await self._verdicts_if_due()
         return pb.UpdateReceipt(round=rnd, client_id=cid, digest=received.digest)
 
     def held_update(self, digest: bytes) -> ReceivedTensors:
@@ -141,16 +174,59 @@ class MinerHandler:
             yield from store.read_range(start, stop)
             start = stop
 
-    # The replica's timer -------------------------------------------------------------
+    # The replica's timer and the round's validation ---------------------------------
 
-    def tick(self) -> None:
-        self.m.replica.tick()
-        self.m.drain()
-        self._verdicts_if_due()
+    async def tick(self) -> None:
+        async with self.core:
+            self.m.replica.tick()
+            self.m.drain()
+            await self._verdicts_if_due()
 
-    def _verdicts_if_due(self) -> None:
+    async def _verdicts_if_due(self) -> None:
+        """``maybe_submit_verdicts`` with its validation done on the worker (core held)."""
+        due = validation_due(self.m)
+        if due is not None:
+            await self._prevalidate(*due)
         self.m.maybe_submit_verdicts()
         self.m.drain()
+
+    async def _prevalidate(self, rnd: int, digests: Digests) -> None:
+        """Fill the miner's verdict cache for (``rnd``, ``digests``) on the validation thread."""
+        m = self.m
+        if (rnd, tuple(digests)) in m._own_verdicts:
+            return
+        # The model is computed here, on the loop, so that the worker only reads it.
+        if m.models.weights(rnd, m.state, m.blobs) is None:
+            return
+        if any(m.blobs.get(d, c) is None for c, d, _ in digests):
+            return
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.run_in_executor(self.validator, m._own_validation, m.state, rnd, digests)
+        except Exception as exc:  # the core validates again on the loop and fails there
+            m.log.warning(f"validation of round {rnd} on the worker failed: {exc!r}")
+
+
+def validation_due(m: Miner) -> tuple[int, Digests] | None:
+    """What ``maybe_submit_verdicts`` validates once the round's uploads are complete or due.
+
+    The same (round, updates) a primary validates before proposing its verdict
+    record, and that a backup validates when the record arrives, if it holds
+    the same updates (leader or not: the check of whether to submit comes after).
+    """
+    state = m.state
+    rnd = state.current_round
+    if rnd == 0 or rnd in m.submitted:
+        return None
+    selected = state.selections[rnd].selected
+    have = m.blobs.by_round.get(rnd, {})
+    bad = {c for c in m.malformed.get(rnd, {}) if c not in have}
+    complete = all(cid in have or cid in bad for cid in selected)
+    deadline = m.opened_at.get(rnd, math.inf) + m.genesis.protocol.round_deadline_ms / 1e3
+    if not complete and asyncio.get_running_loop().time() < deadline:
+        return None
+    good = sorted(cid for cid in have if cid in selected)
+    return rnd, [(c, have[c], state.released_records(c)) for c in good]
 
 
 class MinerServicer(pb_grpc.MinerServicer):
@@ -217,7 +293,7 @@ async def drive(handler: MinerHandler, stop: asyncio.Event) -> None:
         while not stop.is_set():
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(stop.wait(), tick)
-            handler.tick()
+            await handler.tick()
             ticks += 1
             if ticks % 20 == 0:
                 missing = handler.fetcher.committed_missing()
@@ -279,4 +355,5 @@ async def run_miner(
     finally:
         for peer in miner.peers.values():
             await peer.stop()
+        handler.close()
         miner.store.close()
