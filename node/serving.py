@@ -6,8 +6,9 @@ A daemon is ``serve(endpoints, stop=..., run=driver)``: for each endpoint
 ``Node`` status service and the standard gRPC health service; then it runs
 the role's driver; when the driver returns (SIGINT or SIGTERM set ``stop``:
 ``node.daemon.run_until_signal``) or fails, health turns NOT_SERVING and every
-server stops with a grace period of :data:`GRACE_SECONDS` (calls still open
-after it are cancelled).
+server stops with a grace period of :data:`GRACE_SECONDS`: client streams
+idle at that moment end at once (UNAVAILABLE), other calls have the grace
+period to finish before they are cancelled (:class:`Calls`).
 
 Servicers are registered with :func:`add_servicer`, which wraps every method:
 it parses the request bytes itself (an undecodable protobuf is refused with
@@ -29,7 +30,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2_grpc
 
 from node.daemon import NodeLog
-from node.errors import INTERNAL_DETAIL, decode, status_of
+from node.errors import INTERNAL_DETAIL, NotReady, decode, status_of
 from proto import llbcfl_pb2 as pb
 
 ROLE_ENUM: Final = {"client": pb.ROLE_CLIENT, "miner": pb.ROLE_MINER, "server": pb.ROLE_SERVER}
@@ -109,16 +110,73 @@ async def refuse(context: Any, exc: Exception, *, where: str, log: NodeLog | Non
     raise AssertionError("context.abort returned")  # pragma: no cover
 
 
-def _method_handler(method: Any, impl: Callable[..., Any], log: NodeLog | None) -> Any:
+class Calls:
+    """The calls one server is handling, and whether it is stopping.
+
+    A stopping server ends client streams that wait for their next message
+    with UNAVAILABLE (a peer's ``Miner/Deliver`` stream never ends by
+    itself), so the grace period is not spent on them; ``serve`` then waits
+    for the handlers still running before it returns, so none is left for
+    the event loop's shutdown to cancel (grpc logs those as
+    "Exception not handled ... CancelledError").
+    """
+
+    def __init__(self) -> None:
+        self.tasks: set[asyncio.Task] = set()
+        self.stopping = asyncio.Event()
+
+    def track(self) -> None:
+        task = asyncio.current_task()
+        if task is not None:
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
+
+    async def until_stopping(self, items: Any) -> Any:
+        """The items of a client stream while the server is not stopping."""
+        iterator = aiter(items)
+        stopping = asyncio.ensure_future(self.stopping.wait())
+        following: asyncio.Future | None = None
+        try:
+            while True:
+                following = asyncio.ensure_future(anext(iterator))
+                # Its outcome is read below, or no longer wanted (the call ended).
+                following.add_done_callback(_outcome_read)
+                await asyncio.wait({following, stopping}, return_when=asyncio.FIRST_COMPLETED)
+                if not following.done():
+                    raise NotReady("the node is stopping")
+                try:
+                    item = following.result()
+                except StopAsyncIteration:
+                    return
+                yield item
+        finally:
+            stopping.cancel()
+            if following is not None and not following.done():
+                following.cancel()
+
+
+def _outcome_read(future: asyncio.Future) -> None:
+    if not future.cancelled():
+        future.exception()
+
+
+def _method_handler(
+    method: Any, impl: Callable[..., Any], log: NodeLog | None, calls: Calls | None
+) -> Any:
     request_cls = getattr(pb, method.input_type.name)
     serialize = getattr(pb, method.output_type.name).SerializeToString
     what = f"{method.input_type.name} protobuf"
     where = f"{method.containing_service.name}/{method.name}"
 
     def parse(raw: bytes) -> Any:
+        if calls is not None:
+            calls.track()
         return decode(request_cls, raw, what)
 
     async def requests(raw_iterator: Any) -> Any:
+        if calls is not None:
+            calls.track()
+            raw_iterator = calls.until_stopping(raw_iterator)
         async for raw in raw_iterator:
             yield decode(request_cls, raw, what)
 
@@ -169,12 +227,14 @@ def add_servicer(
     servicer: Any,
     *,
     log: NodeLog | None = None,
+    calls: Calls | None = None,
 ) -> None:
     """Register ``servicer`` for ``llbcfl.v1.<service>`` (instead of the generated
     ``add_*Servicer_to_server``), each method wrapped as the module docstring says."""
     descriptor = pb.DESCRIPTOR.services_by_name[service]
     handlers = {
-        m.name: _method_handler(m, getattr(servicer, m.name), log) for m in descriptor.methods
+        m.name: _method_handler(m, getattr(servicer, m.name), log, calls)
+        for m in descriptor.methods
     }
     server.add_generic_rpc_handlers(
         (grpc.method_handlers_generic_handler(descriptor.full_name, handlers),)
@@ -208,28 +268,35 @@ class Endpoint:
 class _Running:
     server: Any
     health: health.aio.HealthServicer
+    calls: Calls
     port: int
 
     async def stop(self, grace: float) -> None:
         await self.health.enter_graceful_shutdown()
+        self.calls.stopping.set()
         await self.server.stop(grace)
+        if self.calls.tasks:
+            await asyncio.wait(set(self.calls.tasks), timeout=grace)
+        for _ in range(3):  # grpc's own task of each call ends right after the handler
+            await asyncio.sleep(0)
 
 
 async def _start(endpoint: Endpoint, log: NodeLog | None) -> _Running:
     server = grpc.aio.server(options=SERVER_OPTIONS)
+    calls = Calls()
     for name, servicer in endpoint.services.items():
-        add_servicer(server, name, servicer, log=log)
+        add_servicer(server, name, servicer, log=log, calls=calls)
     status = NodeStatusServicer(
         node_id=endpoint.node_id,
         role=endpoint.role,
         genesis_digest=endpoint.genesis_digest,
         status=endpoint.status,
     )
-    add_servicer(server, "Node", status, log=log)
+    add_servicer(server, "Node", status, log=log, calls=calls)
     health_servicer = add_health(server)
     port = server.add_insecure_port(endpoint.address)
     await server.start()
-    return _Running(server, health_servicer, port)
+    return _Running(server, health_servicer, calls, port)
 
 
 async def serve(
@@ -245,7 +312,7 @@ async def serve(
 
     ``listening`` gets the bound ports once every server has started (port
     0 in an address picks a free one). On return or failure ``stop`` is set
-    and every server stops within ``grace`` seconds.
+    and every server stops within ``grace`` seconds (:class:`Calls`).
     """
     running: list[_Running] = []
     try:

@@ -245,3 +245,54 @@ def test_serve_stops_within_the_grace_period_despite_an_open_stream() -> None:
     assert updates[0] == health_pb2.HealthCheckResponse.SERVING
     assert health_pb2.HealthCheckResponse.NOT_SERVING in updates[1:] or ended != Code.OK
     assert elapsed < grace + 1.0
+
+
+class Counting(pb_grpc.MinerServicer):
+    """A Miner service whose Deliver reads its stream to the end (as the miner's does)."""
+
+    def __init__(self) -> None:
+        self.received = 0
+
+    async def Deliver(self, request_iterator: Any, context: Any) -> pb.Ack:
+        async for _ in request_iterator:
+            self.received += 1
+        return pb.Ack(received=self.received)
+
+
+def test_serve_ends_idle_client_streams_at_once_when_stopping() -> None:
+    # A peer's Deliver stream that is open and idle must not hold the stop for the grace
+    grace = 5.0
+    servicer = Counting()
+
+    async def main() -> tuple[float, Any]:
+        stop = asyncio.Event()
+        ports: list[int] = []
+        idle = asyncio.Event()
+        serving = asyncio.create_task(
+            serve([endpoint(Miner=servicer)], stop=stop, grace=grace, listening=ports.extend)
+        )
+        while not ports:
+            await asyncio.sleep(0.01)
+
+        async def messages() -> Any:
+            yield pb.PbftMessage(data=b"one")
+            await idle.wait()  # then nothing more, for ever
+
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{ports[0]}") as ch:
+            call = asyncio.ensure_future(pb_grpc.MinerStub(ch).Deliver(messages()))
+            while servicer.received == 0:
+                await asyncio.sleep(0.01)
+            started = time.monotonic()
+            stop.set()
+            await serving
+            elapsed = time.monotonic() - started
+            try:
+                await asyncio.wait_for(call, 5)
+                code = Code.OK
+            except grpc.aio.AioRpcError as exc:
+                code = exc.code()
+        return elapsed, code
+
+    elapsed, code = asyncio.run(main())
+    assert elapsed < 1.0
+    assert code == Code.UNAVAILABLE
