@@ -34,7 +34,8 @@ from fl.models import build_model
 from fl.seeds import torch_generator
 from node.genesis import init_network, key_path
 from node.identity import load_identity
-from node.tensors import CHUNK_BYTES, UPDATE_KIND, TensorStreamReceiver, tensor_stream
+from node.tensor_receiver import TensorStreamReceiver
+from node.tensors import CHUNK_BYTES, UPDATE_KIND, tensor_stream
 from proto import llbcfl_pb2 as pb
 
 SERVICE = "llbcfl.bench.Stream"

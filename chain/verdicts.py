@@ -9,10 +9,11 @@ need (the held uploads, its own validation, the time) and the simulator
 - :func:`admits_malformed`: a correctly signed update that was refused for
   its values (NaN) still counts as the client's update of the open round,
   recorded as rejected, when it was made for this round's model.
-- :func:`verdicts_due`: the primary submits once every selected client
-  uploaded, or at the round deadline; a backup submits its own verdicts
-  only when none committed within two view timeouts after that (the
-  primary may be down), so a round normally adds one verdict record.
+- :func:`round_ready` and :func:`submits_now`: a round is ready once every
+  selected client uploaded, or at its deadline; the primary submits then, a
+  backup submits its own verdicts only when none committed within two view
+  timeouts after that (the primary may be down), so a round normally adds
+  one verdict record.
 - :func:`build_verdicts`: the record, with reputations and privacy spent
   recomputed from the chain.
 - :func:`check_verdicts`: another miner's record against the uploads this
@@ -87,27 +88,23 @@ def uploads_complete(state: ChainState, rnd: int, held: Mapping[str, object]) ->
     return all(cid in held for cid in state.selections[rnd].selected)
 
 
-def verdicts_due(
-    *,
-    complete: bool,
-    now: float,
-    opened_at: float,
-    ready_at: float | None,
-    deadline: float,
-    fallback: float,
-    is_primary: bool,
-) -> tuple[bool, float | None]:
-    """(submit now?, the time the round became ready for verdicts, to remember).
+def round_ready(*, complete: bool, now: float, opened_at: float, deadline: float) -> bool:
+    """Whether a round's verdicts can be given: every upload is in, or its deadline passed.
 
     ``opened_at``: when this miner saw the round's selection commit;
-    ``deadline``: the round deadline (seconds after that); ``fallback``:
-    how long a backup waits for the primary's verdicts after the round is
-    ready (two view timeouts).
+    ``deadline``: the round deadline, in seconds after that.
     """
-    if not complete and now < opened_at + deadline:
-        return False, ready_at
-    ready_at = now if ready_at is None else ready_at
-    return is_primary or now >= ready_at + fallback, ready_at
+    return complete or now >= opened_at + deadline
+
+
+def submits_now(*, is_primary: bool, now: float, ready_at: float, fallback: float) -> bool:
+    """Whether this miner submits its verdict record for a ready round now.
+
+    The primary at once; a backup only ``fallback`` seconds (two view
+    timeouts) after the round became ready (``ready_at``), in case the
+    primary is down and no verdicts committed.
+    """
+    return is_primary or now >= ready_at + fallback
 
 
 def build_verdicts(

@@ -29,11 +29,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from pathlib import Path
 from typing import Any
 
 import grpc
-import torch
 
 from chain.digests import weights_digest
 from chain.models import initial_spec, initial_weights
@@ -43,18 +41,11 @@ from fl.models import model_for
 from fl.privacy import BudgetExhausted
 from fl.rounds import ClientState, Federation, privacy_plan
 from fl.seeds import torch_generator
-from node.daemon import (
-    NodeLog,
-    NodeStatusServicer,
-    add_health,
-    add_servicer,
-    channel,
-    load_node_splits,
-    signed_record,
-)
+from node.daemon import NodeLog, signed_record
+from node.errors import Duplicate, InvalidRequest, NotPermitted, WrongState
 from node.follower import ChainFollower
 from node.genesis import Genesis
-from node.identity import AuthError, Identity, verify_envelope
+from node.identity import Identity
 from node.privacy_ledger import (
     REGISTRATION_ROUND,
     AlreadyReserved,
@@ -63,29 +54,15 @@ from node.privacy_ledger import (
     PrivacyLedger,
     entry_for,
 )
-from node.tensors import (
-    MODEL_KIND,
-    MODEL_REQUEST_KIND,
-    UPDATE_KIND,
-    UpdateRejected,
-    receive_tensor_stream,
-    tensor_stream,
-)
+from node.serving import channel
+from node.tensor_receiver import UpdateRejected, receive_tensor_stream
+from node.tensors import MODEL_KIND, MODEL_REQUEST_KIND, UPDATE_KIND, tensor_stream
 from proto import llbcfl_pb2 as pb
 from proto import llbcfl_pb2_grpc as pb_grpc
 
 # How long a starting client waits for a miner to answer before it goes on
 # without the chain (a new network's chain is empty anyway).
 STARTUP_CHAIN_SECONDS = 30.0
-
-
-class NoticeRefused(Exception):
-    """A start-round notice the client will not act on (mapped to a gRPC status)."""
-
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
 
 
 class ClientHost:
@@ -210,40 +187,27 @@ class ClientHost:
         return summary.model_digest if summary is not None else None
 
     async def start_round(self, cid: str, notice: pb.RoundNotice) -> pb.StartRoundReply:
-        """Act on a signed start-round notice, or raise :class:`NoticeRefused`."""
+        """Act on a start-round notice (signature checked), or refuse it (``node.errors``)."""
         rnd = notice.round
         if rnd > self.config.rounds:
-            raise NoticeRefused(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                f"round {rnd} is past the run's {self.config.rounds} rounds",
-            )
+            raise InvalidRequest(f"round {rnd} is past the run's {self.config.rounds} rounds")
         data = self.data[cid]
         if rnd in self.in_flight[cid] or rnd in self.ledger.rounds(data, self.network):
-            raise NoticeRefused(
-                grpc.StatusCode.ALREADY_EXISTS, f"{cid} already took part in round {rnd}"
-            )
+            raise Duplicate(f"{cid} already took part in round {rnd}")
         await self.follower.catch_up()
         selection = self.follower.state.selections.get(rnd)
         if selection is None:
-            raise NoticeRefused(
-                grpc.StatusCode.FAILED_PRECONDITION,
-                f"round {rnd} has no committed selection on the chain",
-            )
+            raise WrongState(f"round {rnd} has no committed selection on the chain")
         if cid not in selection.selected:
-            raise NoticeRefused(
-                grpc.StatusCode.PERMISSION_DENIED, f"{cid} is not selected in round {rnd}"
-            )
+            raise NotPermitted(f"{cid} is not selected in round {rnd}")
         if notice.model_digest != self._committed_model(rnd):
-            raise NoticeRefused(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                f"the model announced for round {rnd} is not the one the chain commits to",
+            raise InvalidRequest(
+                f"the model announced for round {rnd} is not the one the chain commits to"
             )
         if not self.budget.fits([*self.ledger.entries(data), self.entry(rnd)]):
             return pb.StartRoundReply(accepted=False, reason="privacy budget exhausted")
         if rnd in self.in_flight[cid]:  # a concurrent notice got here first
-            raise NoticeRefused(
-                grpc.StatusCode.ALREADY_EXISTS, f"{cid} already took part in round {rnd}"
-            )
+            raise Duplicate(f"{cid} already took part in round {rnd}")
         self.in_flight[cid].add(rnd)
         self.last_round[cid] = max(self.last_round[cid], rnd)
         task = asyncio.create_task(self._train_and_upload(cid, notice))
@@ -333,102 +297,3 @@ class ClientHost:
                 await asyncio.sleep(0.2)  # miner down or not yet at this round: retry
         self.logs[cid].warning(f"{address} unreachable: update not delivered there")
         return False
-
-
-class ClientServicer(pb_grpc.ClientServicer):
-    def __init__(self, host: ClientHost, cid: str) -> None:
-        self.host = host
-        self.cid = cid
-
-    async def StartRound(self, request: pb.Envelope, context: Any) -> pb.StartRoundReply:
-        try:
-            verify_envelope(
-                request,
-                self.host.membership,
-                expected_kind="start-round",
-                allowed_roles=("server",),
-            )
-        except AuthError as exc:
-            code = (
-                grpc.StatusCode.PERMISSION_DENIED
-                if exc.reason == "wrong-role"
-                else grpc.StatusCode.UNAUTHENTICATED
-            )
-            await context.abort(code, str(exc))
-        notice = pb.RoundNotice()
-        try:
-            notice.ParseFromString(request.payload)
-        except Exception:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "malformed round notice")
-        if notice.round < 1 or len(notice.model_digest) != 32:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "malformed round notice")
-        try:
-            return await self.host.start_round(self.cid, notice)
-        except NoticeRefused as exc:
-            await context.abort(exc.code, exc.message)
-
-
-async def run_clients(
-    genesis: Genesis,
-    identities: list[Identity],
-    *,
-    ledger_path: Path,
-    data_dir: str | None,
-    stop: asyncio.Event,
-    log: NodeLog,
-) -> None:
-    config = genesis.run
-    torch.set_num_threads(config.threads)
-    if config.reproducible_noise:
-        log.warning(
-            "REPRODUCIBLE NOISE: anyone with the genesis can regenerate this run's DP noise; "
-            "these updates carry no privacy (testbed only)"
-        )
-    splits = load_node_splits(config, data_dir, train=True)
-    host = ClientHost(
-        genesis,
-        identities,
-        federation=Federation.create(config, splits.train, only={i.node_id for i in identities}),
-        ledger=PrivacyLedger(ledger_path),
-        log=log,
-    )
-    del splits  # the hosted shards are copies; the rest of MNIST can go
-    servers = []
-    for cid in host.identities:
-        server = grpc.aio.server()
-        add_servicer(server, "Client", ClientServicer(host, cid))
-        add_servicer(
-            server,
-            "Node",
-            NodeStatusServicer(
-                node_id=cid,
-                role="client",
-                genesis_digest=genesis.digest,
-                status=lambda cid=cid: (host.last_round[cid], host.follower.state.height, b""),
-            ),
-        )
-        add_health(server)
-        server.add_insecure_port(genesis.membership[cid].address)
-        await server.start()
-        servers.append(server)
-    log.info(f"hosting {len(host.identities)} client(s): {', '.join(host.identities)}")
-    log.info(f"privacy ledger {ledger_path}")
-    try:
-        await host.read_chain(stop)
-        try:
-            host.reconcile()
-        except BudgetExhausted as exc:
-            raise ValueError(
-                f"{exc}: the privacy ledger {ledger_path} shows these records' budget spent "
-                "by earlier runs"
-            ) from exc
-        await host.register_all(stop)
-        await stop.wait()
-    finally:
-        for task in list(host.tasks):
-            task.cancel()
-        for server in servers:
-            await server.stop(1.0)
-        with contextlib.suppress(Exception):
-            await asyncio.gather(*host.tasks, return_exceptions=True)
-        await host.follower.close()

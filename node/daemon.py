@@ -1,9 +1,8 @@
-"""What every daemon shares: logging, the Node and health services, signals, chain records.
+"""What every daemon shares besides the transport: logging, signals, chain records, data.
 
-A daemon is ``serve(role_node)``: start a ``grpc.aio`` server on the node's
-genesis address with the role's servicers, the ``Node`` status service and
-the standard gRPC health service, run the role's driver, and stop cleanly
-(grace period, stores closed) on SIGINT or SIGTERM.
+The gRPC side (options, channels, servicer wrapping, ``serve``) is
+``node.serving``; a role's daemon is ``run_<role>`` in ``node.<role>_service``,
+run by :func:`run_until_signal` (``node.roles``).
 """
 
 from __future__ import annotations
@@ -14,32 +13,14 @@ import signal
 import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
-
-import grpc
-from google.protobuf.message import DecodeError
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from chain.records import Record, encode_operation, record_kind_name
 from consensus.ledger import Request
 from fl.config import RunConfig
 from fl.datasets import Splits, load_splits
-from node.genesis import Membership
 from node.identity import Identity, signing_tag, verify_signature
+from node.membership import Membership
 from proto import llbcfl_pb2 as pb
-
-ROLE_ENUM = {"client": pb.ROLE_CLIENT, "miner": pb.ROLE_MINER, "server": pb.ROLE_SERVER}
-GRPC_OPTIONS = [
-    ("grpc.max_send_message_length", 4 << 20),
-    ("grpc.max_receive_message_length", 4 << 20),
-    # A restarted peer must be reachable again within a second, not after
-    # gRPC's default reconnect backoff (up to 120 s), shared by every channel
-    # to the same address unless each channel keeps its own subchannels.
-    ("grpc.use_local_subchannel_pool", 1),
-    ("grpc.initial_reconnect_backoff_ms", 200),
-    ("grpc.min_reconnect_backoff_ms", 200),
-    ("grpc.max_reconnect_backoff_ms", 1000),
-]
 
 
 class NodeLog:
@@ -70,6 +51,10 @@ class NodeLog:
     def error(self, message: str) -> None:
         self._logger.error(self._fmt("ERROR " + message))
 
+    def exception(self, message: str) -> None:
+        """:meth:`error` with the traceback of the exception being handled (node log only)."""
+        self._logger.error(self._fmt("ERROR " + message), exc_info=True)
+
 
 def record_verifier(membership: Membership) -> Callable[[str, str, str, bytes, bytes], bool]:
     """``ChainState.check_block(verify=...)``: the submitter's signature over the record."""
@@ -97,106 +82,6 @@ def envelope_request(envelope: pb.Envelope, node_id: str) -> Request:
     """The consensus request for a submitted envelope (its timestamp is inside the payload)."""
     timestamp = int.from_bytes(envelope.payload[:8], "big") if len(envelope.payload) >= 8 else 0
     return Request(node_id, timestamp, bytes(envelope.payload), bytes(envelope.signature))
-
-
-class NodeStatusServicer:
-    """``Node.Status`` from a callable returning (round, height, head hash)."""
-
-    def __init__(
-        self, *, node_id: str, role: str, genesis_digest: bytes, status: Callable[[], tuple]
-    ) -> None:
-        self._node_id = node_id
-        self._role = ROLE_ENUM[role]
-        self._genesis = genesis_digest
-        self._status = status
-
-    async def Status(self, request: pb.StatusRequest, context: Any) -> pb.NodeStatus:
-        rnd, height, head = self._status()
-        return pb.NodeStatus(
-            node_id=self._node_id,
-            role=self._role,
-            round=rnd,
-            chain_height=height,
-            head_hash=head,
-            genesis_digest=self._genesis,
-        )
-
-
-def _parse(cls: Any, raw: bytes) -> Any:
-    try:
-        return cls.FromString(raw)
-    except DecodeError:
-        return None
-
-
-def _checked_handler(method: Any, impl: Callable[..., Any]) -> Any:
-    """A method handler that parses requests itself: malformed bytes -> INVALID_ARGUMENT."""
-    request_cls = getattr(pb, method.input_type.name)
-    serialize = getattr(pb, method.output_type.name).SerializeToString
-    bad = f"malformed {method.input_type.name} protobuf"
-
-    async def parsed_stream(raw_iterator: Any, context: Any) -> Any:
-        async for raw in raw_iterator:
-            message = _parse(request_cls, raw)
-            if message is None:
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, bad)
-            yield message
-
-    if method.client_streaming:
-        if method.server_streaming:
-
-            async def stream_stream(raw_iterator: Any, context: Any) -> Any:
-                async for item in impl(parsed_stream(raw_iterator, context), context):
-                    yield item
-
-            return grpc.stream_stream_rpc_method_handler(
-                stream_stream, response_serializer=serialize
-            )
-
-        async def stream_unary(raw_iterator: Any, context: Any) -> Any:
-            return await impl(parsed_stream(raw_iterator, context), context)
-
-        return grpc.stream_unary_rpc_method_handler(stream_unary, response_serializer=serialize)
-    if method.server_streaming:
-
-        async def unary_stream(raw: bytes, context: Any) -> Any:
-            request = _parse(request_cls, raw)
-            if request is None:
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, bad)
-            async for item in impl(request, context):
-                yield item
-
-        return grpc.unary_stream_rpc_method_handler(unary_stream, response_serializer=serialize)
-
-    async def unary_unary(raw: bytes, context: Any) -> Any:
-        request = _parse(request_cls, raw)
-        if request is None:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, bad)
-        return await impl(request, context)
-
-    return grpc.unary_unary_rpc_method_handler(unary_unary, response_serializer=serialize)
-
-
-def add_servicer(server: grpc.aio.Server, service: str, servicer: Any) -> None:
-    """Register ``servicer`` for ``llbcfl.v1.<service>`` (instead of the generated
-    ``add_*Servicer_to_server``) so that undecodable requests are refused with
-    INVALID_ARGUMENT rather than gRPC's generic UNKNOWN."""
-    descriptor = pb.DESCRIPTOR.services_by_name[service]
-    handlers = {m.name: _checked_handler(m, getattr(servicer, m.name)) for m in descriptor.methods}
-    server.add_generic_rpc_handlers(
-        (grpc.method_handlers_generic_handler(descriptor.full_name, handlers),)
-    )
-
-
-def add_health(server: grpc.aio.Server) -> health.HealthServicer:
-    servicer = health.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
-    servicer.set("", health_pb2.HealthCheckResponse.SERVING)
-    return servicer
-
-
-def channel(address: str) -> grpc.aio.Channel:
-    return grpc.aio.insecure_channel(address, options=GRPC_OPTIONS)
 
 
 async def run_until_signal(

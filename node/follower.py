@@ -17,9 +17,10 @@ import grpc
 from chain.state import ChainState
 from consensus.canonical import MalformedMessage
 from consensus.ledger import Block, check_block
-from node.daemon import NodeLog, channel
+from node.daemon import NodeLog
 from node.genesis import Genesis
 from node.identity import pbft_verifier
+from node.serving import channel
 from proto import llbcfl_pb2 as pb
 from proto import llbcfl_pb2_grpc as pb_grpc
 

@@ -38,7 +38,7 @@ else:  # pragma: no cover - exercised on Python 3.10 only
     import tomli as tomllib
 
 if TYPE_CHECKING:
-    from node.genesis import Membership, NodeInfo
+    from node.membership import Membership, NodeInfo
 
 ROLES: Final = ("client", "miner", "server")
 SEED_SIZE: Final = 32

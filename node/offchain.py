@@ -20,8 +20,9 @@ from chain.verdicts import Upload
 from consensus.canonical import Reader, pack_blob
 from fl.rounds import ClientUpdate
 from node.durable import write_durably
-from node.genesis import Membership
-from node.tensors import UPDATE_KIND, ReceivedTensors, receive_tensor_stream, relay_stream
+from node.membership import Membership
+from node.tensor_receiver import ReceivedTensors, receive_tensor_stream
+from node.tensors import UPDATE_KIND, relay_stream
 from proto import llbcfl_pb2 as pb
 
 

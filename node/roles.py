@@ -53,7 +53,7 @@ def run_node(
 
     async def main(stop: asyncio.Event) -> None:
         if role == "miner":
-            from node.miner import run_miner
+            from node.miner_service import run_miner
 
             await run_miner(
                 genesis,
@@ -65,7 +65,7 @@ def run_node(
                 log=log,
             )
         elif role == "server":
-            from node.server import run_server
+            from node.server_service import run_server
 
             await run_server(
                 genesis,
@@ -77,7 +77,7 @@ def run_node(
                 metrics_path=metrics_out or run_dir / "metrics.json",
             )
         else:
-            from node.client import run_clients
+            from node.client_service import run_clients
 
             await run_clients(
                 genesis,

@@ -35,8 +35,6 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-import torch
-from google.protobuf.message import DecodeError
 
 from chain.digests import claim_bytes, weights_digest
 from chain.metrics import RoundRecord, metrics_document, round_record
@@ -53,35 +51,15 @@ from fl.seeds import numpy_generator, torch_generator
 from fl.training import evaluate
 from fl.weights import set_weights
 from node.checkpoints import Checkpoint, newest_trusted_checkpoint, write_checkpoint
-from node.daemon import (
-    NodeLog,
-    NodeStatusServicer,
-    add_health,
-    add_servicer,
-    channel,
-    load_node_splits,
-    signed_record,
-)
+from node.daemon import NodeLog, signed_record
 from node.durable import write_json_durably
 from node.follower import ChainFollower
 from node.genesis import Genesis
-from node.identity import (
-    AuthError,
-    Identity,
-    signing_tag,
-    verify_envelope,
-    verify_signature,
-)
+from node.identity import Identity, signing_tag, verify_signature
 from node.offchain import BlobStore
-from node.tensors import (
-    AUTH_CODES,
-    MODEL_KIND,
-    MODEL_REQUEST_KIND,
-    UPDATE_KIND,
-    UpdateRejected,
-    receive_tensor_stream,
-    tensor_stream,
-)
+from node.serving import channel
+from node.tensor_receiver import UpdateRejected, receive_tensor_stream
+from node.tensors import UPDATE_KIND
 from proto import llbcfl_pb2 as pb
 from proto import llbcfl_pb2_grpc as pb_grpc
 
@@ -328,101 +306,3 @@ class Server:
         write_json_durably(metrics_path, doc)
         self.log.info(f"done: final accuracy {records[-1].accuracy:.4f}, metrics {metrics_path}")
         return doc
-
-
-class ServerServicer(pb_grpc.ServerServicer):
-    def __init__(self, server: Server) -> None:
-        self.s = server
-
-    async def DownloadModel(self, envelope: pb.Envelope, context: Any) -> Any:
-        try:
-            signer = verify_envelope(
-                envelope,
-                self.s.membership,
-                expected_kind=MODEL_REQUEST_KIND,
-                allowed_roles=("client",),
-            )
-        except AuthError as exc:
-            await context.abort(AUTH_CODES[exc.reason], str(exc))
-        try:
-            request = pb.ModelRequest.FromString(envelope.payload)
-        except DecodeError:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "malformed model request")
-        if request.client_id != signer.node_id:
-            await context.abort(
-                grpc.StatusCode.PERMISSION_DENIED,
-                f"{signer.node_id} asks for the model as {request.client_id!r}",
-            )
-        current = self.s.current
-        if current is None or request.round != current[0]:
-            await context.abort(
-                grpc.StatusCode.FAILED_PRECONDITION, f"round {request.round} is not open"
-            )
-        rnd, weights, _digest = current
-        if request.client_id not in self.s.state.selections[rnd].selected:
-            await context.abort(
-                grpc.StatusCode.PERMISSION_DENIED, f"{request.client_id} is not selected"
-            )
-        for part in tensor_stream(
-            weights,
-            identity=self.s.identity,
-            kind=MODEL_KIND,
-            round=rnd,
-            chunk_bytes=self.s.genesis.protocol.chunk_bytes,
-        ):
-            yield part
-
-
-async def run_server(
-    genesis: Genesis,
-    identity: Identity,
-    *,
-    run_dir: Path,
-    data_dir: str | None,
-    stop: asyncio.Event,
-    log: NodeLog,
-    metrics_path: Path,
-    exit_when_done: bool = True,
-) -> None:
-    config = genesis.run
-    torch.set_num_threads(config.threads)
-    splits = load_node_splits(config, data_dir, train=False)
-    server_state = Server(genesis, identity, run_dir=run_dir, test=splits.test, log=log)
-    server = grpc.aio.server()
-    add_servicer(server, "Server", ServerServicer(server_state))
-    add_servicer(
-        server,
-        "Node",
-        NodeStatusServicer(
-            node_id=identity.node_id,
-            role="server",
-            genesis_digest=genesis.digest,
-            status=lambda: (
-                server_state.current[0] if server_state.current else 0,
-                server_state.state.height,
-                server_state.state.head_hash if server_state.state.height else b"",
-            ),
-        ),
-    )
-    add_health(server)
-    address = genesis.membership[identity.node_id].address
-    server.add_insecure_port(address)
-    await server.start()
-    log.info(f"server listening on {address}")
-    follower = asyncio.create_task(server_state.follower.follow(stop))
-    try:
-        driver = asyncio.create_task(server_state.drive(stop, metrics_path))
-        stopper = asyncio.create_task(stop.wait())
-        await asyncio.wait({driver, stopper}, return_when=asyncio.FIRST_COMPLETED)
-        stopper.cancel()
-        if not driver.done():
-            driver.cancel()
-        with contextlib.suppress(asyncio.CancelledError, Stopped):
-            await driver  # re-raises a real failure of the round driver
-        if not exit_when_done:
-            await stop.wait()
-    finally:
-        stop.set()
-        with contextlib.suppress(asyncio.CancelledError):
-            await follower
-        await server.stop(1.0)

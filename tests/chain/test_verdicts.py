@@ -13,13 +13,12 @@ from chain.verdicts import (
     admits_malformed,
     build_verdicts,
     check_verdicts,
+    round_ready,
+    submits_now,
     uploads_complete,
-    verdicts_due,
 )
 from tests.chain.blocks import commit
 from tests.chain.test_records import registered_state
-
-TIMING = {"opened_at": 100.0, "deadline": 60.0, "fallback": 2.0}
 
 
 def opened() -> tuple[ChainState, tuple[str, ...]]:
@@ -33,32 +32,19 @@ def upload(state: ChainState, cid: str, *, digest: bytes = b"\x01" * 32) -> Uplo
     return Upload(cid, 1, digest, b"\x0b" * 32, state.released_records(cid), b"sig-" + cid.encode())
 
 
-def test_the_primary_submits_as_soon_as_every_update_is_in() -> None:
-    due, ready = verdicts_due(complete=True, now=101.0, ready_at=None, is_primary=True, **TIMING)
-    assert (due, ready) == (True, 101.0)
+def test_a_round_is_ready_when_every_update_is_in_or_at_its_deadline() -> None:
+    assert round_ready(complete=True, now=101.0, opened_at=100.0, deadline=60.0)
+    assert not round_ready(complete=False, now=159.9, opened_at=100.0, deadline=60.0)
+    assert round_ready(complete=False, now=160.0, opened_at=100.0, deadline=60.0)
 
 
-def test_nobody_submits_an_incomplete_round_before_its_deadline() -> None:
-    due, ready = verdicts_due(complete=False, now=159.0, ready_at=None, is_primary=True, **TIMING)
-    assert (due, ready) == (False, None)
-
-
-def test_a_backup_submits_its_own_verdicts_only_two_view_timeouts_after_the_round_is_ready() -> (
-    None
-):
-    # Prepare: the round became ready at t = 101 (every update in)
-    _, ready = verdicts_due(complete=True, now=101.0, ready_at=None, is_primary=False, **TIMING)
-    # Execute: the backup asks again before and after the fallback
-    early = verdicts_due(complete=True, now=102.9, ready_at=ready, is_primary=False, **TIMING)
-    late = verdicts_due(complete=True, now=103.0, ready_at=ready, is_primary=False, **TIMING)
-    # Assert
-    assert ready == 101.0
-    assert early == (False, 101.0) and late == (True, 101.0)
-
-
-def test_at_the_deadline_an_incomplete_round_is_ready() -> None:
-    due, ready = verdicts_due(complete=False, now=160.0, ready_at=None, is_primary=True, **TIMING)
-    assert (due, ready) == (True, 160.0)
+def test_the_primary_submits_at_once_and_a_backup_two_view_timeouts_later() -> None:
+    # Prepare: the round became ready at t = 101; two view timeouts are 2 s
+    timing = {"ready_at": 101.0, "fallback": 2.0}
+    # Execute / Assert
+    assert submits_now(is_primary=True, now=101.0, **timing)
+    assert not submits_now(is_primary=False, now=102.9, **timing)
+    assert submits_now(is_primary=False, now=103.0, **timing)
 
 
 def test_built_verdicts_record_silent_clients_and_malformed_updates_as_rejected() -> None:

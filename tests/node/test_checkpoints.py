@@ -35,7 +35,8 @@ from node.genesis import Genesis
 from node.identity import Identity
 from node.offchain import BlobStore
 from node.server import Server
-from node.tensors import UPDATE_KIND, receive_tensor_stream, tensor_stream
+from node.tensor_receiver import receive_tensor_stream
+from node.tensors import UPDATE_KIND, tensor_stream
 
 CONFIG = RunConfig(clients=3, rounds=3, model="mlp", server_momentum=0.5, server_lr=0.5)
 CLIENTS = ("client-000", "client-001", "client-002")

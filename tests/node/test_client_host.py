@@ -22,8 +22,8 @@ import pytest
 
 from chain.records import RoundVerdicts, UpdateRecord
 from fl.privacy import BUDGET_RTOL
-from node.client import ClientServicer
-from node.daemon import add_servicer
+from node.client_service import ClientServicer
+from node.serving import add_servicer
 from proto import llbcfl_pb2 as pb
 from proto import llbcfl_pb2_grpc as pb_grpc
 from tests.node.client_host_harness import CONFIG, make_host, notice

@@ -15,12 +15,15 @@ from chain.records import Registration
 from fl.config import RunConfig
 from fl.data import Split
 from fl.rounds import Federation
-from node.client import ClientHost, ClientServicer
-from node.daemon import NodeLog, add_servicer
+from node.client import ClientHost
+from node.client_service import ClientServicer
+from node.daemon import NodeLog
 from node.genesis import Genesis
 from node.identity import Identity
 from node.privacy_ledger import PrivacyLedger
-from node.server import Server, ServerServicer
+from node.server import Server
+from node.server_service import ServerServicer
+from node.serving import add_servicer
 from node.tensors import MODEL_REQUEST_KIND
 from proto import llbcfl_pb2 as pb
 from proto import llbcfl_pb2_grpc as pb_grpc
@@ -190,7 +193,7 @@ def test_malformed_model_request_is_refused(
 def test_daemons_serve_the_grpc_health_service() -> None:
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    from node.daemon import add_health
+    from node.serving import add_health
 
     replies = []
 

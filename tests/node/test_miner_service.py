@@ -27,10 +27,12 @@ from chain.records import (
 from consensus.ledger import Block, Request, encode_batch
 from fl.config import RunConfig
 from fl.data import Split
-from node.daemon import NodeLog, add_servicer, signed_record
+from node.daemon import NodeLog, signed_record
 from node.genesis import Genesis
 from node.identity import Identity
-from node.miner import Miner, MinerServicer
+from node.miner import Miner
+from node.miner_service import MinerHandler, MinerServicer
+from node.serving import add_servicer
 from node.tensors import tensor_stream
 from proto import llbcfl_pb2 as pb
 from proto import llbcfl_pb2_grpc as pb_grpc
@@ -75,7 +77,7 @@ def run_with_miner(
 ) -> None:
     async def main() -> None:
         server = grpc.aio.server()
-        add_servicer(server, "Miner", MinerServicer(miner))
+        add_servicer(server, "Miner", MinerServicer(MinerHandler(miner)))
         port = server.add_insecure_port("127.0.0.1:0")
         await server.start()
         try:
@@ -337,3 +339,105 @@ def test_undecodable_protobuf_is_refused_as_invalid_argument(miner: Miner) -> No
     assert codes == [grpc.StatusCode.INVALID_ARGUMENT] * 2
     assert miner.blobs.by_round == {}
     assert miner.replica.pending_count == 0
+
+
+def upload_distinct_updates(miner: Miner, identities: Any) -> list[tuple[str, bytes, int]]:
+    """Every selected client uploads a different random update; the validation's key."""
+    generator = torch.Generator().manual_seed(7)
+
+    async def upload_all(stub: Any) -> None:
+        for cid in selected(miner):
+            weights = OrderedDict(
+                (k, 0.01 * torch.randn(v.shape, generator=generator))
+                for k, v in initial_weights(CONFIG).items()
+            )
+            await stub.SubmitUpdate(iter(update_parts(identities[cid], weights=weights)))
+
+    run_with_miner(miner, upload_all)
+    have = miner.blobs.by_round[1]
+    return [(c, have[c], miner.state.released_records(c)) for c in sorted(have)]
+
+
+def test_validation_on_the_worker_thread_is_bit_identical(miner: Miner, identities: Any) -> None:
+    # Prepare: a validation split that makes the verdicts' accuracies non-trivial
+    generator = torch.Generator().manual_seed(3)
+    miner.validation = Split(
+        x=torch.randn(20, 1, 28, 28, generator=generator), y=torch.arange(20) % 10
+    )
+    digests = upload_distinct_updates(miner, identities)
+    miner._own_verdicts.clear()
+    on_loop = miner._own_validation(miner.state, 1, digests)
+    miner._own_verdicts.clear()
+    handler = MinerHandler(miner)
+    # Execute: the same validation, through the handler's worker thread
+    try:
+        asyncio.run(handler._prevalidate(1, digests))
+    finally:
+        handler.close()
+    # Assert: the same verdicts, accuracies equal to the last bit
+    on_worker = miner._own_verdicts[(1, tuple(digests))]
+    assert on_worker.keys() == on_loop.keys()
+    for cid, (accepted, reason, accuracy) in on_loop.items():
+        assert on_worker[cid][:2] == (accepted, reason)
+        assert repr(on_worker[cid][2]) == repr(accuracy)
+
+
+def test_node_status_answers_while_a_round_is_validated(
+    miner: Miner, identities: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Prepare: the round's uploads are in; validation is made slow (1.5 s)
+    import threading
+    import time
+
+    import node.miner
+    from node.serving import Endpoint, serve
+
+    digests = upload_distinct_updates(miner, identities)
+    miner._own_verdicts.clear()
+    real = node.miner.validate_round
+    started = threading.Event()
+    threads: list[str] = []
+
+    def slow_validate_round(*args: Any, **kwargs: Any) -> Any:
+        threads.append(threading.current_thread().name)
+        started.set()
+        time.sleep(1.5)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(node.miner, "validate_round", slow_validate_round)
+    handler = MinerHandler(miner)
+    endpoint = Endpoint(
+        node_id="miner-1",
+        role="miner",
+        address="127.0.0.1:0",
+        genesis_digest=miner.genesis.digest,
+        status=miner.status,
+        services={"Miner": MinerServicer(handler)},
+    )
+    ports: list[int] = []
+    answered_in: list[float] = []
+
+    async def main() -> None:
+        stop = asyncio.Event()
+
+        async def run() -> None:
+            tick = asyncio.create_task(handler.tick())  # finds the round due: validates
+            while not started.is_set():
+                await asyncio.sleep(0.01)
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{ports[0]}") as ch:
+                t0 = time.monotonic()
+                await pb_grpc.NodeStub(ch).Status(pb.StatusRequest(), timeout=5)
+                answered_in.append(time.monotonic() - t0)
+            await tick
+
+        await serve([endpoint], stop=stop, run=run, listening=ports.extend)
+
+    # Execute
+    try:
+        asyncio.run(main())
+    finally:
+        handler.close()
+    # Assert: answered during the validation, which ran once, on the worker thread
+    assert answered_in[0] < 1.0
+    assert len(threads) == 1 and threads[0].startswith("validate")
+    assert (1, tuple(digests)) in miner._own_verdicts

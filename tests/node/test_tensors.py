@@ -14,16 +14,8 @@ from chain.digests import model_spec, weights_digest
 from fl.models import build_model
 from fl.weights import get_weights
 from node.identity import Identity
-from node.tensors import (
-    CHUNK_BYTES,
-    MODEL_KIND,
-    UPDATE_KIND,
-    TensorStreamReceiver,
-    UpdateRejected,
-    receive_tensor_stream,
-    relay_stream,
-    tensor_stream,
-)
+from node.tensor_receiver import TensorStreamReceiver, UpdateRejected, receive_tensor_stream
+from node.tensors import CHUNK_BYTES, MODEL_KIND, UPDATE_KIND, relay_stream, tensor_stream
 from proto import llbcfl_pb2 as pb
 
 LIMIT = 64 << 20

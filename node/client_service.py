@@ -1,0 +1,115 @@
+"""The client daemon: the ``Client`` service of every hosted identity, and the host's start.
+
+:class:`ClientServicer` decodes and calls :func:`start_round`, which checks
+that the notice is the server's (signature, kind, role) and well formed and
+hands it to ``ClientHost.start_round`` (the chain and the ledger decide);
+refusals are those of ``node.errors``. :func:`run_clients` serves one
+endpoint per identity with ``node.serving.serve``, then reads the chain,
+reconciles the privacy ledger and registers every identity.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fl.privacy import BudgetExhausted
+from fl.rounds import Federation
+from node.client import ClientHost
+from node.daemon import NodeLog, load_node_splits
+from node.errors import InvalidRequest, decode
+from node.genesis import Genesis
+from node.identity import Identity, verify_envelope
+from node.privacy_ledger import PrivacyLedger
+from node.serving import Endpoint, serve
+from proto import llbcfl_pb2 as pb
+from proto import llbcfl_pb2_grpc as pb_grpc
+
+
+async def start_round(host: ClientHost, cid: str, envelope: pb.Envelope) -> pb.StartRoundReply:
+    """The server's signed start-round notice for ``cid``, checked and handed to the host."""
+    verify_envelope(
+        envelope, host.membership, expected_kind="start-round", allowed_roles=("server",)
+    )
+    notice = decode(pb.RoundNotice, envelope.payload, "round notice")
+    if notice.round < 1 or len(notice.model_digest) != 32:
+        raise InvalidRequest("malformed round notice")
+    return await host.start_round(cid, notice)
+
+
+class ClientServicer(pb_grpc.ClientServicer):
+    """The gRPC face of one hosted identity: calls :func:`start_round`."""
+
+    def __init__(self, host: ClientHost, cid: str) -> None:
+        self.host = host
+        self.cid = cid
+
+    async def StartRound(self, request: pb.Envelope, context: Any) -> pb.StartRoundReply:
+        return await start_round(self.host, self.cid, request)
+
+
+async def run_clients(
+    genesis: Genesis,
+    identities: list[Identity],
+    *,
+    ledger_path: Path,
+    data_dir: str | None,
+    stop: asyncio.Event,
+    log: NodeLog,
+) -> None:
+    config = genesis.run
+    torch.set_num_threads(config.threads)
+    if config.reproducible_noise:
+        log.warning(
+            "REPRODUCIBLE NOISE: anyone with the genesis can regenerate this run's DP noise; "
+            "these updates carry no privacy (testbed only)"
+        )
+    splits = load_node_splits(config, data_dir, train=True)
+    host = ClientHost(
+        genesis,
+        identities,
+        federation=Federation.create(config, splits.train, only={i.node_id for i in identities}),
+        ledger=PrivacyLedger(ledger_path),
+        log=log,
+    )
+    del splits  # the hosted shards are copies; the rest of MNIST can go
+    endpoints = [
+        Endpoint(
+            node_id=cid,
+            role="client",
+            address=genesis.membership[cid].address,
+            genesis_digest=genesis.digest,
+            status=lambda cid=cid: (host.last_round[cid], host.follower.state.height, b""),
+            services={"Client": ClientServicer(host, cid)},
+        )
+        for cid in host.identities
+    ]
+
+    async def drive() -> None:
+        log.info(f"hosting {len(host.identities)} client(s): {', '.join(host.identities)}")
+        log.info(f"privacy ledger {ledger_path}")
+        try:
+            await host.read_chain(stop)
+            try:
+                host.reconcile()
+            except BudgetExhausted as exc:
+                raise ValueError(
+                    f"{exc}: the privacy ledger {ledger_path} shows these records' budget spent "
+                    "by earlier runs"
+                ) from exc
+            await host.register_all(stop)
+            await stop.wait()
+        finally:
+            for task in list(host.tasks):
+                task.cancel()
+
+    try:
+        await serve(endpoints, stop=stop, run=drive, log=log)
+    finally:
+        with contextlib.suppress(Exception):
+            await asyncio.gather(*host.tasks, return_exceptions=True)
+        await host.follower.close()

@@ -1,0 +1,197 @@
+"""A miner's traffic with the other miners: PBFT links, update blobs, catching up.
+
+:class:`PeerLink` carries outgoing PBFT messages to one peer over a
+long-lived ``Miner/Deliver`` stream. :class:`BlobFetcher` fetches update
+blobs a miner lacks from its peers (``Miner/FetchUpdate``; the client's
+signature and the digest are checked again) before a message that refers to
+them is handed to the replica, and for committed verdicts.
+:func:`catch_up_from_peers` asks the peers how far they are and sends a
+signed FETCH to one that is ahead (the core's own state transfer).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any
+
+import grpc
+
+from chain.records import RoundVerdicts, decode_operation
+from consensus.canonical import MalformedMessage
+from consensus.messages import Fetch, Forward, PrePrepare
+from node.daemon import NodeLog
+from node.serving import channel
+from node.tensor_receiver import UpdateRejected, receive_tensor_stream
+from node.tensors import UPDATE_KIND
+from proto import llbcfl_pb2 as pb
+from proto import llbcfl_pb2_grpc as pb_grpc
+
+if TYPE_CHECKING:
+    from node.miner import Miner
+
+PEER_QUEUE = 10_000
+
+
+class PeerLink:
+    """Outgoing PBFT messages to one peer over a long-lived ``Deliver`` stream."""
+
+    def __init__(self, address: str, log: NodeLog | None = None) -> None:
+        self.address = address
+        self.log = log
+        self.connected = True
+        self.queue: asyncio.Queue[bytes] = asyncio.Queue(PEER_QUEUE)
+        self._task: asyncio.Task | None = None
+
+    def send(self, data: bytes) -> None:
+        with contextlib.suppress(asyncio.QueueFull):
+            self.queue.put_nowait(data)  # PBFT retransmits what is dropped
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def _messages(self) -> AsyncIterator[pb.PbftMessage]:
+        while True:
+            data = await self.queue.get()
+            yield pb.PbftMessage(data=data)
+            if not self.connected and self.log is not None:
+                self.log.info(f"link to {self.address} up")
+            self.connected = True
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                async with channel(self.address) as ch:
+                    # Start the stream only on a connected channel: a call begun
+                    # while the peer is down can linger and swallow messages
+                    # after the peer is back.
+                    await asyncio.wait_for(ch.channel_ready(), timeout=1.0)
+                    await pb_grpc.MinerStub(ch).Deliver(self._messages())
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # any failure: reconnect; PBFT retransmits
+                if self.log is not None and self.connected:
+                    self.log.info(f"link to {self.address} down: {type(exc).__name__}")
+                self.connected = False
+                # What queued for a peer that is down is stale by the time it is
+                # back (it catches up by state transfer): do not replay it.
+                while not self.queue.empty():
+                    self.queue.get_nowait()
+            await asyncio.sleep(0.2)  # reconnect backoff (not a test race)
+
+
+class BlobFetcher:
+    """Update blobs a miner lacks, fetched from its peers."""
+
+    def __init__(self, miner: Miner) -> None:
+        self.m = miner
+        self._fetching: set[bytes] = set()
+
+    def wanted_by(self, message: Any) -> list[bytes]:
+        """Digests the verdict records of a PRE-PREPARE or FORWARD refer to that we lack.
+
+        The message waits until they are fetched from peers, so that the
+        replica validates (or, as primary, batches) with the blobs at hand.
+        """
+        wanted: list[bytes] = []
+        for record in verdict_records(message):
+            bad = self.m.malformed.get(record.round, {})
+            wanted.extend(
+                u.digest
+                for u in record.updates
+                if u.client not in bad or bad[u.client][0].digest != u.digest
+            )
+        return self.m.blobs.missing(wanted)
+
+    def committed_missing(self) -> list[bytes]:
+        state = self.m.state
+        wanted = [u.digest for v in state.verdicts.values() for u in v.updates if u.accepted]
+        return self.m.blobs.missing(wanted)
+
+    async def fetch(self, digests: list[bytes], *, prefer: int | None = None) -> None:
+        """Fetch update blobs from peer miners (the client's signature is checked again)."""
+        m = self.m
+        order = sorted(m.peers, key=lambda i: (i != prefer, i))
+        for digest in digests:
+            if m.blobs.has(digest) or digest in self._fetching:
+                continue
+            self._fetching.add(digest)
+            try:
+                for peer in order:
+                    try:
+                        async with channel(m.peers[peer].address) as ch:
+                            stub = pb_grpc.MinerStub(ch)
+                            parts = [
+                                p
+                                async for p in stub.FetchUpdate(
+                                    pb.FetchUpdateRequest(digest=digest), timeout=10
+                                )
+                            ]
+                        received = receive_tensor_stream(
+                            parts,
+                            expected=m.spec,
+                            membership=m.membership,
+                            kind=UPDATE_KIND,
+                            max_total_bytes=m.genesis.protocol.max_stream_bytes,
+                        )
+                    except (grpc.aio.AioRpcError, UpdateRejected):
+                        continue
+                    if received.digest == digest:
+                        m.blobs.put(received)
+                        break
+            finally:
+                self._fetching.discard(digest)
+
+
+def verdict_records(message: Any) -> list[RoundVerdicts]:
+    """The verdict records a PRE-PREPARE's block or a FORWARD's request carries."""
+    if isinstance(message, PrePrepare):
+        try:
+            requests = message.block.requests()
+        except MalformedMessage:
+            return []
+    elif isinstance(message, Forward):
+        requests = [message.request]
+    else:
+        return []
+    records = []
+    for request in requests:
+        try:
+            _, record = decode_operation(request.operation)
+        except MalformedMessage:
+            return []
+        if isinstance(record, RoundVerdicts):
+            records.append(record)
+    return records
+
+
+async def catch_up_from_peers(miner: Miner) -> None:
+    """Ask peers how far they are; when one is ahead, send it a signed FETCH.
+
+    A replica that restarted behind, or sat out while the others moved
+    on, sees no traffic above its height once the network is idle; the
+    core's own state transfer (FETCH, answered by BLOCKS with the
+    certified blocks and the NEW-VIEW) then brings it up to date.
+    """
+    for peer in miner.peers.values():
+        try:
+            async with channel(peer.address) as ch:
+                status = await pb_grpc.NodeStub(ch).Status(pb.StatusRequest(), timeout=1)
+        except grpc.aio.AioRpcError:
+            continue
+        if status.chain_height > miner.replica.height:
+            miner.log.info(
+                f"behind: height {miner.replica.height}, {status.node_id} has "
+                f"{status.chain_height}; fetching"
+            )
+            fetch = Fetch(from_height=miner.replica.height + 1, sender=miner.index)
+            fetch.signature = miner.sign_pbft(fetch.signed)
+            peer.send(fetch.encode())
+            return

@@ -1,0 +1,119 @@
+"""The server daemon: the ``Server`` service (model downloads) and the round driver.
+
+:class:`ServerServicer` decodes and streams; :func:`model_for` holds the
+rules of a download (a ``model-request`` envelope signed by a client, naming
+itself, for the open round, while it is selected) and raises the refusals of
+``node.errors``. :func:`run_server` serves it with ``node.serving.serve``
+and runs ``Server.drive`` until the last round (or a signal).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fl.weights import Weights
+from node.daemon import NodeLog, load_node_splits
+from node.errors import NotPermitted, WrongState, decode
+from node.genesis import Genesis
+from node.identity import Identity, verify_envelope
+from node.server import Server, Stopped
+from node.serving import Endpoint, serve
+from node.tensors import MODEL_KIND, MODEL_REQUEST_KIND, tensor_stream
+from proto import llbcfl_pb2 as pb
+from proto import llbcfl_pb2_grpc as pb_grpc
+
+
+def model_for(server: Server, envelope: pb.Envelope) -> tuple[int, Weights]:
+    """The open round and its model, for a client's signed model request."""
+    signer = verify_envelope(
+        envelope, server.membership, expected_kind=MODEL_REQUEST_KIND, allowed_roles=("client",)
+    )
+    request = decode(pb.ModelRequest, envelope.payload, "model request")
+    if request.client_id != signer.node_id:
+        raise NotPermitted(f"{signer.node_id} asks for the model as {request.client_id!r}")
+    current = server.current
+    if current is None or request.round != current[0]:
+        raise WrongState(f"round {request.round} is not open")
+    rnd, weights, _digest = current
+    if request.client_id not in server.state.selections[rnd].selected:
+        raise NotPermitted(f"{request.client_id} is not selected")
+    return rnd, weights
+
+
+class ServerServicer(pb_grpc.ServerServicer):
+    """The gRPC face: calls :func:`model_for`, streams the model signed by the server."""
+
+    def __init__(self, server: Server) -> None:
+        self.s = server
+
+    async def DownloadModel(self, envelope: pb.Envelope, context: Any) -> Any:
+        rnd, weights = model_for(self.s, envelope)
+        for part in tensor_stream(
+            weights,
+            identity=self.s.identity,
+            kind=MODEL_KIND,
+            round=rnd,
+            chunk_bytes=self.s.genesis.protocol.chunk_bytes,
+        ):
+            yield part
+
+
+async def run_server(
+    genesis: Genesis,
+    identity: Identity,
+    *,
+    run_dir: Path,
+    data_dir: str | None,
+    stop: asyncio.Event,
+    log: NodeLog,
+    metrics_path: Path,
+    exit_when_done: bool = True,
+) -> None:
+    config = genesis.run
+    torch.set_num_threads(config.threads)
+    splits = load_node_splits(config, data_dir, train=False)
+    server = Server(genesis, identity, run_dir=run_dir, test=splits.test, log=log)
+    address = genesis.membership[identity.node_id].address
+    endpoint = Endpoint(
+        node_id=identity.node_id,
+        role="server",
+        address=address,
+        genesis_digest=genesis.digest,
+        status=lambda: (
+            server.current[0] if server.current else 0,
+            server.state.height,
+            server.state.head_hash if server.state.height else b"",
+        ),
+        services={"Server": ServerServicer(server)},
+    )
+
+    async def drive() -> None:
+        follower = asyncio.create_task(server.follower.follow(stop))
+        try:
+            driver = asyncio.create_task(server.drive(stop, metrics_path))
+            stopper = asyncio.create_task(stop.wait())
+            await asyncio.wait({driver, stopper}, return_when=asyncio.FIRST_COMPLETED)
+            stopper.cancel()
+            if not driver.done():
+                driver.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Stopped):
+                await driver  # re-raises a real failure of the round driver
+            if not exit_when_done:
+                await stop.wait()
+        finally:
+            stop.set()
+            with contextlib.suppress(asyncio.CancelledError):
+                await follower
+
+    await serve(
+        [endpoint],
+        stop=stop,
+        run=drive,
+        log=log,
+        listening=lambda _ports: log.info(f"server listening on {address}"),
+    )

@@ -1,0 +1,326 @@
+"""The gRPC transport every daemon shares: options, channels, servicer wrapping, ``serve``.
+
+A daemon is ``serve(endpoints, stop=..., run=driver)``: for each endpoint
+(a node id, role and genesis address with the role's servicers) it starts a
+``grpc.aio`` server with :data:`SERVER_OPTIONS`, the role's services, the
+``Node`` status service and the standard gRPC health service; then it runs
+the role's driver; when the driver returns (SIGINT or SIGTERM set ``stop``:
+``node.daemon.run_until_signal``) or fails, health turns NOT_SERVING and every
+server stops with a grace period of :data:`GRACE_SECONDS`: client streams
+idle at that moment end at once (UNAVAILABLE), other calls have the grace
+period to finish before they are cancelled (:class:`Calls`).
+
+Servicers are registered with :func:`add_servicer`, which wraps every method:
+it parses the request bytes itself (an undecodable protobuf is refused with
+INVALID_ARGUMENT rather than gRPC's generic UNKNOWN) and turns what the
+handler raises into a status with ``node.errors.status_of``: domain errors
+give their code and a one-line message, anything else INTERNAL with
+"internal error" (the traceback goes to the node's log, never to the caller).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Final, NoReturn
+
+import grpc
+from grpc_health.v1 import health, health_pb2_grpc
+
+from node.daemon import NodeLog
+from node.errors import INTERNAL_DETAIL, NotReady, decode, status_of
+from proto import llbcfl_pb2 as pb
+
+ROLE_ENUM: Final = {"client": pb.ROLE_CLIENT, "miner": pb.ROLE_MINER, "server": pb.ROLE_SERVER}
+# Tensor chunks are at most 1 MiB (node.tensors.CHUNK_BYTES); PBFT messages,
+# envelopes and block batches are far below this bound.
+MAX_MESSAGE_BYTES: Final = 4 << 20
+GRACE_SECONDS: Final = 1.0
+SERVER_OPTIONS: Final = [
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    # Ping an idle connection every 30 s and drop it if the ping goes
+    # unanswered for 10 s: a peer that vanished (power, network) releases its
+    # long-lived Miner/Deliver stream instead of holding it forever.
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    # Concurrent calls on one connection (each peer, client or follower opens
+    # its own); the rest queue in HTTP/2 flow control.
+    ("grpc.max_concurrent_streams", 100),
+]
+CHANNEL_OPTIONS: Final = [
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    # A restarted peer must be reachable again within a second, not after
+    # gRPC's default reconnect backoff (up to 120 s), shared by every channel
+    # to the same address unless each channel keeps its own subchannels.
+    ("grpc.use_local_subchannel_pool", 1),
+    ("grpc.initial_reconnect_backoff_ms", 200),
+    ("grpc.min_reconnect_backoff_ms", 200),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+]
+_fallback_log = logging.getLogger("llbcfl.serving")
+
+
+def channel(address: str) -> grpc.aio.Channel:
+    return grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+
+
+class NodeStatusServicer:
+    """``Node.Status`` from a callable returning (round, height, head hash)."""
+
+    def __init__(
+        self, *, node_id: str, role: str, genesis_digest: bytes, status: Callable[[], tuple]
+    ) -> None:
+        self._node_id = node_id
+        self._role = ROLE_ENUM[role]
+        self._genesis = genesis_digest
+        self._status = status
+
+    async def Status(self, request: pb.StatusRequest, context: Any) -> pb.NodeStatus:
+        rnd, height, head = self._status()
+        return pb.NodeStatus(
+            node_id=self._node_id,
+            role=self._role,
+            round=rnd,
+            chain_height=height,
+            head_hash=head,
+            genesis_digest=self._genesis,
+        )
+
+
+# Servicer wrapping: decode, call, map errors --------------------------------------
+
+
+async def refuse(context: Any, exc: Exception, *, where: str, log: NodeLog | None) -> NoReturn:
+    """End the call with the status for ``exc`` (``node.errors``); log what was unexpected."""
+    if isinstance(exc, grpc.aio.AbortError):  # the handler aborted by itself
+        raise exc
+    status = status_of(exc)
+    if status is None:
+        message = f"{where}: unexpected {type(exc).__name__}"
+        if log is not None:
+            log.exception(message)
+        else:
+            _fallback_log.error(message, exc_info=exc)
+        status = (grpc.StatusCode.INTERNAL, INTERNAL_DETAIL)
+    await context.abort(*status)
+    raise AssertionError("context.abort returned")  # pragma: no cover
+
+
+class Calls:
+    """The calls one server is handling, and whether it is stopping.
+
+    A stopping server ends client streams that wait for their next message
+    with UNAVAILABLE (a peer's ``Miner/Deliver`` stream never ends by
+    itself), so the grace period is not spent on them; ``serve`` then waits
+    for the handlers still running before it returns, so none is left for
+    the event loop's shutdown to cancel (grpc logs those as
+    "Exception not handled ... CancelledError").
+    """
+
+    def __init__(self) -> None:
+        self.tasks: set[asyncio.Task] = set()
+        self.stopping = asyncio.Event()
+
+    def track(self) -> None:
+        task = asyncio.current_task()
+        if task is not None:
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
+
+    async def until_stopping(self, items: Any) -> Any:
+        """The items of a client stream while the server is not stopping."""
+        iterator = aiter(items)
+        stopping = asyncio.ensure_future(self.stopping.wait())
+        following: asyncio.Future | None = None
+        try:
+            while True:
+                following = asyncio.ensure_future(anext(iterator))
+                # Its outcome is read below, or no longer wanted (the call ended).
+                following.add_done_callback(_outcome_read)
+                await asyncio.wait({following, stopping}, return_when=asyncio.FIRST_COMPLETED)
+                if not following.done():
+                    raise NotReady("the node is stopping")
+                try:
+                    item = following.result()
+                except StopAsyncIteration:
+                    return
+                yield item
+        finally:
+            stopping.cancel()
+            if following is not None and not following.done():
+                following.cancel()
+
+
+def _outcome_read(future: asyncio.Future) -> None:
+    if not future.cancelled():
+        future.exception()
+
+
+def _method_handler(
+    method: Any, impl: Callable[..., Any], log: NodeLog | None, calls: Calls | None
+) -> Any:
+    request_cls = getattr(pb, method.input_type.name)
+    serialize = getattr(pb, method.output_type.name).SerializeToString
+    what = f"{method.input_type.name} protobuf"
+    where = f"{method.containing_service.name}/{method.name}"
+
+    def parse(raw: bytes) -> Any:
+        if calls is not None:
+            calls.track()
+        return decode(request_cls, raw, what)
+
+    async def requests(raw_iterator: Any) -> Any:
+        if calls is not None:
+            calls.track()
+            raw_iterator = calls.until_stopping(raw_iterator)
+        async for raw in raw_iterator:
+            yield decode(request_cls, raw, what)
+
+    if method.client_streaming:
+        if method.server_streaming:
+
+            async def stream_stream(raw_iterator: Any, context: Any) -> Any:
+                try:
+                    async for item in impl(requests(raw_iterator), context):
+                        yield item
+                except Exception as exc:
+                    await refuse(context, exc, where=where, log=log)
+
+            return grpc.stream_stream_rpc_method_handler(
+                stream_stream, response_serializer=serialize
+            )
+
+        async def stream_unary(raw_iterator: Any, context: Any) -> Any:
+            try:
+                return await impl(requests(raw_iterator), context)
+            except Exception as exc:
+                await refuse(context, exc, where=where, log=log)
+
+        return grpc.stream_unary_rpc_method_handler(stream_unary, response_serializer=serialize)
+    if method.server_streaming:
+
+        async def unary_stream(raw: bytes, context: Any) -> Any:
+            try:
+                async for item in impl(parse(raw), context):
+                    yield item
+            except Exception as exc:
+                await refuse(context, exc, where=where, log=log)
+
+        return grpc.unary_stream_rpc_method_handler(unary_stream, response_serializer=serialize)
+
+    async def unary_unary(raw: bytes, context: Any) -> Any:
+        try:
+            return await impl(parse(raw), context)
+        except Exception as exc:
+            await refuse(context, exc, where=where, log=log)
+
+    return grpc.unary_unary_rpc_method_handler(unary_unary, response_serializer=serialize)
+
+
+def add_servicer(
+    server: grpc.aio.Server,
+    service: str,
+    servicer: Any,
+    *,
+    log: NodeLog | None = None,
+    calls: Calls | None = None,
+) -> None:
+    """Register ``servicer`` for ``llbcfl.v1.<service>`` (instead of the generated
+    ``add_*Servicer_to_server``), each method wrapped as the module docstring says."""
+    descriptor = pb.DESCRIPTOR.services_by_name[service]
+    handlers = {
+        m.name: _method_handler(m, getattr(servicer, m.name), log, calls)
+        for m in descriptor.methods
+    }
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(descriptor.full_name, handlers),)
+    )
+
+
+def add_health(server: grpc.aio.Server) -> health.aio.HealthServicer:
+    """The standard health service, SERVING (its asyncio version: a ``Watch`` must not
+    hold a thread of its own, nor keep the server from stopping)."""
+    servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    return servicer
+
+
+# serve() -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """One listening node: who it is, where, and the role's servicers by service name."""
+
+    node_id: str
+    role: str
+    address: str
+    genesis_digest: bytes
+    status: Callable[[], tuple[int, int, bytes]]
+    services: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class _Running:
+    server: Any
+    health: health.aio.HealthServicer
+    calls: Calls
+    port: int
+
+    async def stop(self, grace: float) -> None:
+        await self.health.enter_graceful_shutdown()
+        self.calls.stopping.set()
+        await self.server.stop(grace)
+        if self.calls.tasks:
+            await asyncio.wait(set(self.calls.tasks), timeout=grace)
+        for _ in range(3):  # grpc's own task of each call ends right after the handler
+            await asyncio.sleep(0)
+
+
+async def _start(endpoint: Endpoint, log: NodeLog | None) -> _Running:
+    server = grpc.aio.server(options=SERVER_OPTIONS)
+    calls = Calls()
+    for name, servicer in endpoint.services.items():
+        add_servicer(server, name, servicer, log=log, calls=calls)
+    status = NodeStatusServicer(
+        node_id=endpoint.node_id,
+        role=endpoint.role,
+        genesis_digest=endpoint.genesis_digest,
+        status=endpoint.status,
+    )
+    add_servicer(server, "Node", status, log=log, calls=calls)
+    health_servicer = add_health(server)
+    port = server.add_insecure_port(endpoint.address)
+    await server.start()
+    return _Running(server, health_servicer, calls, port)
+
+
+async def serve(
+    endpoints: Sequence[Endpoint],
+    *,
+    stop: asyncio.Event,
+    run: Callable[[], Awaitable[None]] | None = None,
+    log: NodeLog | None = None,
+    grace: float = GRACE_SECONDS,
+    listening: Callable[[list[int]], None] | None = None,
+) -> None:
+    """Serve ``endpoints`` while ``run()`` runs (without one: until ``stop`` is set).
+
+    ``listening`` gets the bound ports once every server has started (port
+    0 in an address picks a free one). On return or failure ``stop`` is set
+    and every server stops within ``grace`` seconds (:class:`Calls`).
+    """
+    running: list[_Running] = []
+    try:
+        for endpoint in endpoints:
+            running.append(await _start(endpoint, log))
+        if listening is not None:
+            listening([r.port for r in running])
+        await (stop.wait() if run is None else run())
+    finally:
+        stop.set()
+        await asyncio.gather(*(r.stop(grace) for r in running))
