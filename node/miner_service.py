@@ -81,6 +81,7 @@ class MinerHandler:
             before = m.replica.height
             m.replica.step(message)
             m.drain()
+            await self._prepare_next_model()
         if isinstance(message, Blocks):
             m.log.info(
                 f"state transfer: {len(message.blocks)} block(s) from replica "
@@ -179,6 +180,26 @@ class MinerHandler:
             self.m.replica.tick()
             self.m.drain()
             await self._verdicts_if_due()
+            await self._prepare_next_model()
+
+    async def _prepare_next_model(self) -> None:
+        """Aggregate the last committed verdicts' updates on the worker (core held), once.
+
+        The next round's model is what the round summary is checked against
+        and what its updates must start from; computing it here keeps the
+        aggregation off the event loop (the core's later calls find it cached).
+        """
+        m = self.m
+        rnd = max(m.state.verdicts, default=0)
+        if rnd == 0 or rnd + 1 < m.models.first or m.models.known(rnd + 1):
+            return
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.run_in_executor(
+                self.validator, m.models.weights, rnd + 1, m.state, m.blobs.update_of
+            )
+        except Exception as exc:  # the core aggregates again on the loop and fails there
+            m.log.warning(f"aggregation of round {rnd} on the worker failed: {exc!r}")
 
     async def _verdicts_if_due(self) -> None:
         """``maybe_submit_verdicts`` with its validation done on the worker (core held)."""

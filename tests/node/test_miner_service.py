@@ -17,13 +17,14 @@ import pytest
 import torch
 
 from chain.digests import weights_digest
-from chain.models import initial_weights
+from chain.models import GlobalModels, initial_weights
 from chain.records import (
     Registration,
     RoundSummary,
     RoundVerdicts,
     decode_operation,
 )
+from chain.verdicts import build_verdicts
 from consensus.ledger import Block, Request, encode_batch
 from fl.config import RunConfig
 from fl.data import Split
@@ -32,6 +33,7 @@ from node.genesis import Genesis
 from node.identity import Identity
 from node.miner import Miner
 from node.miner_service import MinerHandler, MinerServicer
+from node.offchain import upload_of
 from node.serving import add_servicer
 from node.tensors import tensor_stream
 from proto import llbcfl_pb2 as pb
@@ -441,3 +443,28 @@ def test_node_status_answers_while_a_round_is_validated(
     assert answered_in[0] < 1.0
     assert len(threads) == 1 and threads[0].startswith("validate")
     assert (1, tuple(digests)) in miner._own_verdicts
+
+
+def test_the_next_rounds_model_is_aggregated_on_the_worker_once_verdicts_commit(
+    miner: Miner, identities: Any
+) -> None:
+    # Prepare: round 1's uploads, and a committed verdict record accepting them all
+    digests = upload_distinct_updates(miner, identities)
+    held = {c: upload_of(miner.blobs.get(d, c)) for c, d, _ in digests}  # type: ignore[arg-type]
+    own = {c: (True, "accepted", 0.5) for c in held}
+    miner.state.apply_record(
+        "miner-0", build_verdicts(miner.state, 1, held=held, own=own, malformed={})
+    )
+    handler = MinerHandler(miner)
+    assert not miner.models.known(2)
+    # Execute
+    try:
+        asyncio.run(handler._prepare_next_model())
+    finally:
+        handler.close()
+    # Assert: cached, and equal to an aggregation from scratch
+    assert miner.models.known(2)
+    expected = GlobalModels(CONFIG).weights(2, miner.state, miner.blobs.update_of)
+    got = miner.models.weights(2, miner.state, miner.blobs.update_of)
+    assert expected is not None and got is not None
+    assert all(torch.equal(expected[k], got[k]) for k in expected)
