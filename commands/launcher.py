@@ -214,7 +214,7 @@ def network_up(
         for p in procs:
             p.start()
         pids = {p.name: {"pid": p.pid, "command": p.command} for p in procs}
-        (run_dir / "pids.json").write_text(json.dumps(pids, indent=1))
+        write_json_durably(run_dir / "pids.json", pids)
         progress(f"started {len(procs)} processes in {run_dir}")
         if on_started is not None:
             on_started(procs)

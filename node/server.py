@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -289,7 +288,7 @@ class Server:
             await self.run_round(rnd, stop)
             records.append(self.round_record(rnd, time.perf_counter() - t0))
             progress = {"round": rnd, "accuracy": records[-1].accuracy}
-            (self.run_dir / "progress.json").write_text(json.dumps(progress))
+            write_json_durably(self.run_dir / "progress.json", progress)
         # Who attacks is part of the run config (simulation of attackers), not
         # something the server observes; it is listed for comparison with simulate.
         malicious = choose_malicious(
