@@ -24,6 +24,9 @@ from __future__ import annotations
 import asyncio
 import math
 from pathlib import Path
+from typing import Any
+
+import torch
 
 from chain.models import GlobalModels, initial_spec
 from chain.records import (
@@ -49,9 +52,10 @@ from chain.verdicts import (
 from consensus.ledger import Block, Request
 from consensus.replica import Replica
 from consensus.store import BlockStore
+from fl.config import RunConfig
 from fl.data import Split
 from fl.models import model_for
-from fl.rounds import validate_round
+from fl.rounds import ClientUpdate, validate_round
 from fl.seeds import torch_generator
 from fl.validation import structural_problem
 from node.daemon import NodeLog, record_verifier, roles_of
@@ -229,12 +233,9 @@ class Miner:
         """Verdicts of ``validate_round`` over (client, digest, samples) of round ``rnd``."""
         key = (rnd, tuple(digests))
         if key not in self._own_verdicts:
-            weights = self.models.weights(rnd, state, self.blobs.update_of)
-            assert weights is not None
-            updates = [
-                as_update(self.blobs.get(d, c), client=c, n_samples=n)  # type: ignore[arg-type]
-                for c, d, n in digests
-            ]
+            inputs = self.validation_inputs(state, rnd, digests)
+            assert inputs is not None
+            weights, updates = inputs
             verdicts = validate_round(
                 self.config,
                 model=self.scratch,
@@ -244,6 +245,16 @@ class Miner:
             )
             self._own_verdicts[key] = own_verdicts(verdicts)
         return self._own_verdicts[key]
+
+    def validation_inputs(
+        self, state: ChainState, rnd: int, digests: list[tuple[str, bytes, int]]
+    ) -> tuple[Any, list[ClientUpdate]] | None:
+        """The round's global weights and the updates behind ``digests`` (None: not at hand)."""
+        weights = self.models.weights(rnd, state, self.blobs.update_of)
+        held = [(self.blobs.get(d, c), c, n) for c, d, n in digests]
+        if weights is None or any(r is None for r, _, _ in held):
+            return None
+        return weights, [as_update(r, client=c, n_samples=n) for r, c, n in held if r is not None]
 
     # Round work ----------------------------------------------------------------
 
@@ -306,3 +317,22 @@ class Miner:
         head = self.store.head()
         rnd = max(self.state.selections, default=0)
         return rnd, self.store.height(), head.digest if head is not None else b""
+
+
+def validate_elsewhere(
+    config: dict[str, Any], weights: Any, updates: list[ClientUpdate], validation: Split
+) -> dict[str, OwnVerdict]:
+    """``Miner._own_validation``'s verdicts, computed in another process from its inputs.
+
+    The miner runs it in a worker process so that validation holds neither
+    its event loop nor its interpreter lock; the model is the same seeded
+    scratch model and the thread count the run's, so the verdicts are
+    bit-identical to validating in the miner itself.
+    """
+    run = RunConfig.from_dict(config)
+    torch.set_num_threads(run.threads)
+    model = model_for(run, generator=torch_generator(0, "scratch"))
+    verdicts = validate_round(
+        run, model=model, global_weights=weights, updates=updates, validation=validation
+    )
+    return own_verdicts(verdicts)

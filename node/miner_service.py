@@ -25,28 +25,27 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
-import sys
-import threading
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from chain.records import decode_operation, kind_named
+from chain.state import Phase
 from consensus.ledger import Block, Request
 from consensus.messages import Blocks, decode_message
 from node.daemon import NodeLog, load_node_splits
 from node.errors import Duplicate, InvalidRequest, NotFound, NotPermitted, NotReady, WrongState
 from node.genesis import Genesis
 from node.identity import Identity, verify_envelope
-from node.miner import Miner
+from node.miner import Miner, validate_elsewhere
 from node.peers import BlobFetcher, catch_up_from_peers, verdict_records
 from node.serving import Endpoint, serve
 from node.tensor_receiver import ReceivedTensors, TensorStreamReceiver, UpdateRejected
 from node.tensors import UPDATE_KIND, relay_stream
+from node.workers import worker_process, worker_thread
 from proto import llbcfl_pb2 as pb
 from proto import llbcfl_pb2_grpc as pb_grpc
 
@@ -60,13 +59,14 @@ class MinerHandler:
         self.m = miner
         self.core = asyncio.Lock()
         self.fetcher = BlobFetcher(miner)
-        self.prepared: set[int] = set()  # rounds whose successor _prepare_next_model computed
-        self.validator = ThreadPoolExecutor(
-            1, thread_name_prefix="validate", initializer=_background_thread
-        )
+        self.processes: ProcessPoolExecutor | None = None
+        self.prepared: set[int] = set()  # rounds _prepare_next_model computed ahead
+        self.validator = worker_thread("prepare")
 
     def close(self) -> None:
         self.validator.shutdown(wait=False, cancel_futures=True)
+        if self.processes is not None:
+            self.processes.shutdown(wait=True, cancel_futures=True)
 
     # Requests -----------------------------------------------------------------------
 
@@ -189,7 +189,7 @@ class MinerHandler:
             await self._prepare_next_model()
 
     async def _prepare_next_model(self) -> None:
-        """Once a round's verdicts commit, the next round's heavy work on the worker (core held).
+        """Once a round's verdicts commit (or registration closes), the next round's heavy work.
 
         The next round's model (what the round summary is checked against
         and what its updates must start from) and the privacy accounting
@@ -198,12 +198,14 @@ class MinerHandler:
         here, off the event loop, the core's later calls find them cached.
         """
         m = self.m
-        rnd = max(m.state.verdicts, default=0)
-        if rnd == 0 or rnd in self.prepared or rnd + 1 < m.models.first:
+        if m.state.phase not in (Phase.AGGREGATING, Phase.SELECTING):
+            return
+        rnd = max(m.state.verdicts, default=0) + 1  # the round to prepare (1: after registration)
+        if rnd in self.prepared or rnd < m.models.first:
             return
 
         def prepare() -> bool:
-            ready = m.models.weights(rnd + 1, m.state, m.blobs.update_of) is not None
+            ready = m.models.weights(rnd, m.state, m.blobs.update_of) is not None
             m.state.declined()
             return ready
 
@@ -211,7 +213,7 @@ class MinerHandler:
             if await asyncio.get_running_loop().run_in_executor(self.validator, prepare):
                 self.prepared.add(rnd)
         except Exception as exc:  # the core computes it again on the loop and fails there
-            m.log.warning(f"preparing round {rnd + 1} on the worker failed: {exc!r}")
+            m.log.warning(f"preparing round {rnd} on the worker failed: {exc!r}")
 
     async def _verdicts_if_due(self) -> None:
         """``maybe_submit_verdicts`` with its validation done on the worker (core held)."""
@@ -224,32 +226,33 @@ class MinerHandler:
     async def _prevalidate(self, rnd: int, digests: Digests) -> None:
         """Fill the miner's verdict cache for (``rnd``, ``digests``) on the validation thread."""
         m = self.m
-        if (rnd, tuple(digests)) in m._own_verdicts:
+        key = (rnd, tuple(digests))
+        if key in m._own_verdicts:
             return
-        # The model is computed here, on the loop, so that the worker only reads it.
-        if m.models.weights(rnd, m.state, m.blobs.update_of) is None:
+        inputs = m.validation_inputs(m.state, rnd, digests)
+        if inputs is None:
             return
-        if any(m.blobs.get(d, c) is None for c, d, _ in digests):
-            return
+        weights, updates = inputs
         loop = asyncio.get_running_loop()
         try:
-            await loop.run_in_executor(self.validator, m._own_validation, m.state, rnd, digests)
+            own = await loop.run_in_executor(
+                self.validation_process(),
+                validate_elsewhere,
+                m.config.to_dict(),
+                weights,
+                updates,
+                m.validation,
+            )
         except Exception as exc:  # the core validates again on the loop and fails there
-            m.log.warning(f"validation of round {rnd} on the worker failed: {exc!r}")
+            m.log.warning(f"validation of round {rnd} in the worker process failed: {exc!r}")
+            return
+        m._own_verdicts[key] = own
 
-
-# The event loop hands the GIL to the worker and back at every await; with
-# Python's default 5 ms switch interval a Status call waiting behind a
-# validation pays that many times over.
-GIL_SWITCH_SECONDS = 0.0005
-WORKER_NICENESS = 10
-
-
-def _background_thread() -> None:
-    """Run the worker below the event loop's priority (Linux threads have their own nice)."""
-    sys.setswitchinterval(GIL_SWITCH_SECONDS)
-    with contextlib.suppress(OSError, AttributeError):
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), WORKER_NICENESS)
+    def validation_process(self) -> ProcessPoolExecutor:
+        """The one worker process that validates rounds (started on first use)."""
+        if self.processes is None:
+            self.processes = worker_process()
+        return self.processes
 
 
 class MinerServicer(pb_grpc.MinerServicer):
