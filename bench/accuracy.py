@@ -14,7 +14,7 @@ Groups:
   attacks    IID, 10 clients/round, 30% malicious (labelflip, noise, scale), no DP and
              Gaussian epsilon=10, defended (validation + reputation) and plain FedAvg
 
-    python bench/accuracy.py --data-dir ../shared/datasets --jobs 2 --report docs/RESULTS.md
+    python bench/accuracy.py --data-dir data --jobs 2 --report docs/RESULTS.md
 """
 
 from __future__ import annotations

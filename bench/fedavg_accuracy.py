@@ -6,7 +6,7 @@ Runs, each as its own process (``--jobs`` at a time):
   iid_e5     IID,     E=5, until 97% (at most 60 rounds) -> rounds to 97%
 Prints one JSON object; metrics and a plot go to --out-dir.
 
-    python bench/fedavg_accuracy.py --data-dir ../shared/datasets --jobs 2
+    python bench/fedavg_accuracy.py --data-dir data --jobs 2
 """
 
 from __future__ import annotations

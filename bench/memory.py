@@ -1,6 +1,6 @@
 """Peak resident memory of a K=100 ``simulate`` run (a child process).
 
-python bench/memory.py --data-dir ../shared/datasets --rounds 3
+python bench/memory.py --data-dir data --rounds 3
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ memory the nodes use together). RSS counts every shared page once per
 process. The launcher process itself is not counted (it only follows the
 server's progress).
 
-python bench/network_memory.py --data-dir ../shared/datasets --rounds 1
+python bench/network_memory.py --data-dir data --rounds 1
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ leave out process start-up, data loading and registration), next to the
 total wall time of each command. Also checks that the two runs agree: the
 selected and accepted sets of every round, and the accuracies to 4 decimals.
 
-python bench/network_overhead.py --data-dir ../shared/datasets --rounds 5
+python bench/network_overhead.py --data-dir data --rounds 5
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ The miners' ``tick_ms`` (default 50) drives only timers (view change,
 retransmission, state transfer); proposals and votes are sent when they
 arise, so the tick does not enter the commit path.
 
-python bench/pbft_latency.py --data-dir ../shared/datasets --requests 200
+python bench/pbft_latency.py --data-dir data --requests 200
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ the audit's tightness), with public noise (the bound must reach its ceiling)
 and with noise calibrated for half the sensitivity (the bound must exceed the
 claim), then with secret noise for the Laplace mechanism.
 
-    python bench/privacy_audit.py --data-dir ../shared/datasets
+    python bench/privacy_audit.py --data-dir data
 """
 
 from __future__ import annotations

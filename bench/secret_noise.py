@@ -7,7 +7,7 @@ the default) and once from a seeded generator (``--reproducible-noise``), in
 alternating order. Prints JSON with the mean seconds per round of each and
 their ratio (target: at most 1.05), and the time to draw one update's noise.
 
-    python bench/secret_noise.py --data-dir ../shared/datasets --repeats 5
+    python bench/secret_noise.py --data-dir data --repeats 5
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ leave out start-up and data loading), their ratio (this / baseline; target
 for a refactoring: at most 1.05), and whether every round's accuracy, loss,
 selection, verdicts, reputations and privacy spent are identical.
 
-    python bench/simulate_speed.py --baseline /tmp/base --data-dir ../shared/datasets
+    python bench/simulate_speed.py --baseline /tmp/base --data-dir data
 """
 
 from __future__ import annotations

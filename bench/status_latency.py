@@ -42,7 +42,7 @@ Every process is stopped by pid at the end, on error and on Ctrl-C: the
 ``network up`` child with SIGTERM (it stops its nodes), then any node of
 its ``pids.json`` still alive. The temp folder is removed unless ``--keep``.
 
-python bench/status_latency.py --data-dir ../shared/datasets
+python bench/status_latency.py --data-dir data
 """
 
 from __future__ import annotations

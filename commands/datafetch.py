@@ -84,7 +84,6 @@ def fetch_mnist(root: Path, *, log: Callable[[str], None] = print) -> None:
             raise DataError(
                 f"could not fetch {spec.name}.gz from any mirror ({'; '.join(errors)}). "
                 f"If this machine is offline, copy the four MNIST files into {raw_dir(root)} "
-                f"or point --data-dir / ${DATA_ENV} at a folder that holds MNIST/raw/ "
-                "(for example ../shared/datasets)."
+                f"or point --data-dir / ${DATA_ENV} at a folder that holds MNIST/raw/."
             )
     log(f"MNIST files in {raw_dir(root)} are present and verified.")

@@ -20,7 +20,7 @@ def mnist_root() -> Path:
     if missing:
         pytest.skip(
             f"real MNIST not found under {root}/MNIST/raw (missing {', '.join(missing)}); "
-            "set LLBCFL_DATA=../shared/datasets to run this test"
+            "set LLBCFL_DATA to a folder holding MNIST/raw/ to run this test"
         )
     return root
 
