@@ -11,8 +11,10 @@ scheduling priority than the loop.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import multiprocessing
 import os
+import signal
 import sys
 import threading
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
@@ -21,6 +23,7 @@ from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 # at every await; Python's default 5 ms switch interval makes each handover slow.
 GIL_SWITCH_SECONDS = 0.0005
 WORKER_NICENESS = 10
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 def _lower_priority() -> None:
@@ -34,7 +37,23 @@ def worker_thread(name: str) -> ThreadPoolExecutor:
     return ThreadPoolExecutor(1, thread_name_prefix=name, initializer=_lower_priority)
 
 
+def _worker_process_init(parent: int) -> None:
+    """Die with the miner (even on kill -9), and run below its priority."""
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != parent:  # the miner died before the line above
+        os._exit(0)
+    _lower_priority()
+
+
 def worker_process() -> ProcessPoolExecutor:
-    """One worker process, spawned (a process with gRPC threads must never fork)."""
+    """One worker process, spawned (a process with gRPC threads must never fork).
+
+    The kernel sends it SIGTERM when the miner that started it dies, so a
+    killed miner leaves no worker behind.
+    """
     spawn = multiprocessing.get_context("spawn")
-    return ProcessPoolExecutor(1, mp_context=spawn, initializer=_lower_priority)
+    return ProcessPoolExecutor(
+        1, mp_context=spawn, initializer=_worker_process_init, initargs=(os.getpid(),)
+    )
