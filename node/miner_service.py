@@ -10,12 +10,12 @@ are in, blob repair and catch-up every 20 ticks.
 Every call into the miner's synchronous core (``Replica.step``, ``tick``,
 ``propose``, ``Miner.drain``, ``Miner.maybe_submit_verdicts``) holds
 ``MinerHandler.core``. Round validation (``fl.rounds.validate_round``, seconds
-for a round of many updates) runs on one dedicated worker thread while the
-core is held, so the event loop keeps answering ``Node.Status``, health,
+for a round of many updates) runs in one worker process (``node.workers``)
+while the core is held, so the event loop keeps answering ``Node.Status``, health,
 uploads being received and ``FetchUpdate``/``FetchBlocks`` meanwhile: before
 the core would validate (the round's uploads are complete or its deadline
 passed; a PRE-PREPARE or FORWARD carries a verdict record), the handler runs
-``Miner._own_validation`` for the same (round, updates) on that thread, and
+``Miner._own_validation``'s computation for the same (round, updates) there, and
 the core's own call then finds the verdicts in the miner's cache. If the
 worker's key turns out to be another one, the core validates on the loop as
 before: the outcome never depends on the worker.
