@@ -15,7 +15,6 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from chain.records import Record, encode_operation, record_kind_name
-from consensus.ledger import Request
 from fl.config import RunConfig
 from fl.datasets import Splits, load_splits
 from node.identity import Identity, signing_tag, verify_signature
@@ -76,12 +75,6 @@ def signed_record(identity: Identity, record: Record) -> pb.Envelope:
     """The envelope a node submits to the miners (``Miner.Submit``)."""
     operation = encode_operation(record)
     return identity.sign(record_kind_name(record), operation)
-
-
-def envelope_request(envelope: pb.Envelope, node_id: str) -> Request:
-    """The consensus request for a submitted envelope (its timestamp is inside the payload)."""
-    timestamp = int.from_bytes(envelope.payload[:8], "big") if len(envelope.payload) >= 8 else 0
-    return Request(node_id, timestamp, bytes(envelope.payload), bytes(envelope.signature))
 
 
 async def run_until_signal(
