@@ -8,6 +8,7 @@ that takes the run options.
 
 from __future__ import annotations
 
+import math
 import typing
 from collections.abc import Callable
 from dataclasses import Field, fields
@@ -16,8 +17,8 @@ from typing import Any
 import click
 
 from chain.records import SELECTION_SEEDS
-from fl.config import RunConfig, flag, run_option
-from fl.privacy import mechanism_of
+from fl.config import TUNED, RunConfig, flag, run_option
+from fl.privacy import LOW_BUDGET, MECHANISMS, mechanism_of
 
 _TYPES: dict[type, click.ParamType] = {int: click.INT, float: click.FLOAT, str: click.STRING}
 
@@ -49,9 +50,34 @@ def run_click_option(f: Field[Any]) -> Callable[[Callable[..., Any]], Callable[.
     # Shown unless there is no default value or the option is a plain flag.
     if f.default is not None and "is_flag" not in settings:
         settings["show_default"] = True
+    if f.name in TUNED:
+        settings["help"] = f"{spec.help} [default: {tuned_default_text(f.name)}]"
     if spec.short:
         decls.append(spec.short)
     return click.option(f.name, *decls, **settings)
+
+
+def _shown(value: Any) -> str:
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return str(value)
+
+
+def tuned_default_text(name: str) -> str:
+    """Option ``name``'s default per mechanism, e.g. ``none 10, gaussian 600, laplace 600``."""
+    values = {repr(mechanism_of(m).tuned_options(math.inf)[name]) for m in MECHANISMS}
+    lows = any(name in mechanism_of(m).tuned_low_budget for m in MECHANISMS)
+    if len(values) == 1 and not lows:
+        return _shown(mechanism_of(MECHANISMS[0]).tuned[name])
+    parts = []
+    for mech in MECHANISMS:
+        mechanism = mechanism_of(mech)
+        text = f"{mech} {_shown(mechanism.tuned[name])}"
+        if name in mechanism.tuned_low_budget:
+            low = _shown(mechanism.tuned_low_budget[name])
+            text += f" ({low} below --epsilon {LOW_BUDGET:g})"
+        parts.append(text)
+    return "by --dp: " + ", ".join(parts)
 
 
 def run_options(fn: Callable[..., Any]) -> Callable[..., Any]:

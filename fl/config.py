@@ -22,11 +22,22 @@ from fl.attacks import ATTACKS
 from fl.datasets import DATASETS
 from fl.models import MODEL_NAMES
 from fl.partition import DISTRIBUTIONS
-from fl.privacy import ACCOUNTANTS, DEFAULT_REGISTRATION_SHARE, MECHANISMS
+from fl.privacy import ACCOUNTANTS, DEFAULT_REGISTRATION_SHARE, MECHANISMS, mechanism_of
 from fl.validation import RULES
 
 SELECTIONS: tuple[str, ...] = ("weighted", "paper", "random")
 SERVER_LR_DECAYS: tuple[str, ...] = ("none", "cosine")
+# Options whose default is the --dp mechanism's tuned value (``tuned`` of
+# each mechanism in fl.privacy): unset, a run takes the mechanism's.
+TUNED: tuple[str, ...] = (
+    "batch_size",
+    "lr",
+    "momentum",
+    "dropout",
+    "server_momentum",
+    "server_lr_decay",
+    "dp_subspace",
+)
 
 
 # Declaring an option -----------------------------------------------------
@@ -156,23 +167,25 @@ class RunConfig:
         short="-E",
         check=positive(finite=True),
     )
-    batch_size: int = option(10, short="-B", check=at_least(1))
-    lr: float = option(0.01, check=positive())
-    momentum: float = option(0.5, check=within("[0, 1)"))
+    # The optimiser options below default to the --dp mechanism's tuned
+    # values (``TUNED``), resolved in __post_init__.
+    batch_size: int = option(None, "local batch size", short="-B", check=at_least(1))
+    lr: float = option(None, "client learning rate", check=positive())
+    momentum: float = option(None, "client SGD momentum", check=within("[0, 1)"))
     dropout: bool = option(
-        True,
+        None,
         "the CNN's dropout during local training (off helps DP-SGD: the noise already regularises)",
     )
     seed: int = option(0)
     aggregation: str = option("fedavg", choices=AGGREGATIONS)
     server_momentum: float = option(
-        0.0, "server momentum b of FedAvgM (0: plain FedAvg)", check=within("[0, 1)")
+        None, "server momentum b of FedAvgM (0: plain FedAvg)", check=within("[0, 1)")
     )
     server_lr: float = option(
         1.0, "server step size applied to the aggregate (FedAvgM)", check=positive()
     )
     server_lr_decay: str = option(
-        "none",
+        None,
         "schedule of the server step: none, or cosine from --server-lr down to a tenth of it "
         "in the last round",
         choices=SERVER_LR_DECAYS,
@@ -202,7 +215,7 @@ class RunConfig:
         check=at_least(1),
     )
     dp_subspace: int = option(
-        0,
+        None,
         "clip and noise per-sample gradients in a random public subspace of this dimension "
         "(0: full parameter space); makes --dp laplace usable",
         check=at_least(0),
@@ -282,6 +295,11 @@ class RunConfig:
     )
 
     def __post_init__(self) -> None:
+        if self.dp in MECHANISMS:  # else _problems reports the unknown name
+            tuned = mechanism_of(self.dp).tuned_options(self.epsilon)
+            for name in TUNED:
+                if getattr(self, name) is None:
+                    object.__setattr__(self, name, tuned[name])
         problems = list(self._problems())
         if problems:
             raise ValueError("; ".join(problems))

@@ -11,11 +11,13 @@ import typing
 from dataclasses import fields
 from typing import Any
 
-from fl.config import RunConfig, flag, run_option
+from fl.config import TUNED, RunConfig, flag, run_option
 
 
 def _candidates(name: str, default: Any) -> list[Any]:
     kind = typing.get_type_hints(RunConfig)[name]
+    if name in TUNED:  # its default is the mechanism's; take the default run's
+        default = getattr(RunConfig(), name)
     spec = run_option(next(f for f in fields(RunConfig) if f.name == name))
     if spec.choices is not None:
         return [c for c in spec.choices if c != default]
@@ -39,7 +41,8 @@ def changed_config(**fixed: Any) -> RunConfig:
     for f in fields(RunConfig):
         if f.name in values:
             continue
-        for candidate in (c for c in _candidates(f.name, f.default) if c != f.default):
+        default = getattr(RunConfig(), f.name)
+        for candidate in (c for c in _candidates(f.name, f.default) if c != default):
             try:
                 RunConfig(**{**values, f.name: candidate})
             except ValueError:
