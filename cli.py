@@ -14,6 +14,7 @@ from commands.network import network
 from commands.node import node_command
 from commands.plot import plot
 from commands.privacy import privacy
+from commands.reproduce import reproduce
 from commands.simulate import simulate
 
 
@@ -22,7 +23,7 @@ def main() -> None:
     """LL-BCFL: blockchain-assisted federated learning with local differential privacy."""
 
 
-for command in (chain, data, network, node_command, plot, privacy, simulate):
+for command in (chain, data, network, node_command, plot, privacy, reproduce, simulate):
     main.add_command(command)
 
 
