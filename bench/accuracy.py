@@ -31,43 +31,16 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-# Hyper-parameters per mechanism (clients' local training; chosen on seed 0 by
-# 100-round runs, see docs/RESULTS.md). No DP keeps the paper's B=10 and E=1
-# with twice its step and no dropout (97.2% -> 98% non-IID at 20/round).
-NO_DP: dict[str, Any] = {
-    "batch_size": 10,
-    "lr": 0.02,
-    "momentum": 0.5,
-    "local_epochs": 1.0,
-    "dropout": False,
-}
-# Both DP mechanisms train full-batch (q = 1), one step per round, with server
-# momentum: for a fixed budget this gives the least noise per unit of progress
-# (see docs/RESULTS.md) and no client drift on non-IID data. Dropout is off:
-# the DP noise already regularises, and without it DP-SGD converges faster.
-GAUSSIAN: dict[str, Any] = {
-    "dp": "gaussian",
-    "batch_size": 600,
-    "lr": 2.0,
-    "momentum": 0.0,
-    "local_epochs": 1.0,
-    "clip": 1.0,
-    "server_momentum": 0.9,
-    "dropout": False,
-}
-# Laplace noise grows with the dimension it is added in, so it is added in a
-# 128-dimensional random public subspace of the parameters (--dp-subspace).
-LAPLACE: dict[str, Any] = {
-    "dp": "laplace",
-    "batch_size": 600,
-    "lr": 10.0,
-    "momentum": 0.0,
-    "local_epochs": 1.0,
-    "clip": 1.0,
-    "server_momentum": 0.9,
-    "dp_subspace": 128,
-    "dropout": False,
-}
+# Each mechanism runs with its tuned settings, the defaults of the run
+# options (``tuned`` of each mechanism in fl/privacy.py; chosen on seed 0
+# by 100-round runs, see docs/RESULTS.md): no DP keeps the paper's B=10 and
+# E=1 with twice its step and no dropout; both DP mechanisms train
+# full-batch with server momentum (Laplace in a 128-dimensional subspace),
+# and Gaussian below epsilon 5 takes a quarter of the client step and a
+# cosine server schedule.
+NO_DP: dict[str, Any] = {"dp": "none"}
+GAUSSIAN: dict[str, Any] = {"dp": "gaussian"}
+LAPLACE: dict[str, Any] = {"dp": "laplace"}
 PLOTS = (
     "ref_gaussian.png",
     "ref_laplace.png",
@@ -99,20 +72,6 @@ REFERENCE = {
 }
 
 
-def gauss_schedule(epsilon: float) -> dict[str, Any]:
-    """The Gaussian client step, and the server's schedule, by budget.
-
-    Below epsilon 5 the noise multiplier is 4-8x that at epsilon 10: the
-    client step is a quarter (lr 0.5) and the server step decays on a
-    cosine to a tenth, so the late rounds average the noise instead of
-    drifting on it (without the decay, epsilon 1 peaks at 76% in round 22
-    and ends at 60%). At epsilon 10 the same schedule costs a point.
-    """
-    if epsilon >= 5:
-        return {"lr": GAUSSIAN["lr"]}
-    return {"lr": GAUSSIAN["lr"] / 4, "server_lr_decay": "cosine"}
-
-
 REF = {"dist": "noniid", "frac": 0.2, "rounds": 100}
 
 
@@ -141,10 +100,10 @@ def runs() -> dict[str, dict[str, Any]]:
     ref = REF
     out: dict[str, dict[str, Any]] = {"ref_nodp": {**ref, **NO_DP}}
     for eps in GAUSS_EPS:
-        out[f"ref_gauss_{eps}"] = {**ref, **GAUSSIAN, "epsilon": float(eps), **gauss_schedule(eps)}
+        out[f"ref_gauss_{eps}"] = {**ref, **GAUSSIAN, "epsilon": float(eps)}
     for target in GAUSS_REPLACE_EPS:
         eps = add_remove_for_replace_one(target)
-        out[f"ref_gauss_r{target}"] = {**ref, **GAUSSIAN, "epsilon": eps, **gauss_schedule(eps)}
+        out[f"ref_gauss_r{target}"] = {**ref, **GAUSSIAN, "epsilon": eps}
     for eps in LAPLACE_EPS:
         out[f"ref_laplace_{eps}"] = {**ref, **LAPLACE, "epsilon": float(eps)}
     # The paper setting also averages each record's gradient over 4 copies

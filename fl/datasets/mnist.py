@@ -144,7 +144,7 @@ def _read(root: Path, name: str, magic: int) -> np.ndarray:
         raise DataError(
             f"MNIST file {name}[.gz] not found under {raw_dir(root)}. Run "
             "`python cli.py data fetch --data-dir DIR`, or point --data-dir / "
-            f"${DATA_ENV} at a folder holding MNIST/raw/ (e.g. ../shared/datasets)."
+            f"${DATA_ENV} at a folder holding MNIST/raw/."
         )
     return parse_idx(read_bytes(path), expected_magic=magic, source=str(path))
 
