@@ -14,7 +14,8 @@ from click.testing import CliRunner
 
 import cli
 import commands.datafetch
-from fl.config import RunConfig, flag, run_option
+from commands.options import tuned_default_text
+from fl.config import TUNED, RunConfig, flag, run_option
 from tests.run_configs import changed_config, cli_args
 
 # The commands that take the run options (every RunConfig field).
@@ -55,7 +56,30 @@ def test_every_run_option_is_an_option_with_its_declared_default_and_help(path):
         param = params[f.name]
         assert param.opts[0] == flag(f.name)
         assert param.default == f.default
-        assert param.help == run_option(f).help
+        if f.name in TUNED:  # the default depends on --dp: the help lists it per mechanism
+            assert param.help == f"{run_option(f).help} [default: {tuned_default_text(f.name)}]"
+        else:
+            assert param.help == run_option(f).help
+
+
+def test_the_help_lists_each_mechanisms_tuned_default():
+    # Execute
+    text = tuned_default_text("lr")
+    # Assert: every mechanism's value, and the low-budget exception
+    assert text == "by --dp: none 0.02, gaussian 2.0 (0.5 below --epsilon 5), laplace 10.0"
+    assert tuned_default_text("dropout") == "off"  # the same for every mechanism
+
+
+def test_an_option_left_unset_takes_the_mechanisms_tuned_value_and_a_set_one_is_kept():
+    # Execute
+    gauss = RunConfig(dp="gaussian")
+    low = RunConfig(dp="gaussian", epsilon=2)
+    mine = RunConfig(dp="laplace", lr=3.0)
+    # Assert
+    assert (gauss.batch_size, gauss.lr, gauss.momentum, gauss.server_momentum) == (600, 2.0, 0, 0.9)
+    assert (low.lr, low.server_lr_decay) == (0.5, "cosine")
+    assert (mine.lr, mine.dp_subspace) == (3.0, 128)
+    assert RunConfig().to_dict()["batch_size"] == 10  # the metrics and genesis hold the value
 
 
 @pytest.mark.parametrize("path", RUN_COMMANDS, ids=" ".join)

@@ -91,7 +91,7 @@ def test_selection_seed_defaults_to_block_and_is_part_of_the_digest(genesis):
 def test_digest_changes_with_any_field(genesis):
     # Prepare
     doc = genesis.to_dict()
-    doc["run"]["lr"] = 0.02
+    doc["run"]["lr"] = doc["run"]["lr"] * 2
     # Execute
     other = Genesis.from_dict(doc)
     # Assert
