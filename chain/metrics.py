@@ -90,3 +90,35 @@ def metrics_document(
     }
     doc.update(extra or {})
     return doc
+
+
+def progress_report(state: ChainState) -> dict[str, Any]:
+    """Where a run stands, as the chain records it: what ``network up`` shows.
+
+    ``round`` is the last summarised round (0: none yet) and ``accuracy``
+    its test accuracy; ``phase`` is the chain's :class:`chain.state.Phase`
+    (``registering``, ``selecting``, ``training``: the selected clients
+    train and the miners validate, ``aggregating``, ``done``), and
+    ``selected`` the number of clients selected for the round in progress.
+    ``epsilon_spent_max`` is the largest privacy spent by any client that
+    the newest verdict record states (None before the first one, and
+    without DP), against the budget ``epsilon_budget`` (None without DP).
+    """
+    config = state.config
+    done = state.last_summarised
+    private = not mechanism_of(config).is_none
+    newest = state.verdicts[max(state.verdicts)] if state.verdicts else None
+    spent = max((v for _, v in newest.privacy), default=None) if newest else None
+    selection = state.selections.get(state.due_round)
+    return {
+        "round": done,
+        "rounds": config.rounds,
+        "accuracy": state.summaries[done].accuracy if done else None,
+        "phase": state.phase.name.lower(),
+        "registered": len(state.registrations),
+        "clients": len(state.clients),
+        "selected": len(selection.selected) if selection else None,
+        "blocks": state.height,
+        "epsilon_spent_max": spent if private else None,
+        "epsilon_budget": config.epsilon if private else None,
+    }

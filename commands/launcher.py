@@ -2,7 +2,8 @@
 
 Creates the run directory (genesis.toml, keys/, one folder per node with its
 log, and chain.db for miners), starts the server, the miners and the client
-processes through ``cli.py node``, follows the server's progress, writes the
+processes through ``cli.py node``, follows the server's progress
+(``commands.progress``: a bar, a line per round or nothing), writes the
 metrics document of ``simulate`` plus ``chain_heads`` (head hash per miner),
 and stops every process it started, by pid, when done, on error or on
 Ctrl-C.
@@ -25,6 +26,7 @@ from typing import Any
 
 import grpc
 
+from commands.progress import ProgressView, RunProgress
 from fl.config import RunConfig
 from node.durable import write_json_durably
 from node.genesis import Genesis, ProtocolParams, init_network, key_path, node_ids
@@ -186,6 +188,15 @@ def converged_heads(genesis: Genesis, *, timeout: float = 15.0) -> dict[str, str
         time.sleep(0.2)  # polling other processes' chains; not a test race
 
 
+def read_progress(path: Path, *, rounds: int) -> RunProgress | None:
+    """The server's progress.json, or None while there is none (written atomically)."""
+    try:
+        info = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return RunProgress.from_json(info, rounds=rounds) if isinstance(info, dict) else None
+
+
 def network_up(
     config: RunConfig,
     *,
@@ -193,7 +204,7 @@ def network_up(
     miners: int,
     client_procs: int,
     round_deadline_ms: int,
-    progress: Callable[[str], None],
+    view: ProgressView,
     selection_seed: str = "block",
     timeout: float | None = None,
     on_started: Callable[[list[NodeProcess]], None] | None = None,
@@ -215,36 +226,33 @@ def network_up(
             p.start()
         pids = {p.name: {"pid": p.pid, "command": p.command} for p in procs}
         write_json_durably(run_dir / "pids.json", pids)
-        progress(f"started {len(procs)} processes in {run_dir}")
+        view.message(f"started {len(procs)} processes in {run_dir}")
         if on_started is not None:
             on_started(procs)
         server = procs[0]
         start = time.monotonic()
-        shown = 0
+        last = RunProgress(config.rounds)
         while not metrics_path.exists():
             if not server.alive():
                 raise RuntimeError(f"the server exited early; see {server.directory / 'log'}")
             if timeout is not None and time.monotonic() - start > timeout:
                 raise RuntimeError(f"the network did not finish within {timeout:.0f} s")
-            if progress_path.exists():
-                try:
-                    info = json.loads(progress_path.read_text())
-                except ValueError:
-                    info = None
-                if info and info["round"] > shown:
-                    shown = info["round"]
-                    progress(f"round {shown}/{config.rounds}: test accuracy {info['accuracy']:.4f}")
+            last = read_progress(progress_path, rounds=config.rounds) or last
+            view.update(last)  # also when unchanged: the bar's clock moves on
             time.sleep(0.2)  # following child processes; not a test race
         doc = json.loads(metrics_path.read_text())
-        for record in doc["rounds"][shown:]:
-            progress(
-                f"round {record['round']}/{config.rounds}: test accuracy {record['accuracy']:.4f}"
-            )
+        last = read_progress(progress_path, rounds=config.rounds) or last
+        # Rounds that finished since the last reading, each with its own numbers.
+        for record in doc["rounds"]:
+            if record["round"] > view.shown:
+                view.update(last.after_round(record))
+        view.update(last)
         doc["chain_heads"] = converged_heads(genesis)
         doc["run_dir"] = str(run_dir)
         write_json_durably(run_dir / "metrics.json", doc)
         return doc
     finally:
+        view.close()
         for p in reversed(procs):
             with contextlib.suppress(OSError):
                 p.stop()

@@ -130,6 +130,12 @@ def network_init(
 )
 @click.option("--timeout", type=float, default=None, help="give up after this many seconds")
 @click.option("--metrics-out", type=click.Path(dir_okay=False), default=None)
+@click.option(
+    "--quiet",
+    is_flag=True,
+    help="no progress on stderr, only the final line [default: a bar on a terminal, "
+    "else a line per round]",
+)
 @selection_seed_option
 def network_up_command(
     miners: int,
@@ -139,12 +145,14 @@ def network_up_command(
     timeout: float | None,
     metrics_out: str | None,
     selection_seed: str,
+    quiet: bool,
     **kwargs: Any,
 ) -> None:
     """Start a whole network on 127.0.0.1 (one OS process per node), run it, stop it."""
     import time as _time
 
     from commands.launcher import network_up
+    from commands.progress import progress_view
     from node.durable import write_json_durably
     from node.genesis import GenesisError
 
@@ -170,7 +178,7 @@ def network_up_command(
             client_procs=client_procs,
             round_deadline_ms=int(round_deadline * 1000),
             selection_seed=selection_seed,
-            progress=lambda line: click.echo(line, err=True),
+            view=progress_view(quiet=quiet, stream=sys.stderr, rounds=config.rounds),
             timeout=timeout,
         )
     except (GenesisError, RuntimeError, OSError) as exc:

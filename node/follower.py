@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Callable
 
 import grpc
 
@@ -30,7 +31,9 @@ POLL_SECONDS = 0.05
 class ChainFollower:
     """A certified copy of the chain, fetched from the miners."""
 
-    def __init__(self, genesis: Genesis, log: NodeLog) -> None:
+    def __init__(
+        self, genesis: Genesis, log: NodeLog, *, on_advance: Callable[[], None] | None = None
+    ) -> None:
         self.genesis = genesis
         self.log = log
         self.miners = genesis.membership.miners
@@ -46,6 +49,9 @@ class ChainFollower:
         self._channels: dict[str, grpc.aio.Channel] = {}
         # True once the chain was read up to some miner's head.
         self.caught_up = False
+        # Called after a read that applied at least one block (once per read,
+        # not per block: catching up on a long chain calls it once).
+        self.on_advance = on_advance
 
     def accept(self, data: bytes) -> bool:
         """Apply one block from a miner if it is the certified successor of our head."""
@@ -95,16 +101,21 @@ class ChainFollower:
         and returns False when none answered.
         """
         async with self._lock:
-            for _ in range(attempts or len(self.miners)):
-                miner = self.miners[self._cursor % len(self.miners)]
-                try:
-                    await self._read_from(miner.address)
-                except (grpc.aio.AioRpcError, ValueError):
-                    self._cursor += 1
-                    continue
-                self.caught_up = True
-                return True
-            return False
+            height = self.state.height
+            try:
+                for _ in range(attempts or len(self.miners)):
+                    miner = self.miners[self._cursor % len(self.miners)]
+                    try:
+                        await self._read_from(miner.address)
+                    except (grpc.aio.AioRpcError, ValueError):
+                        self._cursor += 1
+                        continue
+                    self.caught_up = True
+                    return True
+                return False
+            finally:
+                if self.on_advance is not None and self.state.height != height:
+                    self.on_advance()
 
     async def follow(self, stop: asyncio.Event) -> None:
         """Keep reading new blocks until ``stop`` is set."""

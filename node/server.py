@@ -36,7 +36,7 @@ from typing import Any
 import grpc
 
 from chain.digests import claim_bytes, weights_digest
-from chain.metrics import RoundRecord, metrics_document, round_record
+from chain.metrics import RoundRecord, metrics_document, progress_report, round_record
 from chain.models import GlobalModels, initial_spec
 from chain.records import (
     Record,
@@ -90,7 +90,7 @@ class Server:
         self.membership = genesis.membership
         if self.membership.server.node_id != identity.node_id:
             raise ValueError(f"{identity.node_id} is not this genesis's server")
-        self.follower = ChainFollower(genesis, log)
+        self.follower = ChainFollower(genesis, log, on_advance=self.write_progress)
         self.state = self.follower.state
         self.spec = initial_spec(self.config)
         self.blobs = BlobStore(
@@ -103,6 +103,7 @@ class Server:
         self.test = test
         self.scratch = model_for(self.config, generator=torch_generator(0, "scratch"))
         self.current: tuple[int, Any, bytes] | None = None  # round, weights, digest
+        self.progress: dict[str, Any] | None = None  # as last written to progress.json
 
     async def wait_for(self, condition: Callable[[], bool], stop: asyncio.Event) -> None:
         while not condition():
@@ -110,6 +111,22 @@ class Server:
                 raise Stopped
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(stop.wait(), POLL_SECONDS)
+
+    def write_progress(self) -> None:
+        """Write run_dir/progress.json (``network up`` shows it) if the chain moved it on.
+
+        Called when the follower applied blocks and after each round. A failed
+        write is logged, not raised: the run does not depend on it.
+        """
+        report = progress_report(self.state)
+        if report == self.progress:
+            return
+        try:
+            write_json_durably(self.run_dir / "progress.json", report)
+        except OSError as exc:
+            self.log.warning(f"progress.json not written: {exc}")
+            return
+        self.progress = report
 
     # Talking to miners and clients -------------------------------------------------
 
@@ -280,6 +297,7 @@ class Server:
     async def drive(self, stop: asyncio.Event, metrics_path: Path) -> dict[str, Any]:
         start = time.perf_counter()
         self.log.info("waiting for every client to register")
+        self.write_progress()
         await self.wait_for(lambda: self.follower.caught_up and self.state.all_registered, stop)
         self.resume_from_checkpoint()
         records = []
@@ -287,8 +305,7 @@ class Server:
             t0 = time.perf_counter()
             await self.run_round(rnd, stop)
             records.append(self.round_record(rnd, time.perf_counter() - t0))
-            progress = {"round": rnd, "accuracy": records[-1].accuracy}
-            write_json_durably(self.run_dir / "progress.json", progress)
+            self.write_progress()
         # Who attacks is part of the run config (simulation of attackers), not
         # something the server observes; it is listed for comparison with simulate.
         malicious = choose_malicious(

@@ -3,15 +3,16 @@
 One run (4 miners, 6 clients in 2 processes, 3 rounds, tiny MLP) is checked
 for rising accuracy, one head hash on every miner, selection seeds equal to
 the digests of the blocks that closed the previous rounds, ``chain verify``
-and ``chain show`` on the chains. The same run with ``--selection-seed run``
-is checked for equality with ``simulate`` (selected, accepted and rejected
-sets, reputations, test accuracy). Other runs SIGKILL a backup miner after
-round 1 (the other three finish the run), SIGKILL the primary after
-round 1 and restart it after round 2 (view change, then catch-up), interrupt
-``network up`` with Ctrl-C (every node stops), and start every node by hand
-with ``cli.py node`` and ``--selection-seed run``, restarting the server
-after round 1 (it resumes from its checkpoint, fetches no update of the
-rounds before it, and the resumed run still equals ``simulate``).
+and ``chain show`` on the chains, and its progress on a pipe (one line per
+round). The same run with ``--selection-seed run`` is checked for equality
+with ``simulate`` (selected, accepted and rejected sets, reputations, test
+accuracy). Other runs SIGKILL a backup miner after round 1 (the other three
+finish the run; with ``--quiet``, no progress lines), SIGKILL the primary
+after round 1 and restart it after round 2 (view change, then catch-up),
+interrupt ``network up`` with Ctrl-C (every node stops), and start every
+node by hand with ``cli.py node`` and ``--selection-seed run``, restarting
+the server after round 1 (it resumes from its checkpoint, fetches no update
+of the rounds before it, and the resumed run still equals ``simulate``).
 """
 
 from __future__ import annotations
@@ -76,9 +77,10 @@ def finish(process: subprocess.Popen) -> str:
 
 
 def finished_run(run_dir: Path, mnist_root: Path, *extra: str) -> dict[str, Any]:
-    finish(network_up(run_dir, mnist_root, *extra))
+    output = finish(network_up(run_dir, mnist_root, *extra))
     doc = json.loads((run_dir / "metrics.json").read_text())
     doc["_run_dir"] = run_dir
+    doc["_output"] = output  # stdout and stderr, a pipe: not a terminal
     return doc
 
 
@@ -158,6 +160,28 @@ def test_accuracy_rises_over_the_rounds(network_run: dict[str, Any]) -> None:
     accuracies = [r["accuracy"] for r in network_run["rounds"]]
     assert len(accuracies) == 3
     assert accuracies[-1] > accuracies[0]
+
+
+def round_lines(output: str) -> list[str]:
+    return [line for line in output.splitlines() if line.startswith("round ")]
+
+
+def test_progress_to_a_pipe_is_one_line_per_round_with_accuracy_and_blocks(
+    network_run: dict[str, Any],
+) -> None:
+    # Prepare
+    records = network_run["rounds"]
+    lines = round_lines(network_run["_output"])
+    # Assert: in order, each with the round's accuracy and the chain height
+    # once its summary was committed (before the next round's summary)
+    assert len(lines) == len(records) == 3
+    summaries = [r["block_height"] for r in records] + [float("inf")]
+    for i, (line, record) in enumerate(zip(lines, records, strict=True)):
+        assert line.startswith(f"round {i + 1}/3: test accuracy {record['accuracy']:.4f}, ")
+        blocks = int(re.search(r", (\d+) blocks, ", line).group(1))
+        assert summaries[i] <= blocks < summaries[i + 1]
+        assert "elapsed" in line and "ε" not in line  # no DP in this run
+    assert "\r" not in network_run["_output"]
 
 
 def test_every_miner_has_the_same_head(network_run: dict[str, Any]) -> None:
@@ -254,6 +278,15 @@ def test_network_and_simulate_agree(run_seeded_network: dict[str, Any], mnist_ro
     assert run_seeded_network["privacy"]["noise"] == "reproducible (NO PRIVACY)"
 
 
+def test_progress_lines_show_the_privacy_spent_against_the_budget(
+    run_seeded_network: dict[str, Any],
+) -> None:
+    lines = round_lines(run_seeded_network["_output"])
+    spent = [f"ε {r['epsilon_spent_max']:.2f}/10, " for r in run_seeded_network["rounds"]]
+    assert len(lines) == len(spent) == 3
+    assert all(eps in line for eps, line in zip(spent, lines, strict=True))
+
+
 def wait_for_round(run_dir: Path, process: subprocess.Popen, rnd: int) -> None:
     progress = run_dir / "server" / "progress.json"
     deadline = time.monotonic() + 200
@@ -310,7 +343,7 @@ def test_killed_primary_is_replaced_and_catches_up_after_restart(
 def test_killed_backup_miner_does_not_stop_the_run(tmp_path: Path, mnist_root: Path) -> None:
     # Prepare
     run_dir = tmp_path / "run"
-    process = network_up(run_dir, mnist_root)
+    process = network_up(run_dir, mnist_root, "--quiet")
     try:
         wait_for_round(run_dir, process, 1)
         primary = last_proposer(run_dir / "miner-0" / "chain.db")
@@ -318,7 +351,7 @@ def test_killed_backup_miner_does_not_stop_the_run(tmp_path: Path, mnist_root: P
         nodes = json.loads((run_dir / "pids.json").read_text())
         # Execute: SIGKILL one backup (non-primary) miner after round 1
         os.kill(nodes[victim]["pid"], signal.SIGKILL)
-        finish(process)
+        output = finish(process)
     finally:
         if process.poll() is None:
             process.send_signal(signal.SIGINT)
@@ -334,6 +367,9 @@ def test_killed_backup_miner_does_not_stop_the_run(tmp_path: Path, mnist_root: P
     killed = [b.digest for b in read_blocks(run_dir / victim / "chain.db")]
     assert 0 < len(killed) < len(full)
     assert killed == full[: len(killed)]
+    # --quiet: no progress, only the final line
+    assert [line for line in output.splitlines() if line.startswith(("round", "started"))] == []
+    assert "final accuracy" in output
 
 
 def test_chain_verify_names_the_first_tampered_height(
