@@ -86,16 +86,53 @@ def _check_extends(head: Block | None, block: Block) -> None:
         raise StoreError(f"block at height {block.height} has no commit certificate")
 
 
-class BlockStore:
-    """SQLite block store (WAL, synchronous=FULL); verifies and truncates on open."""
+def _set_aside(path: str) -> str:
+    """Rename ``path`` (and its -wal and -shm files) to the first free ``path.corrupt-<k>``."""
+    k = 1
+    while any(os.path.exists(f"{path}.corrupt-{k}{suffix}") for suffix in ("", "-wal", "-shm")):
+        k += 1
+    target = f"{path}.corrupt-{k}"
+    for suffix in ("", "-wal", "-shm"):
+        if os.path.exists(path + suffix):
+            os.replace(path + suffix, target + suffix)
+    return target
 
-    __slots__ = ("_conn", "_head", "path", "verdict")
+
+class BlockStore:
+    """SQLite block store (WAL, synchronous=FULL); verifies and truncates on open.
+
+    A file SQLite cannot read (truncated, overwritten, not a database) is
+    set aside, never deleted: it and its WAL are renamed to
+    ``<path>.corrupt-<k>`` (:attr:`set_aside`), and the store starts empty,
+    so the replica re-fetches the chain from its peers, checking every
+    block's commit certificate.
+    """
+
+    __slots__ = ("_conn", "_head", "path", "set_aside", "verdict")
 
     def __init__(self, path: str | os.PathLike[str], *, verify: Verify, n: int) -> None:
         self.path = os.fspath(path)
-        self._conn: sqlite3.Connection | None = sqlite3.connect(self.path, isolation_level=None)
+        self._conn: sqlite3.Connection | None = None
+        self.set_aside: str | None = None
+        try:
+            self._open(verify=verify, n=n)
+        except sqlite3.DatabaseError as exc:
+            self.close()
+            self.set_aside = _set_aside(self.path)
+            self._open(verify=verify, n=n)
+            self.verdict = ChainVerdict(
+                verified=0,
+                first_bad_height=1,
+                reason=f"unreadable store ({exc}); moved to {self.set_aside}",
+            )
+
+    def _open(self, *, verify: Verify, n: int) -> None:
+        self._conn = sqlite3.connect(self.path, isolation_level=None)
         self._conn.execute("PRAGMA journal_mode=WAL")
         self._conn.execute("PRAGMA synchronous=FULL")
+        problems = [row[0] for row in self._conn.execute("PRAGMA quick_check").fetchall()]
+        if problems != ["ok"]:
+            raise sqlite3.DatabaseError("; ".join(str(p) for p in problems[:3]))
         self._conn.executescript(_SCHEMA)
         self.verdict = self._recover(verify=verify, n=n)
         self._head = self._read_head()

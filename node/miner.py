@@ -94,7 +94,9 @@ class Miner:
         self.verify_record = record_verifier(members)
         self.roles = roles_of(members)
         self.store = BlockStore(db_path, verify=self.verify_pbft, n=self.n)
-        if not self.store.verdict.ok:
+        if self.store.set_aside is not None:
+            log.error(f"{self.store.verdict.reason}; the chain will be fetched again from peers")
+        elif not self.store.verdict.ok:
             log.warning(f"store truncated: {self.store.verdict.reason}")
         self.state = ChainState(
             self.config,

@@ -140,3 +140,61 @@ def test_store_reopens_to_verified_prefix_after_wal_truncation(tmp_path: Path) -
     assert 0 < reopened.height() < 30
     assert reopened.read_range(1, 2)[0].digest == make_chain(1, keys)[0].digest
     reopened.close()
+
+
+def _stored_chain(path: Path, blocks: int) -> None:
+    keys = keyring()
+    store = BlockStore(path, verify=keys.verify, n=N)
+    for block in make_chain(blocks, keys):
+        store.append(block)
+    store.close()
+
+
+@pytest.mark.parametrize(
+    "damage",
+    ["truncated", "random middle", "not a database"],
+)
+def test_an_unreadable_store_is_set_aside_and_the_store_starts_empty(
+    tmp_path: Path, damage: str
+) -> None:
+    # Prepare: a 40-block chain, then the file damaged
+    path = tmp_path / "chain.db"
+    _stored_chain(path, 40)
+    data = path.read_bytes()
+    if damage == "truncated":
+        damaged = data[: len(data) // 3 + 100]
+    elif damage == "random middle":
+        middle = len(data) // 2
+        damaged = data[:middle] + os.urandom(8192) + data[middle + 8192 :]
+    else:
+        damaged = b"this is not SQLite" * 1000
+    path.write_bytes(damaged)
+    # Execute
+    store = BlockStore(path, verify=keyring().verify, n=N)
+    # Assert: set aside (kept, not deleted), and the store starts empty
+    assert store.set_aside == f"{path}.corrupt-1"
+    assert Path(store.set_aside).read_bytes() == damaged
+    assert store.height() == 0 and not store.verdict.ok
+    assert store.set_aside in store.verdict.reason
+    # Assert: the new store works
+    keys = keyring()
+    for block in make_chain(store.height() + 2, keys)[store.height() :]:
+        store.append(block)
+    store.close()
+
+
+def test_a_store_that_is_not_a_database_is_set_aside_again_without_overwriting(
+    tmp_path: Path,
+) -> None:
+    # Prepare: an earlier corrupt copy is already set aside
+    path = tmp_path / "chain.db"
+    (tmp_path / "chain.db.corrupt-1").write_bytes(b"earlier")
+    path.write_bytes(b"garbage" * 4096)
+    # Execute
+    store = BlockStore(path, verify=keyring().verify, n=N)
+    # Assert
+    assert store.set_aside == f"{path}.corrupt-2"
+    assert (tmp_path / "chain.db.corrupt-1").read_bytes() == b"earlier"
+    assert (tmp_path / "chain.db.corrupt-2").read_bytes() == b"garbage" * 4096
+    assert store.height() == 0
+    store.close()
