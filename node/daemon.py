@@ -12,6 +12,7 @@ import logging
 import signal
 import sys
 from collections.abc import Awaitable, Callable
+from logging.handlers import RotatingFileHandler
 from pathlib import Path
 
 from chain.records import Record, encode_operation, record_kind_name
@@ -21,9 +22,27 @@ from node.identity import Identity, signing_tag, verify_signature
 from node.membership import Membership
 from proto import llbcfl_pb2 as pb
 
+# A log line never exceeds this many characters (peers' text, such as a
+# tensor name or an error string, is quoted in some lines) ...
+MAX_LOG_LINE = 1_000
+# ... and a log file is rotated at this size, keeping LOG_BACKUPS old ones.
+MAX_LOG_BYTES = 10 * 2**20
+LOG_BACKUPS = 3
+# Control characters are escaped, so no text can forge a second log line.
+_CONTROL = {c: f"\\x{c:02x}" for c in (*range(32), 127)}
+
+
+def clean_log_text(message: str) -> str:
+    """``message`` with control characters escaped, cut to :data:`MAX_LOG_LINE`."""
+    text = message.translate(_CONTROL)
+    if len(text) > MAX_LOG_LINE:
+        cut = len(text) - MAX_LOG_LINE
+        text = f"{text[:MAX_LOG_LINE]}... ({cut} more characters)"
+    return text
+
 
 class NodeLog:
-    """Log lines prefixed with ``[node-id r<round>]``."""
+    """Log lines prefixed with ``[node-id r<round>]``, bounded, in a rotated file."""
 
     def __init__(self, node_id: str, log_file: Path | None = None) -> None:
         self.node_id = node_id
@@ -33,13 +52,15 @@ class NodeLog:
         self._logger.propagate = False
         if not self._logger.handlers:
             handler: logging.Handler = (
-                logging.FileHandler(log_file) if log_file else logging.StreamHandler(sys.stderr)
+                RotatingFileHandler(log_file, maxBytes=MAX_LOG_BYTES, backupCount=LOG_BACKUPS)
+                if log_file
+                else logging.StreamHandler(sys.stderr)
             )
             handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
             self._logger.addHandler(handler)
 
     def _fmt(self, message: str) -> str:
-        return f"[{self.node_id} r{self.round}] {message}"
+        return f"[{self.node_id} r{self.round}] {clean_log_text(message)}"
 
     def info(self, message: str) -> None:
         self._logger.info(self._fmt(message))

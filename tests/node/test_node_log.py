@@ -1,0 +1,43 @@
+"""Node logs: peers' text cannot forge lines or grow a line without bound; files rotate."""
+
+from __future__ import annotations
+
+import logging
+
+import node.daemon
+from node.daemon import MAX_LOG_LINE, NodeLog, clean_log_text
+
+
+def test_control_characters_are_escaped_so_no_text_forges_a_second_line():
+    # Execute
+    text = clean_log_text("refused tensor 'w\n[miner-0 r3] all good\r\x00' ε")
+    # Assert
+    assert "\n" not in text and "\r" not in text and "\x00" not in text
+    assert "\\x0a[miner-0 r3]" in text and text.endswith("' ε")
+
+
+def test_a_long_line_is_cut_and_says_how_much_was_cut():
+    # Execute
+    text = clean_log_text("x" * (MAX_LOG_LINE + 5_000))
+    # Assert
+    assert text.startswith("x" * MAX_LOG_LINE)
+    assert text.endswith("... (5000 more characters)")
+    assert len(text) < MAX_LOG_LINE + 40
+
+
+def test_the_log_file_rotates_and_keeps_a_bounded_number_of_old_files(tmp_path, monkeypatch):
+    # Prepare: small files, so that a flood of long lines rotates several times
+    monkeypatch.setattr(node.daemon, "MAX_LOG_BYTES", 20_000)
+    log_file = tmp_path / "log"
+    log = NodeLog("rotation-test-node", log_file)
+    try:
+        # Execute
+        for _ in range(500):
+            log.warning("name " + "A" * 10_000)
+        # Assert: the current file and LOG_BACKUPS old ones, each bounded
+        files = sorted(tmp_path.iterdir())
+        assert [f.name for f in files] == ["log", "log.1", "log.2", "log.3"]
+        assert all(f.stat().st_size <= 20_000 + 2 * MAX_LOG_LINE for f in files)
+    finally:
+        for handler in logging.getLogger("llbcfl.rotation-test-node").handlers:
+            handler.close()
