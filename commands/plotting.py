@@ -267,8 +267,14 @@ def _accuracy_headline(doc: dict[str, Any]) -> str:
     )
 
 
-def _side_legend(ax: Any) -> None:
-    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
+def _side_legend(ax: Any, *, lines_last: bool = False) -> None:
+    handles, labels = ax.get_legend_handles_labels()
+    if lines_last:  # matplotlib lists lines before bars
+        order = sorted(range(len(handles)), key=lambda i: hasattr(handles[i], "get_xdata"))
+        handles, labels = [handles[i] for i in order], [labels[i] for i in order]
+    ax.legend(
+        handles, labels, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False
+    )
 
 
 def plot_run(doc: dict[str, Any], out: Path, *, title: str | None = None) -> None:
@@ -313,10 +319,22 @@ def plot_run(doc: dict[str, Any], out: Path, *, title: str | None = None) -> Non
             continue
         ax.bar(rounds, heights, bottom=bottom, color=colour, width=0.7, label=name)
         bottom = [b + h for b, h in zip(bottom, heights, strict=True)]
-    ax.set_ylim(0, 1.12 * max(bottom, default=1) or 1)
+    # Clients whose privacy budget is spent decline selection: not in the bars.
+    declined = [len(r.get("declined", [])) for r in doc["rounds"]]
+    if any(declined):
+        ax.plot(
+            rounds,
+            declined,
+            color="0.25",
+            linestyle=":",
+            marker="x",
+            markersize=5,
+            label="declined (budget spent)",
+        )
+    ax.set_ylim(0, 1.12 * max(*bottom, *declined, 1))
     ax.set_ylabel("clients")
     ax.yaxis.set_major_locator(MaxNLocator(nbins=6, integer=True, steps=[1, 2, 5, 10]))
-    _side_legend(ax)
+    _side_legend(ax, lines_last=True)
 
     for ax in axes:
         ax.grid(True, alpha=0.3)
