@@ -35,9 +35,9 @@ def chain_verify(db: str, genesis_path: str) -> None:
     from commands.chaintools import verify_chain_file
 
     try:
-        ok, message = verify_chain_file(Path(db), Path(genesis_path))
+        check = verify_chain_file(Path(db), Path(genesis_path))
     except ValueError as exc:
         raise click.ClickException(str(exc)) from exc
-    click.echo(message)
-    if not ok:
+    click.echo(check.message)
+    if not check.ok:
         sys.exit(1)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from chain.records import Registration, RoundSummary, RoundVerdicts, Selection, decode_operation
 from chain.state import ChainState
+from commands.summary import ChainCheck
 from consensus.canonical import MalformedMessage
 from consensus.ledger import Block, verify_chain
 from node.daemon import record_verifier, roles_of
@@ -106,17 +107,20 @@ def show_chain(db: Path, *, height: int | None = None) -> Iterator[str]:
             yield f"  {request.client}#{request.timestamp} " + _describe(record)
 
 
-def verify_chain_file(db: Path, genesis_path: Path) -> tuple[bool, str]:
+def verify_chain_file(db: Path, genesis_path: Path) -> ChainCheck:
+    """``chain verify``: the verdict, the chain's height and a one-line message."""
     try:
         genesis = read_genesis(genesis_path)
     except GenesisError as exc:
         raise ValueError(str(exc)) from exc
     blocks = read_blocks(db)
+    height = blocks[-1].height if blocks else 0
     members = genesis.membership
     n = genesis.protocol.miners
     verdict = verify_chain(blocks, verify=pbft_verifier(members), n=n, f=genesis.protocol.f)
     if not verdict.ok:
-        return False, f"chain INVALID at height {verdict.first_bad_height}: {verdict.reason}"
+        message = f"chain INVALID at height {verdict.first_bad_height}: {verdict.reason}"
+        return ChainCheck(False, height, message)
     state = ChainState(
         genesis.run,
         clients=tuple(c.node_id for c in members.clients),
@@ -129,8 +133,29 @@ def verify_chain_file(db: Path, genesis_path: Path) -> tuple[bool, str]:
         except MalformedMessage as exc:
             problem = f"malformed requests: {exc}"
         if problem:
-            return False, f"chain INVALID at height {block.height}: {problem}"
+            return ChainCheck(False, height, f"chain INVALID at height {block.height}: {problem}")
         state.apply_block(block)
     head = blocks[-1].digest.hex() if blocks else "(empty)"
     rounds = len(state.summaries)
-    return True, f"chain OK: {len(blocks)} blocks, {rounds} rounds summarised, head {head}"
+    message = f"chain OK: {len(blocks)} blocks, {rounds} rounds summarised, head {head}"
+    return ChainCheck(True, height, message)
+
+
+def verify_run_chains(run_dir: Path) -> dict[str, ChainCheck]:
+    """``chain verify`` on the chain of every miner of a ``network up`` run directory."""
+    genesis_path = run_dir / "genesis.toml"
+    try:
+        miners = [m.node_id for m in read_genesis(genesis_path).membership.miners]
+    except GenesisError as exc:
+        raise ValueError(str(exc)) from exc
+    checks = {}
+    for miner in miners:
+        db = run_dir / miner / "chain.db"
+        if not db.exists():
+            checks[miner] = ChainCheck(False, 0, f"no chain at {db}")
+            continue
+        try:
+            checks[miner] = verify_chain_file(db, genesis_path)
+        except ValueError as exc:
+            checks[miner] = ChainCheck(False, 0, str(exc))
+    return checks

@@ -72,9 +72,14 @@ class NodeProcess:
     def alive(self) -> bool:
         return self.process is not None and self.process.poll() is None
 
-    def stop(self, timeout: float = 10.0) -> None:
+    def terminate(self) -> None:
+        """Send SIGTERM if still running (a node stops on its first SIGTERM; more are no-ops)."""
         if self.process is not None and self.process.poll() is None:
             os.kill(self.process.pid, signal.SIGTERM)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.terminate()
             try:
                 self.process.wait(timeout)
             except subprocess.TimeoutExpired:
@@ -83,6 +88,18 @@ class NodeProcess:
         if self.log is not None:
             self.log.close()
             self.log = None
+
+
+def stop_all(procs: list[NodeProcess], timeout: float = 10.0) -> None:
+    """Stop every process: SIGTERM to all at once, then wait for each in turn, with
+    SIGKILL for one still running ``timeout`` seconds after the signals went out."""
+    for p in procs:
+        with contextlib.suppress(OSError):
+            p.terminate()
+    deadline = time.monotonic() + timeout
+    for p in procs:
+        with contextlib.suppress(OSError):
+            p.stop(timeout=max(0.1, deadline - time.monotonic()))
 
 
 def plan_network(
@@ -253,6 +270,4 @@ def network_up(
         return doc
     finally:
         view.close()
-        for p in reversed(procs):
-            with contextlib.suppress(OSError):
-                p.stop()
+        stop_all(list(reversed(procs)))

@@ -129,7 +129,19 @@ def network_init(
     help="seconds the miners wait for selected clients' updates",
 )
 @click.option("--timeout", type=float, default=None, help="give up after this many seconds")
-@click.option("--metrics-out", type=click.Path(dir_okay=False), default=None)
+@click.option(
+    "--metrics-out",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="also write the metrics JSON here [always written to RUN_DIR/metrics.json]",
+)
+@click.option(
+    "--plot",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="write a PNG of the run here: accuracy, privacy spent and accepted/rejected "
+    "clients per round",
+)
 @click.option(
     "--quiet",
     is_flag=True,
@@ -144,15 +156,24 @@ def network_up_command(
     round_deadline: float,
     timeout: float | None,
     metrics_out: str | None,
+    plot: str | None,
     selection_seed: str,
     quiet: bool,
     **kwargs: Any,
 ) -> None:
-    """Start a whole network on 127.0.0.1 (one OS process per node), run it, stop it."""
+    """Start a whole network on 127.0.0.1 (one OS process per node), run it, stop it.
+
+    At the end every miner's chain is checked as `chain verify` does, and a
+    summary is printed: accuracy, privacy spent, the attackers' fate, the
+    chains. Exits with status 1 if a chain fails the check.
+    """
     import time as _time
 
+    from commands.chaintools import verify_run_chains
     from commands.launcher import network_up
+    from commands.plotting import plot_run
     from commands.progress import progress_view
+    from commands.summary import run_summary
     from node.durable import write_json_durably
     from node.genesis import GenesisError
 
@@ -188,9 +209,18 @@ def network_up_command(
         sys.exit(130)
     if metrics_out:
         write_json_durably(Path(metrics_out), doc)
-    heads = set(doc["chain_heads"].values())
-    click.echo(
-        f"final accuracy {doc['final_accuracy']:.4f}, best {doc['best_accuracy']:.4f}, "
-        f"{doc['total_seconds']:.1f} s; {len(doc['chain_heads'])} miners, "
-        f"{'one head' if len(heads) == 1 else 'DIFFERENT heads'}; run dir {run_path}"
-    )
+    if plot and doc["rounds"]:
+        plot_run(doc, Path(plot))
+    try:
+        chains = verify_run_chains(run_path)
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from exc
+    files = {
+        "plot": plot if doc["rounds"] else None,
+        "metrics": metrics_out or str(run_path / "metrics.json"),
+        "run dir": str(run_path),
+    }
+    for line in run_summary(doc, chains=chains, files={k: v for k, v in files.items() if v}):
+        click.echo(line)
+    if not all(check.ok for check in chains.values()):
+        sys.exit(1)

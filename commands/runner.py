@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from chain.metrics import RoundRecord, metrics_document
 from chain.simulator import simulate_rounds
-from commands.plotting import plot_runs
+from commands.plotting import plot_run
 from fl.config import RunConfig
 from fl.datasets import load_splits
 from fl.rounds import Federation
@@ -65,7 +65,7 @@ def run_simulate(
     if metrics_out is not None:
         write_json_durably(metrics_out, doc)
     if plot is not None and records:
-        plot_runs([doc], plot)
+        plot_run(doc, plot)
     if interrupted:
         raise KeyboardInterrupt
     return doc

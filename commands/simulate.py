@@ -24,12 +24,14 @@ from fl.data import DataError
     "--plot",
     type=click.Path(dir_okay=False),
     default=None,
-    help="write an accuracy-vs-round PNG here",
+    help="write a PNG of the run here: accuracy, privacy spent and accepted/rejected "
+    "clients per round",
 )
 @click.option("--quiet", is_flag=True, help="no progress bar")
 def simulate(metrics_out: str | None, plot: str | None, quiet: bool, **kwargs: Any) -> None:
-    """Run the whole federated loop in one process."""
+    """Run the whole federated loop in one process; print a summary at the end."""
     from commands.runner import run_simulate
+    from commands.summary import run_summary
 
     config = run_config(kwargs)
     try:
@@ -44,7 +46,6 @@ def simulate(metrics_out: str | None, plot: str | None, quiet: bool, **kwargs: A
     except KeyboardInterrupt:
         click.echo("interrupted; completed rounds were written", err=True)
         sys.exit(130)
-    click.echo(
-        f"final accuracy {doc['final_accuracy']:.4f}, best {doc['best_accuracy']:.4f}, "
-        f"{doc['total_seconds']:.1f} s"
-    )
+    files = {"plot": plot if doc["rounds"] else None, "metrics": metrics_out}
+    for line in run_summary(doc, files={k: v for k, v in files.items() if v}):
+        click.echo(line)

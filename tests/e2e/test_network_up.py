@@ -87,7 +87,8 @@ def finished_run(run_dir: Path, mnist_root: Path, *extra: str) -> dict[str, Any]
 @pytest.fixture(scope="module")
 def network_run(tmp_path_factory: pytest.TempPathFactory, mnist_root: Path) -> dict[str, Any]:
     """Default selection seeds: the digests of the blocks that closed the previous rounds."""
-    return finished_run(tmp_path_factory.mktemp("net") / "run", mnist_root)
+    run_dir = tmp_path_factory.mktemp("net") / "run"
+    return finished_run(run_dir, mnist_root, "--plot", str(run_dir.parent / "run.png"))
 
 
 # Gaussian local DP with noise from the seed: the one way a network run can
@@ -217,6 +218,21 @@ def test_selection_seeds_are_the_blocks_that_closed_the_previous_rounds(
     # Assert
     assert sorted(seeds) == [1, 2, 3]
     assert seeds == {rnd: closed_by[rnd] for rnd in seeds}
+
+
+def test_network_up_verifies_every_chain_and_prints_the_summary(
+    network_run: dict[str, Any],
+) -> None:
+    lines = network_run["_output"].splitlines()
+    plot = network_run["_run_dir"].parent / "run.png"
+    height = read_blocks(network_run["_run_dir"] / "miner-0" / "chain.db")[-1].height
+    assert any(line.startswith("run summary: 3 rounds in ") for line in lines)
+    assert any(line.startswith("  accuracy: final ") for line in lines)
+    assert (
+        f"  chain: 4 miners at height {height}, one head; `chain verify` OK on every one" in lines
+    )
+    assert f"  plot: {plot}" in lines
+    assert plot.read_bytes()[:4] == b"\x89PNG"
 
 
 def test_chain_verify_passes_on_every_miner(network_run: dict[str, Any]) -> None:
