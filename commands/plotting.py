@@ -26,7 +26,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 from matplotlib.ticker import MaxNLocator
 
-from fl.config import RunConfig
+from fl.config import TUNED, RunConfig
+from fl.privacy import MECHANISMS, mechanism_of
 
 # Options that say what a run is, shown in a subtitle whatever their value and
 # in this order; every other option is shown only where it differs from its
@@ -115,8 +116,16 @@ def option_text(key: str, value: Any) -> str:
     return f"{key.replace('_', '-')}={_value(value)}"
 
 
+def _default(key: str, config: dict[str, Any]) -> Any:
+    """``key``'s default in a run like ``config``: its mechanism's tuned value for a
+    tuned option (``fl.config.TUNED``)."""
+    if key in TUNED and config.get("dp") in MECHANISMS:
+        return mechanism_of(config["dp"]).tuned_options(config.get("epsilon", 10.0))[key]
+    return DEFAULTS[key]
+
+
 def _worth_showing(key: str, config: dict[str, Any]) -> bool:
-    return key in CORE_KEYS or key not in DEFAULTS or config.get(key) != DEFAULTS[key]
+    return key in CORE_KEYS or key not in DEFAULTS or config.get(key) != _default(key, config)
 
 
 def differing_options(configs: Sequence[dict[str, Any]]) -> list[str]:
@@ -125,6 +134,8 @@ def differing_options(configs: Sequence[dict[str, Any]]) -> list[str]:
     only (epsilon when only some runs use DP), unless at their default."""
     out = []
     for k in _ordered_keys(configs):
+        if k in TUNED and all(c.get(k) == _default(k, c) for c in configs):
+            continue  # each run has its mechanism's tuned value: --dp says it
         relevant = [c for c in configs if _relevant(k, c)]
         values = {repr(c.get(k)) for c in relevant}
         partly = 0 < len(relevant) < len(configs) and _worth_showing(k, relevant[0])

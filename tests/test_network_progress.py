@@ -13,7 +13,9 @@ import pytest
 from click.testing import CliRunner
 
 import cli
+import commands.chaintools
 import commands.launcher
+from chain.metrics import RoundRecord, metrics_document
 from commands.progress import (
     BarView,
     LineView,
@@ -197,14 +199,15 @@ def fake_network(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[RunProgress]]
                 view.update(reading)
         finally:
             view.close()
-        return {
-            "final_accuracy": 0.8,
-            "best_accuracy": 0.8,
-            "total_seconds": 80.0,
-            "chain_heads": {"miner-0": "ab", "miner-1": "ab"},
-        }
+        records = [
+            RoundRecord(r, acc, 0.5, ["client-000"], ["client-000"], {}, None, 40.0)
+            for r, acc in ((1, 0.7), (2, 0.8))
+        ]
+        doc = metrics_document(config, records, total_seconds=80.0, malicious_clients=[])
+        return {**doc, "chain_heads": {"miner-0": "ab", "miner-1": "ab"}}
 
     monkeypatch.setattr(commands.launcher, "network_up", network_up)
+    monkeypatch.setattr(commands.chaintools, "verify_run_chains", lambda run_dir: {})
     sigterm = signal.getsignal(signal.SIGTERM)  # network up installs its own handler
     yield shown
     signal.signal(signal.SIGTERM, sigterm)
@@ -219,8 +222,7 @@ def test_network_up_prints_a_line_per_round_to_a_log_or_nothing_with_quiet(
     result = CliRunner().invoke(cli.main, args + (["--quiet"] if quiet else []))
     # Assert
     assert result.exit_code == 0, result.output
-    final = "final accuracy 0.8000, best 0.8000, 80.0 s; 2 miners, one head; run dir"
-    assert result.stdout.startswith(final)
+    assert result.stdout.startswith("run summary: 2 rounds in 80.0 s")  # on stdout only
     lines = result.stderr.splitlines()
     if quiet:
         assert lines == []

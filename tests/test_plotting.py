@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -18,8 +19,10 @@ PNG = b"\x89PNG\r\n\x1a\n"
 
 
 def config(**changes: Any) -> dict[str, Any]:
-    """A full metrics-file config: the defaults with ``changes``."""
-    return {**RunConfig().to_dict(), "malicious_clients": [], **changes}
+    """A full metrics-file config: the defaults with ``changes`` (as a run records it)."""
+    known = {f.name for f in fields(RunConfig)}
+    run = RunConfig(**{k: v for k, v in changes.items() if k in known})
+    return {**run.to_dict(), "malicious_clients": [], **changes}
 
 
 def test_labels_name_only_the_option_that_differs() -> None:
@@ -45,8 +48,9 @@ def test_runs_that_differ_in_nothing_shown_are_numbered() -> None:
 
 
 def test_shared_options_are_the_core_ones_and_the_others_not_at_their_default() -> None:
-    # Prepare: two runs sharing a tuned learning rate, differing in epsilon
-    configs = [config(dp="gaussian", epsilon=e, lr=2.0, dropout=False) for e in (4.0, 10.0)]
+    # Prepare: two runs sharing a learning rate and dropout off their tuned
+    # defaults, differing in epsilon
+    configs = [config(dp="gaussian", epsilon=e, lr=1.0, dropout=True) for e in (10.0, 20.0)]
     # Execute
     shared = shared_options(configs)
     # Assert
@@ -59,8 +63,8 @@ def test_shared_options_are_the_core_ones_and_the_others_not_at_their_default() 
         "dist=iid",
         "dp=gaussian",
         "no attackers",
-        "lr=2",
-        "dropout=off",
+        "lr=1",
+        "dropout=on",
     ]
 
 
