@@ -25,7 +25,7 @@ from node.errors import InvalidRequest, decode
 from node.genesis import Genesis
 from node.identity import Identity, verify_envelope
 from node.privacy_ledger import PrivacyLedger
-from node.serving import Endpoint, serve
+from node.serving import Endpoint, StatusInfo, serve
 from proto import llbcfl_pb2 as pb
 from proto import llbcfl_pb2_grpc as pb_grpc
 
@@ -83,7 +83,7 @@ async def run_clients(
             role="client",
             address=genesis.membership[cid].address,
             genesis_digest=genesis.digest,
-            status=lambda cid=cid: (host.last_round[cid], host.follower.state.height, b""),
+            status=lambda cid=cid: StatusInfo(host.last_round[cid], host.follower.state.height),
             services={"Client": ClientServicer(host, cid)},
         )
         for cid in host.identities

@@ -63,6 +63,7 @@ from node.genesis import Genesis
 from node.identity import Identity, pbft_signer, pbft_verifier
 from node.offchain import BlobStore, as_update, upload_of
 from node.peers import PeerLink
+from node.serving import StatusInfo
 from node.tensor_receiver import ReceivedTensors
 
 
@@ -129,6 +130,8 @@ class Miner:
         self.peers = {
             m.replica: PeerLink(m.address, log) for m in members.miners if m.replica != self.index
         }
+        self.peer_ids = {m.replica: m.node_id for m in members.miners}
+        self._logged_view = self.replica.view
         self.submitted: set[int] = set()
         # Correctly signed updates refused for their values (NaN): never
         # stored, but recorded on chain as rejected ("malformed"), as the
@@ -146,6 +149,12 @@ class Miner:
             ready = self.replica.ready()
             if ready.view is not None:
                 self.store.save_view(ready.view)
+                if ready.view != self._logged_view:
+                    self.log.warning(
+                        f"view change: view {self._logged_view} -> {ready.view} "
+                        f"(primary {self.peer_ids[ready.view % self.n]})"
+                    )
+                    self._logged_view = ready.view
             for block in ready.blocks:
                 self.store.append(block)
             for dest, message in ready.messages:
@@ -315,10 +324,19 @@ class Miner:
             Request(self.identity.node_id, timestamp_of(record), operation, envelope.signature)
         )
 
-    def status(self) -> tuple[int, int, bytes]:
+    def status(self) -> StatusInfo:
         head = self.store.head()
         rnd = max(self.state.selections, default=0)
-        return rnd, self.store.height(), head.digest if head is not None else b""
+        return StatusInfo(
+            rnd,
+            self.store.height(),
+            head.digest if head is not None else b"",
+            view=self.replica.view,
+            peers=tuple(
+                (self.peer_ids[index], link.address, link.connected)
+                for index, link in sorted(self.peers.items())
+            ),
+        )
 
 
 def validate_elsewhere(

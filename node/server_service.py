@@ -22,7 +22,7 @@ from node.errors import NotPermitted, WrongState, decode
 from node.genesis import Genesis
 from node.identity import Identity, verify_envelope
 from node.server import Server, Stopped
-from node.serving import Endpoint, serve
+from node.serving import Endpoint, StatusInfo, serve
 from node.tensors import MODEL_KIND, MODEL_REQUEST_KIND, tensor_stream
 from proto import llbcfl_pb2 as pb
 from proto import llbcfl_pb2_grpc as pb_grpc
@@ -84,7 +84,7 @@ async def run_server(
         role="server",
         address=address,
         genesis_digest=genesis.digest,
-        status=lambda: (
+        status=lambda: StatusInfo(
             server.current[0] if server.current else 0,
             server.state.height,
             server.state.head_hash if server.state.height else b"",

@@ -68,11 +68,27 @@ def channel(address: str) -> grpc.aio.Channel:
     return grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
 
 
+@dataclass(frozen=True)
+class StatusInfo:
+    """What ``Node.Status`` reports besides who the node is."""
+
+    round: int  # the federated round this node is in (0 before the first)
+    height: int  # committed blocks it holds
+    head: bytes = b""  # the last block's hash
+    view: int | None = None  # miners: the PBFT view
+    peers: tuple[tuple[str, str, bool], ...] = ()  # miners: (node id, address, link up)
+
+
 class NodeStatusServicer:
-    """``Node.Status`` from a callable returning (round, height, head hash)."""
+    """``Node.Status`` from a callable returning a :class:`StatusInfo`."""
 
     def __init__(
-        self, *, node_id: str, role: str, genesis_digest: bytes, status: Callable[[], tuple]
+        self,
+        *,
+        node_id: str,
+        role: str,
+        genesis_digest: bytes,
+        status: Callable[[], StatusInfo],
     ) -> None:
         self._node_id = node_id
         self._role = ROLE_ENUM[role]
@@ -80,15 +96,19 @@ class NodeStatusServicer:
         self._status = status
 
     async def Status(self, request: pb.StatusRequest, context: Any) -> pb.NodeStatus:
-        rnd, height, head = self._status()
-        return pb.NodeStatus(
+        info = self._status()
+        reply = pb.NodeStatus(
             node_id=self._node_id,
             role=self._role,
-            round=rnd,
-            chain_height=height,
-            head_hash=head,
+            round=info.round,
+            chain_height=info.height,
+            head_hash=info.head,
             genesis_digest=self._genesis,
+            peers=[pb.PeerState(node_id=n, address=a, connected=c) for n, a, c in info.peers],
         )
+        if info.view is not None:
+            reply.view = info.view
+        return reply
 
 
 # Servicer wrapping: decode, call, map errors --------------------------------------
@@ -260,7 +280,7 @@ class Endpoint:
     role: str
     address: str
     genesis_digest: bytes
-    status: Callable[[], tuple[int, int, bytes]]
+    status: Callable[[], StatusInfo]
     services: Mapping[str, Any] = field(default_factory=dict)
 
 

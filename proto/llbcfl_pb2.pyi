@@ -87,20 +87,34 @@ class StatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class NodeStatus(_message.Message):
-    __slots__ = ("node_id", "role", "round", "chain_height", "head_hash", "genesis_digest")
+    __slots__ = ("node_id", "role", "round", "chain_height", "head_hash", "genesis_digest", "view", "peers")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     CHAIN_HEIGHT_FIELD_NUMBER: _ClassVar[int]
     HEAD_HASH_FIELD_NUMBER: _ClassVar[int]
     GENESIS_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    VIEW_FIELD_NUMBER: _ClassVar[int]
+    PEERS_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     role: Role
     round: int
     chain_height: int
     head_hash: bytes
     genesis_digest: bytes
-    def __init__(self, node_id: _Optional[str] = ..., role: _Optional[_Union[Role, str]] = ..., round: _Optional[int] = ..., chain_height: _Optional[int] = ..., head_hash: _Optional[bytes] = ..., genesis_digest: _Optional[bytes] = ...) -> None: ...
+    view: int
+    peers: _containers.RepeatedCompositeFieldContainer[PeerState]
+    def __init__(self, node_id: _Optional[str] = ..., role: _Optional[_Union[Role, str]] = ..., round: _Optional[int] = ..., chain_height: _Optional[int] = ..., head_hash: _Optional[bytes] = ..., genesis_digest: _Optional[bytes] = ..., view: _Optional[int] = ..., peers: _Optional[_Iterable[_Union[PeerState, _Mapping]]] = ...) -> None: ...
+
+class PeerState(_message.Message):
+    __slots__ = ("node_id", "address", "connected")
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    CONNECTED_FIELD_NUMBER: _ClassVar[int]
+    node_id: str
+    address: str
+    connected: bool
+    def __init__(self, node_id: _Optional[str] = ..., address: _Optional[str] = ..., connected: _Optional[bool] = ...) -> None: ...
 
 class PbftMessage(_message.Message):
     __slots__ = ("data",)

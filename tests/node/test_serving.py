@@ -31,7 +31,7 @@ from node.errors import (
     status_of,
 )
 from node.identity import AuthError
-from node.serving import GRACE_SECONDS, Endpoint, add_servicer, serve
+from node.serving import GRACE_SECONDS, Endpoint, StatusInfo, add_servicer, serve
 from node.tensor_receiver import UpdateRejected
 from proto import llbcfl_pb2 as pb
 from proto import llbcfl_pb2_grpc as pb_grpc
@@ -150,7 +150,9 @@ def endpoint(**services: Any) -> Endpoint:
         role="miner",
         address="127.0.0.1:0",
         genesis_digest=b"\x07" * 32,
-        status=lambda: (3, 12, b"\x05" * 32),
+        status=lambda: StatusInfo(
+            3, 12, b"\x05" * 32, view=5, peers=(("miner-1", "127.0.0.1:9", False),)
+        ),
         services=services,
     )
 
@@ -202,6 +204,10 @@ def test_serve_answers_node_status_and_health_then_stops() -> None:
         12,
     )
     assert status.head_hash == b"\x05" * 32 and status.genesis_digest == b"\x07" * 32
+    assert status.HasField("view") and status.view == 5
+    assert [(p.node_id, p.address, p.connected) for p in status.peers] == [
+        ("miner-1", "127.0.0.1:9", False)
+    ]
     assert health.status == health_pb2.HealthCheckResponse.SERVING
     assert elapsed < 1.0  # nothing open: no need to wait for the grace period
 
