@@ -34,6 +34,12 @@ import click
     "machine and data set, runs on the same records add to it "
     "[default: $XDG_STATE_HOME/llbcfl/privacy-ledger.json, else ~/.local/state/...]",
 )
+@click.option(
+    "--stay",
+    is_flag=True,
+    help="miners and clients: keep serving after the run's last round is on the chain "
+    "[default: exit 0 then; a miner first serves its final blocks for 30 s]",
+)
 def node_command(
     role: str,
     genesis_path: str,
@@ -44,8 +50,14 @@ def node_command(
     run_dir: str | None,
     metrics_out: str | None,
     privacy_ledger: str | None,
+    stay: bool,
 ) -> None:
-    """Run one node daemon (or, for clients, several client identities) until SIGINT/SIGTERM."""
+    """Run one node daemon (or, for clients, several client identities).
+
+    It runs until SIGINT/SIGTERM, or until the run is over: the server exits
+    once it has written the metrics of the last round, and miners and clients
+    exit 0 once the chain holds that round's summary (unless --stay).
+    """
     from node.roles import run_node
 
     try:
@@ -59,6 +71,7 @@ def node_command(
             run_dir=Path(run_dir) if run_dir else None,
             metrics_out=Path(metrics_out) if metrics_out else None,
             privacy_ledger=Path(privacy_ledger) if privacy_ledger else None,
+            stay=stay,
         )
     except ValueError as exc:
         raise click.ClickException(str(exc)) from exc

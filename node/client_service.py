@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from chain.state import Phase
 from fl.privacy import BudgetExhausted
 from fl.rounds import Federation
 from node.client import ClientHost
@@ -52,6 +53,26 @@ class ClientServicer(pb_grpc.ClientServicer):
         return await start_round(self.host, self.cid, request)
 
 
+# How often an idle client process reads the chain to learn that the run is over.
+END_POLL_SECONDS = 2.0
+
+
+async def follow_to_the_end(
+    host: ClientHost, stop: asyncio.Event, *, stay: bool, log: NodeLog
+) -> None:
+    """Wait for ``stop``; unless ``stay``, set it once the chain holds the run's last
+    round summary (read every :data:`END_POLL_SECONDS`)."""
+    while not stop.is_set():
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(stop.wait(), END_POLL_SECONDS)
+        if stay or stop.is_set():
+            continue
+        await host.follower.catch_up()
+        if host.follower.state.phase is Phase.DONE:
+            log.info(f"the run is over (round {host.follower.state.last_summarised}); exiting")
+            stop.set()
+
+
 async def run_clients(
     genesis: Genesis,
     identities: list[Identity],
@@ -60,6 +81,7 @@ async def run_clients(
     data_dir: str | None,
     stop: asyncio.Event,
     log: NodeLog,
+    stay: bool = False,
 ) -> None:
     config = genesis.run
     torch.set_num_threads(config.threads)
@@ -102,7 +124,7 @@ async def run_clients(
                     "by earlier runs"
                 ) from exc
             await host.register_all(stop)
-            await stop.wait()
+            await follow_to_the_end(host, stop, stay=stay, log=log)
         finally:
             for task in list(host.tasks):
                 task.cancel()

@@ -306,8 +306,17 @@ async def discard_rest(request_iterator: Any, *, limit: int) -> None:
             return
 
 
-async def drive(handler: MinerHandler, stop: asyncio.Event) -> None:
-    """Tick the replica until ``stop``; repair missing blobs and catch up every 20 ticks."""
+# After the run's last round is on the chain, a miner keeps serving its final
+# blocks this long (lagging peers, the server and auditors read them) before it exits.
+LINGER_SECONDS = 30.0
+
+
+async def drive(handler: MinerHandler, stop: asyncio.Event, *, stay: bool = False) -> None:
+    """Tick the replica until ``stop``; repair missing blobs and catch up every 20 ticks.
+
+    Unless ``stay``, set ``stop`` :data:`LINGER_SECONDS` after the chain
+    holds the run's last round summary: the run is over.
+    """
     miner = handler.m
     for peer in miner.peers.values():
         peer.start()
@@ -315,11 +324,23 @@ async def drive(handler: MinerHandler, stop: asyncio.Event) -> None:
     ticks = 0
     repair: asyncio.Task | None = None
     poll: asyncio.Task | None = None
+    loop = asyncio.get_running_loop()
+    over_at: float | None = None
     try:
         while not stop.is_set():
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(stop.wait(), tick)
             await handler.tick()
+            if miner.state.phase is Phase.DONE and not stay:
+                if over_at is None:
+                    over_at = loop.time()
+                    miner.log.info(
+                        f"the run is over (round {miner.state.last_summarised} summarised at "
+                        f"height {miner.store.height()}); exiting in {LINGER_SECONDS:.0f} s"
+                    )
+                elif loop.time() - over_at >= LINGER_SECONDS:
+                    miner.log.info("exiting: the run is over")
+                    stop.set()
             ticks += 1
             if ticks % 20 == 0:
                 missing = handler.fetcher.committed_missing()
@@ -345,6 +366,7 @@ async def run_miner(
     stop: asyncio.Event,
     log: NodeLog,
     ready_file: Path | None = None,
+    stay: bool = False,
 ) -> None:
     config = genesis.run
     torch.set_num_threads(config.threads)
@@ -376,7 +398,11 @@ async def run_miner(
 
     try:
         await serve(
-            [endpoint], stop=stop, run=lambda: drive(handler, stop), log=log, listening=listening
+            [endpoint],
+            stop=stop,
+            run=lambda: drive(handler, stop, stay=stay),
+            log=log,
+            listening=listening,
         )
     finally:
         for peer in miner.peers.values():

@@ -24,6 +24,7 @@ def run_node(
     run_dir: Path | None,
     metrics_out: Path | None,
     privacy_ledger: Path | None = None,
+    stay: bool = False,
 ) -> None:
     """Raise ValueError with a plain message on any configuration problem."""
     try:
@@ -63,6 +64,7 @@ def run_node(
                 data_dir=data_dir,
                 stop=stop,
                 log=log,
+                stay=stay,
             )
         elif role == "server":
             from node.server_service import run_server
@@ -86,6 +88,7 @@ def run_node(
                 data_dir=data_dir,
                 stop=stop,
                 log=log,
+                stay=stay,
             )
 
     try:

@@ -519,6 +519,10 @@ def test_nodes_started_by_hand_and_a_restarted_server_match_simulate(
         restarted = start(*server_args, name="server")
         started.append(restarted)
         assert restarted.wait(200) == 0
+        # Assert: the end of the run reaches every node: the miners (after serving
+        # their final blocks for 30 s) and the client process exit 0 by themselves
+        for process in started[:5]:
+            assert process.wait(120) == 0
     finally:
         for process in started:
             if process.poll() is None:
@@ -526,6 +530,8 @@ def test_nodes_started_by_hand_and_a_restarted_server_match_simulate(
                 process.wait(30)
         for log in logs:
             log.close()
+    for name in ("m0", "m3", "clients"):
+        assert "the run is over" in (tmp_path / f"{name}.log").read_text()
     # Assert: the restarted server resumed from a checkpoint, fetched no update of
     # a round up to it, and gives the same numbers as simulate
     restarted_log = (tmp_path / "server.log").read_text().split("server listening on")[-1]
