@@ -260,7 +260,10 @@ class ClientHost:
                     for m in self.membership.miners
                 )
             )
-            log.info(f"update sent to {sum(delivered)} of {len(delivered)} miners")
+            if any(delivered):
+                log.info(f"update sent to {sum(delivered)} of {len(delivered)} miners")
+            else:
+                log.error(f"round {rnd}: the update reached no miner")
         except (AlreadyReserved, BudgetExhausted) as exc:
             log.warning(f"round {rnd} not trained: {exc}")
         except (grpc.aio.AioRpcError, UpdateRejected) as exc:
