@@ -19,7 +19,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -107,16 +107,14 @@ def plan_network(
     config: RunConfig,
     *,
     miners: int,
-    round_deadline_ms: int,
+    protocol: Mapping[str, int],
     selection_seed: str = "block",
 ) -> Genesis:
     plan = node_ids(miners=miners, clients=config.clients)
     ports = free_ports(len(plan))
     hosts = {node_id: f"127.0.0.1:{port}" for (node_id, _), port in zip(plan, ports, strict=True)}
-    protocol = ProtocolParams(
-        round_deadline_ms=round_deadline_ms, selection_seed=selection_seed, testbed=True
-    )
-    return init_network(run_dir, run=config, miners=miners, hosts=hosts, protocol=protocol)
+    params = ProtocolParams(**protocol, selection_seed=selection_seed, testbed=True)
+    return init_network(run_dir, run=config, miners=miners, hosts=hosts, protocol=params)
 
 
 def node_commands(
@@ -220,7 +218,7 @@ def network_up(
     run_dir: Path,
     miners: int,
     client_procs: int,
-    round_deadline_ms: int,
+    protocol: Mapping[str, int],
     view: ProgressView,
     selection_seed: str = "block",
     timeout: float | None = None,
@@ -232,7 +230,7 @@ def network_up(
         run_dir,
         config,
         miners=miners,
-        round_deadline_ms=round_deadline_ms,
+        protocol=protocol,
         selection_seed=selection_seed,
     )
     procs = node_commands(genesis, run_dir, client_procs=client_procs, data_dir=config.data_dir)

@@ -9,7 +9,13 @@ from typing import Any
 
 import click
 
-from commands.options import run_config, run_options, selection_seed_option
+from commands.options import (
+    protocol_options,
+    protocol_settings,
+    run_config,
+    run_options,
+    selection_seed_option,
+)
 
 
 @click.group()
@@ -54,6 +60,7 @@ def network() -> None:
     help="mark the network as a testbed for experiments on public data: only a testbed "
     "may use --reproducible-noise",
 )
+@protocol_options
 @selection_seed_option
 def network_init(
     out_dir: str,
@@ -68,11 +75,12 @@ def network_init(
     """Write OUT/genesis.toml and a key file per node (OUT/keys/<id>.key, mode 0600).
 
     The run options define the federated run every node will follow; the
-    genesis also holds protocol parameters (timeouts, chunk size) that can be
-    edited before the network starts.
+    genesis also holds the protocol settings (round deadline, view timeout,
+    chunk size, ...).
     """
     from node.genesis import GenesisError, ProtocolParams, init_network, load_host_map
 
+    protocol = protocol_settings(kwargs)
     config = run_config(kwargs)
     out = Path(out_dir)
     try:
@@ -83,7 +91,7 @@ def network_init(
             miners=miners,
             base_port=base_port,
             hosts=hosts,
-            protocol=ProtocolParams(selection_seed=selection_seed, testbed=testbed),
+            protocol=ProtocolParams(**protocol, selection_seed=selection_seed, testbed=testbed),
             force=force,
         )
     except (GenesisError, OSError) as exc:
@@ -121,13 +129,6 @@ def network_init(
     default=None,
     help="where genesis, keys, logs and chains go [default: a new folder under ./runs/]",
 )
-@click.option(
-    "--round-deadline",
-    type=float,
-    default=60.0,
-    show_default=True,
-    help="seconds the miners wait for selected clients' updates",
-)
 @click.option("--timeout", type=float, default=None, help="give up after this many seconds")
 @click.option(
     "--metrics-out",
@@ -148,12 +149,12 @@ def network_init(
     help="no progress on stderr, only the final line [default: a bar on a terminal, "
     "else a line per round]",
 )
+@protocol_options
 @selection_seed_option
 def network_up_command(
     miners: int,
     client_procs: int,
     run_dir: str | None,
-    round_deadline: float,
     timeout: float | None,
     metrics_out: str | None,
     plot: str | None,
@@ -177,6 +178,7 @@ def network_up_command(
     from node.durable import write_json_durably
     from node.genesis import GenesisError
 
+    protocol = protocol_settings(kwargs)
     config = run_config(kwargs)
 
     def stop_on_sigterm(signum: int, frame: object) -> None:
@@ -197,7 +199,7 @@ def network_up_command(
             run_dir=run_path,
             miners=miners,
             client_procs=client_procs,
-            round_deadline_ms=int(round_deadline * 1000),
+            protocol=protocol,
             selection_seed=selection_seed,
             view=progress_view(quiet=quiet, stream=sys.stderr, rounds=config.rounds),
             timeout=timeout,

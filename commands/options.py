@@ -19,6 +19,7 @@ import click
 from chain.records import SELECTION_SEEDS
 from fl.config import TUNED, RunConfig, flag, run_option
 from fl.privacy import LOW_BUDGET, MECHANISMS, mechanism_of
+from node.genesis import ProtocolParams
 
 _TYPES: dict[type, click.ParamType] = {int: click.INT, float: click.FLOAT, str: click.STRING}
 
@@ -115,3 +116,46 @@ selection_seed_option = click.option(
     "as in the paper's protocol; 'run' = derived from --seed, so the selection equals "
     "simulate's (for equivalence checks)",
 )
+
+
+# Protocol settings that are options of `network init` and `network up`: in
+# seconds on the command line, in milliseconds in the genesis' [protocol].
+PROTOCOL_TIMES: tuple[tuple[str, str, str], ...] = (
+    (
+        "round_deadline_ms",
+        "--round-deadline",
+        "seconds the miners wait for the selected clients' updates once a round's selection "
+        "commits (a round ends sooner when every update is in)",
+    ),
+    (
+        "view_timeout_ms",
+        "--view-timeout",
+        "seconds a miner waits for a pending request to commit before it starts a PBFT view change",
+    ),
+)
+
+
+def protocol_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """The protocol settings of :data:`PROTOCOL_TIMES` as options (seconds)."""
+    defaults = ProtocolParams()
+    for name, option_flag, text in reversed(PROTOCOL_TIMES):
+        fn = click.option(
+            option_flag,
+            name,
+            type=float,
+            default=getattr(defaults, name) / 1000,
+            show_default=True,
+            help=text,
+        )(fn)
+    return fn
+
+
+def protocol_settings(kwargs: dict[str, Any]) -> dict[str, int]:
+    """Take the :func:`protocol_options` out of ``kwargs``, in milliseconds."""
+    out = {}
+    for name, option_flag, _ in PROTOCOL_TIMES:
+        seconds = kwargs.pop(name)
+        if not (seconds > 0 and math.isfinite(seconds)):
+            raise click.UsageError(f"{option_flag} must be a positive number of seconds")
+        out[name] = max(1, round(seconds * 1000))
+    return out

@@ -68,7 +68,7 @@ class ProtocolParams:
     miners: int = 4
     tick_ms: int = 50
     view_timeout_ms: int = 1000
-    round_deadline_ms: int = 300_000
+    round_deadline_ms: int = 120_000
     chunk_bytes: int = MAX_CHUNK_BYTES
     max_stream_bytes: int = 64 << 20
     # Where the selection draw's seed comes from (chain.records.ChainState):

@@ -232,3 +232,27 @@ def test_fetch_rejects_a_download_with_the_wrong_md5(tmp_path, monkeypatch):
     assert "does not match" in result.output
     assert "--data-dir" in result.output
     assert list((tmp_path / "MNIST" / "raw").iterdir()) == []
+
+
+def test_protocol_settings_are_options_of_network_init_with_one_default(tmp_path):
+    from node.genesis import ProtocolParams, read_genesis
+
+    # Execute
+    base = ["network", "init", "--clients", "4"]
+    chosen = CliRunner().invoke(
+        cli.main,
+        [*base, "--out", str(tmp_path / "a"), "--round-deadline", "30", "--view-timeout", "2.5"],
+    )
+    default = CliRunner().invoke(cli.main, [*base, "--out", str(tmp_path / "b")])
+    bad = CliRunner().invoke(
+        cli.main, [*base, "--out", str(tmp_path / "c"), "--round-deadline", "-1"]
+    )
+    # Assert
+    assert chosen.exit_code == 0 and default.exit_code == 0, chosen.output + default.output
+    protocol = read_genesis(tmp_path / "a" / "genesis.toml").protocol
+    assert (protocol.round_deadline_ms, protocol.view_timeout_ms) == (30_000, 2_500)
+    assert read_genesis(tmp_path / "b" / "genesis.toml").protocol == ProtocolParams()
+    assert bad.exit_code == 2 and "--round-deadline must be a positive number" in bad.output
+    assert not (tmp_path / "c").exists()
+    up = _command(("network", "up"))
+    assert {p.name: p.default for p in up.params}["round_deadline_ms"] == 120.0
