@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 import time
@@ -56,8 +57,22 @@ def reproduce() -> None:
     help="the whole pipeline in a few minutes: 2-4 rounds a run on a tenth of the data "
     "(checks the command, not the paper)",
 )
+@click.option(
+    "--doc",
+    type=click.Path(dir_okay=False, exists=True),
+    default=None,
+    help="also put the results into this markdown file, between its '<!-- results: begin -->' "
+    "and '<!-- results: end -->' lines, and copy the figures to img/paper/ beside it "
+    "(how docs/PAPER.md is made)",
+)
 def reproduce_paper(
-    out_dir: str, epsilon: float, jobs: int, seed: int, data_dir: str | None, quick: bool
+    out_dir: str,
+    epsilon: float,
+    jobs: int,
+    seed: int,
+    data_dir: str | None,
+    quick: bool,
+    doc: str | None,
 ) -> None:
     """Run the paper's experiments (IID and non-IID MNIST; no DP, Laplace and Gaussian
     local DP; 100, 200 and 500 rounds; K = 100 clients, 10% a round), draw its
@@ -100,6 +115,12 @@ def reproduce_paper(
     wall = _add_wall_time(out, time.monotonic() - started)
     paths = _write_results(the_plan, epsilon=epsilon, quick=quick, wall=wall, jobs=jobs)
     click.echo(f"wrote {', '.join(p.name for p in paths)} in {out}")
+    if doc is not None:
+        try:
+            _fill_doc(Path(doc), readme=paths[-1], figures=paths[:-1])
+        except ValueError as exc:
+            raise click.ClickException(str(exc)) from exc
+        click.echo(f"wrote the results into {doc}")
 
 
 def _check_data(the_plan: Any) -> None:
@@ -256,3 +277,26 @@ with the settings above that is mostly because they are higher.
     readme = the_plan.out / "README.md"
     readme.write_text(text)
     return [*paths, readme]
+
+
+BEGIN, END = "<!-- results: begin -->", "<!-- results: end -->"
+
+
+def _fill_doc(doc: Path, *, readme: Path, figures: list[Path]) -> None:
+    """Put ``readme``'s body between ``doc``'s result markers; copy the figures beside it."""
+    import shutil
+
+    text = doc.read_text()
+    if text.count(BEGIN) != 1 or text.count(END) != 1 or text.index(BEGIN) > text.index(END):
+        raise ValueError(f"{doc} needs one {BEGIN!r} line followed by one {END!r} line")
+    images = doc.parent / "img" / "paper"
+    images.mkdir(parents=True, exist_ok=True)
+    for figure in figures:
+        shutil.copyfile(figure, images / figure.name)
+    body = readme.read_text().split("\n", 1)[1].strip()  # without its title
+    for figure in figures:
+        body = body.replace(f"]({figure.name})", f"](img/paper/{figure.name})")
+    body = re.sub(r"(?m)^## ", "### ", body)  # its sections go under the doc's
+    head, rest = text.split(BEGIN, 1)
+    tail = rest.split(END, 1)[1]
+    doc.write_text(f"{head}{BEGIN}\n{body}\n{END}{tail}")

@@ -178,3 +178,27 @@ def test_bad_options_get_a_plain_error(tmp_path):
     assert result.exit_code == 2 and "--epsilon must be a positive number" in result.output
     assert jobs.exit_code == 2 and "--jobs" in jobs.output
     assert not (tmp_path / "runs").exists()
+
+
+def test_the_results_go_between_the_docs_markers_with_the_figures_beside_it(tmp_path):
+    from commands.reproduce import _fill_doc
+
+    # Prepare
+    doc = tmp_path / "docs" / "PAPER.md"
+    doc.parent.mkdir()
+    doc.write_text("intro\n<!-- results: begin -->\nold\n<!-- results: end -->\nafter\n")
+    readme = tmp_path / "README.md"
+    readme.write_text("# Title\n\n## Figures\n\n![fig3](fig3.png)\n")
+    figure = tmp_path / "fig3.png"
+    figure.write_bytes(b"\x89PNG")
+    # Execute
+    _fill_doc(doc, readme=readme, figures=[figure])
+    # Assert
+    assert doc.read_text() == (
+        "intro\n<!-- results: begin -->\n### Figures\n\n![fig3](img/paper/fig3.png)\n"
+        "<!-- results: end -->\nafter\n"
+    )
+    assert (doc.parent / "img" / "paper" / "fig3.png").read_bytes() == b"\x89PNG"
+    doc.write_text("no markers\n")
+    with pytest.raises(ValueError, match="results: begin"):
+        _fill_doc(doc, readme=readme, figures=[figure])
