@@ -121,6 +121,11 @@ class Server:
                 async with channel(address) as ch:
                     await pb_grpc.MinerStub(ch).Submit(envelope, timeout=10)
             except grpc.aio.AioRpcError as exc:
+                if exc.code() == grpc.StatusCode.ALREADY_EXISTS:
+                    # On the chain already (a restart), or forwarded to this
+                    # miner by another one before this copy arrived.
+                    self.log.info(f"submit to {address}: {exc.details()}")
+                    return
                 self.log.warning(f"submit to {address}: {exc.code().name} {exc.details()}")
 
         await asyncio.gather(*(one(m.address) for m in self.membership.miners))
