@@ -509,7 +509,8 @@ def aggregate_round(
 
     FedAvg weighs each update by its record count bounded by
     ``fl.aggregation.fedavg_weights`` (the record cap and twice the round's
-    median): the one weight rule of the simulator, the miners and the server.
+    lower median): the one weight rule of the simulator, the miners and the
+    server.
 
     With ``--server-momentum b`` > 0 the server keeps a velocity
     ``v <- b * v + aggregate`` and steps ``global += server_lr * v`` (FedAvgM,

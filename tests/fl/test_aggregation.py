@@ -81,6 +81,10 @@ def test_one_client_claiming_far_more_weighs_at_most_twice_the_median():
     assert weights[-1] / sum(weights) == pytest.approx(1200 / 6600)
 
 
+def test_in_a_round_of_two_the_larger_claim_weighs_at_most_twice_the_smaller():
+    assert fedavg_weights([600, 2400], cap=2400) == [600, 1200]
+
+
 def test_fedavg_weights_never_exceed_the_cap():
     assert fedavg_weights([5000, 5000, 5000], cap=2400) == [2400, 2400, 2400]
     assert fedavg_weights([], cap=2400) == []
