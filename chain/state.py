@@ -15,9 +15,12 @@ applied and the phase each leads to. Two transitions follow from the state
 rather than from a record, and are in :meth:`ChainState._settle`: the last
 registration opens round 1, and the summary of the last round ends the run.
 A record the table does not allow in the current phase is refused before
-any record-specific check runs; a record already applied (the same
-registration again, a late second verdict record of a round) is a valid
-no-op in any phase.
+any record-specific check runs; a late second verdict record of a round
+(from another miner) is a valid no-op in any phase. A second registration of
+a client is refused, identical or not, and so is any request whose
+(submitter, timestamp) the chain already executed: nothing is stored twice.
+What a record must satisfy to be admitted (the DP plan, the histogram and
+its record cap) is ``chain.admission``.
 
 :meth:`ChainState.check_block` is the pure part of the miners'
 ``validate(block)``; what needs tensors (the verdicts themselves, the
@@ -34,6 +37,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Final
 
+from chain.admission import plan_problems, registration_problems
 from chain.records import (
     SELECTION_SEEDS,
     Record,
@@ -56,6 +60,7 @@ from fl.rounds import (
     dp_config,
     nominal_max_samples,
     privacy_plan,
+    record_cap,
     reputation_params,
     select_round,
 )
@@ -128,6 +133,10 @@ class ChainState:
             )
         self.book = ReputationBook(reputation_params(self.config))
         self.plan: PrivacyPlan = privacy_plan(self.config)
+        problems = plan_problems(self.plan)
+        if problems:
+            raise ValueError("the run's DP plan is out of range: " + "; ".join(problems))
+        self.record_cap = record_cap(self.config)
 
     # Queries ---------------------------------------------------------------
 
@@ -174,7 +183,8 @@ class ChainState:
         return summary_from_histogram(cid, histogram, class_threshold=self.plan.class_threshold)
 
     def released_records(self, cid: str) -> int:
-        """The record count the client's registration released: its FedAvg weight."""
+        """The record count the client's registration released (at most the record cap):
+        its FedAvg weight, before ``fl.aggregation.fedavg_weights`` bounds it in its round."""
         return released_count(self.registrations[cid].histogram)
 
     def self_scores(self) -> dict[str, float]:
@@ -235,11 +245,9 @@ class ChainState:
     # Checks ----------------------------------------------------------------
 
     def _already_applied(self, record: Record) -> bool:
-        if isinstance(record, Registration):
-            return self.registrations.get(record.client) == record
-        if isinstance(record, RoundVerdicts):
-            return record.round in self.verdicts  # a late duplicate from another miner
-        return False
+        # A late duplicate from another miner: the primary and a backup may
+        # both submit a round's verdicts (chain.verdicts.submits_now).
+        return isinstance(record, RoundVerdicts) and record.round in self.verdicts
 
     def check_record(
         self,
@@ -279,13 +287,18 @@ class ChainState:
         if record.client != submitter or submitter not in self.clients:
             raise InvalidRecord(f"{submitter} registers as {record.client}")
         if record.client in self.registrations:
-            raise InvalidRecord(f"{record.client} is already registered differently")
-        bins = dataset_of(self.config).num_classes + 1
-        if len(record.histogram) != bins:
+            same = self.registrations[record.client] == record
             raise InvalidRecord(
-                f"a registration holds {bins} counts (one per class, then "
-                f"invalid labels), got {len(record.histogram)}"
+                f"{record.client} is already registered"
+                + (" (the same registration again)" if same else " differently")
             )
+        problems = registration_problems(
+            record.histogram,
+            num_classes=dataset_of(self.config).num_classes,
+            cap=self.record_cap,
+        )
+        if problems:
+            raise InvalidRecord(f"registration of {record.client}: " + "; ".join(problems))
 
     def _check_selection(self, record: Selection) -> None:
         rnd = record.round
@@ -322,6 +335,12 @@ class ChainState:
             raise InvalidRecord("updates must be from distinct selected clients, sorted")
         if record.silent != tuple(sorted(set(selection.selected) - set(clients))):
             raise InvalidRecord("silent clients are not the selected clients without an update")
+        for u in record.updates:
+            if u.n_samples != self.released_records(u.client):
+                raise InvalidRecord(
+                    f"{u.client}'s update claims {u.n_samples} records, its registration "
+                    f"{self.released_records(u.client)}"
+                )
         if not _close(record.reputations, self.reputations_after(rnd, record)):
             raise InvalidRecord("reputations differ from the recomputation")
         if not _close(record.privacy, self.privacy_after(record), PRIVACY_TOLERANCE):
@@ -338,7 +357,7 @@ class ChainState:
             return  # never validated by an honest quorum; nothing to apply
         if isinstance(record, Registration):
             if record.client in self.registrations:
-                return  # a conflicting second registration
+                return  # a second registration: never validated by an honest quorum
             self.registrations[record.client] = record
             self._accountant(record.client).record_registration()
         elif isinstance(record, Selection):
@@ -395,15 +414,21 @@ class ChainState:
         check_verdicts: CheckVerdicts | None = None,
         check_summary: CheckSummary | None = None,
     ) -> str:
-        """'' when every fresh request of ``block`` is valid in order, else why not.
+        """'' when every request of ``block`` is valid in order, else why not.
 
-        Stale requests (already executed timestamps) are skipped exactly as
-        the replica skips them at execution.
+        A request whose (submitter, timestamp) the chain already executed,
+        earlier or in this block, is refused: an honest primary never
+        proposes one (it drops them from its pool), so a block holding one
+        would only store a duplicate. (``apply_block`` still skips them: a
+        committed block is a fact.)
         """
         trial = copy.deepcopy(self)
         for request in block.requests():
             if not trial._fresh(request):
-                continue
+                return (
+                    f"request {request.client}/{request.timestamp}: timestamp already used "
+                    f"(the chain executes a submitter's timestamp once)"
+                )
             problem = trial.check_request(
                 request,
                 verify=verify,

@@ -359,6 +359,10 @@ class Replica:
     def pending_count(self) -> int:
         return len(self._pending)
 
+    def is_pending(self, key: tuple[str, int]) -> bool:
+        """Whether a request with this (client, timestamp) waits in the pool, not yet executed."""
+        return key in self._pending
+
     # -------------------------------------------------------------- helpers
 
     def _current_timeout(self) -> int:

@@ -11,6 +11,12 @@ in a fixed client order, so the result is bit-for-bit reproducible):
 - ``krum``: the update closest to its n - f - 2 nearest neighbours (Blanchard
   et al. 2017); ``m > 1`` averages the m best (multi-Krum).
 
+FedAvg's weights are the record counts the chain holds for the updates
+(each client's registration), bounded by :func:`fedavg_weights` so that no
+single client can dominate a round: every count is clipped to the run's
+record cap and to :data:`WEIGHT_MEDIAN_MULTIPLE` times the round's (lower)
+median count.
+
 ``--aggregation`` names a rule of ``AGGREGATION_REGISTRY``: a function
 ``(updates, context) -> aggregate`` registered under its name, which takes
 from :class:`AggregationContext` whatever it needs (weights, trim ratio,
@@ -19,8 +25,10 @@ Krum's f). A new rule is one more registered function.
 
 from __future__ import annotations
 
+import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Final
 
 import torch
 
@@ -36,6 +44,30 @@ class AggregationContext:
     weights: Sequence[float]
     trim_ratio: float = 0.1
     krum_f: int | None = None
+
+
+# No update weighs more than this many times the (lower) median record count
+# of the updates aggregated with it. Twice, not once: honest shards differ in
+# size (Dirichlet splits), and FedAvg should keep weighting them by it.
+WEIGHT_MEDIAN_MULTIPLE: Final = 2
+
+
+def fedavg_weights(counts: Sequence[int], *, cap: int) -> list[float]:
+    """The FedAvg weight of each of a round's updates, from their record counts.
+
+    ``min(count, cap, WEIGHT_MEDIAN_MULTIPLE * median_low(counts))``: the
+    record cap (which registrations are already held to) and a bound
+    relative to the round, so one client claiming far more than the others
+    weighs at most twice as much as the median update, as long as fewer than
+    half of the round's updates claim more. The lower median (of an even
+    count, the smaller middle value) keeps a round of two updates from
+    giving the larger claim the upper hand. Counts within both bounds are
+    kept as they are, so honest rounds aggregate exactly as plain FedAvg.
+    """
+    if not counts:
+        return []
+    bound = min(cap, WEIGHT_MEDIAN_MULTIPLE * statistics.median_low(counts))
+    return [min(c, bound) for c in counts]
 
 
 AggregationRule = Callable[[torch.Tensor, AggregationContext], torch.Tensor]

@@ -9,6 +9,9 @@
 - ``silent``: is selected but sends nothing.
 - ``lie``: declares the largest data size, perfect quality and every class,
   but its labels are random, so its update is poor.
+- ``inflate``: claims the largest record count the run admits (the record
+  cap, ``--max-records``), spread over every class, and sends a zero update:
+  it bets on FedAvg's weight to drag the global model back.
 
 Each attack is an :class:`Attack` registered in ``ATTACK_REGISTRY`` under its
 name; it overrides what it changes (the registration, the labels, the update,
@@ -37,10 +40,13 @@ class Attack:
     # Selected, it sends no update at all.
     silent: bool = False
 
-    def registration(self, *, claimed_records: int, num_classes: int) -> tuple[int, ...] | None:
+    def registration(
+        self, *, claimed_records: int, max_records: int, num_classes: int
+    ) -> tuple[int, ...] | None:
         """The histogram it registers instead of its noisy one (None: the honest release).
 
-        ``claimed_records`` is the size that scores 1.0 in self-assessment.
+        ``claimed_records`` is the size that scores 1.0 in self-assessment,
+        ``max_records`` the largest the run admits (its record cap).
         """
         return None
 
@@ -100,9 +106,17 @@ class Silent(Attack):
     silent = True
 
 
+def spread(records: int, *, num_classes: int) -> tuple[int, ...]:
+    """A histogram of ``records`` records spread evenly over every class, none invalid."""
+    per_class, extra = divmod(records, num_classes)
+    return (*(per_class + (c < extra) for c in range(num_classes)), 0)
+
+
 @ATTACK_REGISTRY.register("lie")
 class Liar(Attack):
-    def registration(self, *, claimed_records: int, num_classes: int) -> tuple[int, ...] | None:
+    def registration(
+        self, *, claimed_records: int, max_records: int, num_classes: int
+    ) -> tuple[int, ...] | None:
         # Twice the equal share, spread over every class, no invalid label.
         per_class = -(-claimed_records // num_classes)
         return (per_class,) * num_classes + (0,)
@@ -111,6 +125,19 @@ class Liar(Attack):
         self, y: torch.Tensor, *, num_classes: int, generator: torch.Generator
     ) -> torch.Tensor:
         return torch.randint(0, num_classes, y.shape, generator=generator)
+
+
+@ATTACK_REGISTRY.register("inflate")
+class Inflate(Attack):
+    def registration(
+        self, *, claimed_records: int, max_records: int, num_classes: int
+    ) -> tuple[int, ...] | None:
+        return spread(max_records, num_classes=num_classes)
+
+    def update(
+        self, delta: OrderedDict[str, torch.Tensor], *, generator: torch.Generator
+    ) -> OrderedDict[str, torch.Tensor]:
+        return OrderedDict((k, torch.zeros_like(v)) for k, v in delta.items())
 
 
 ATTACKS: tuple[str, ...] = ATTACK_REGISTRY.names()

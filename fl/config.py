@@ -293,6 +293,14 @@ class RunConfig:
         "torch threads per process (results are identical only for equal counts)",
         check=at_least(1),
     )
+    # The record cap (docs/ARCHITECTURE.md, "Admission"): no registration may
+    # claim more, so no client's FedAvg weight or DP-SGD divisor exceeds it.
+    max_records: int | None = option(
+        None,
+        "largest record count a registration may claim (its FedAvg weight) "
+        "[default: 4 x the equal share train_size / clients]",
+        check=at_least(1),
+    )
 
     def __post_init__(self) -> None:
         if self.dp in MECHANISMS:  # else _problems reports the unknown name

@@ -902,6 +902,27 @@ def released_count(histogram: Sequence[int]) -> int:
     return max(1, int(sum(histogram)))
 
 
+def fit_histogram(histogram: Sequence[int], *, cap: int) -> tuple[int, ...]:
+    """The release fitted into what the chain admits: every bin in ``[-cap, cap]``, sum <= cap.
+
+    ``cap`` is the run's public record cap (``fl.rounds.record_cap``). Bins
+    below ``-cap`` are raised to it; if the total then exceeds the cap, the
+    positive bins are scaled down together (rounding down), which keeps the
+    classes' proportions, until it does not; a bin still above the cap is
+    lowered to it. Deterministic post-processing of a DP release with a
+    public bound, so it costs no privacy; a release within the bounds is
+    returned unchanged.
+    """
+    if cap < 1:
+        raise ValueError(f"cap must be >= 1, got {cap}")
+    bins = [max(-cap, int(b)) for b in histogram]
+    if sum(bins) > cap:
+        positive = sum(b for b in bins if b > 0)
+        room = cap - sum(b for b in bins if b < 0)  # what the positive bins may add up to
+        bins = [b * room // positive if b > 0 else b for b in bins]
+    return tuple(min(cap, b) for b in bins)
+
+
 class PrivacyAccountant:
     """Privacy spent by one client: its registration and its participations.
 

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from fl.aggregation import aggregate
+from fl.aggregation import aggregate, fedavg_weights
 from fl.attacks import attack_of, choose_malicious
 from fl.config import RunConfig
 from fl.datasets import Split, dataset_of
@@ -40,6 +40,7 @@ from fl.privacy import (
     PrivacyPlan,
     SecretNoise,
     SeededNoise,
+    fit_histogram,
     history_epsilon,
     mechanism_of,
     merged,
@@ -195,6 +196,24 @@ def reputation_params(config: RunConfig) -> ReputationParams:
 def nominal_max_samples(config: RunConfig) -> int:
     """The data size that scores 1.0 in self-assessment: twice an equal share."""
     return max(1, 2 * config.train_size // config.clients)
+
+
+# The default record cap, in equal shares of the training set: above the
+# largest honest shard of typical non-IID splits (Dirichlet alpha 0.5 over 100
+# clients: about 2.3 shares, at most 2.9 over ten seeds).
+RECORD_CAP_SHARES = 4
+
+
+def record_cap(config: RunConfig) -> int:
+    """The largest record count a registration may claim (``--max-records``).
+
+    Public (it follows from the genesis alone), so clients fit their noisy
+    release into it at no privacy cost (``fl.privacy.fit_histogram``) and the
+    chain refuses any registration above it (``chain.admission``).
+    """
+    if config.max_records is not None:
+        return config.max_records
+    return RECORD_CAP_SHARES * config.expected_records
 
 
 @dataclass(frozen=True)
@@ -382,20 +401,24 @@ def registration_histogram(
     plan: PrivacyPlan,
     noise: NoiseSource,
 ) -> tuple[int, ...]:
-    """What a client's registration releases: its noisy label histogram.
+    """What a client's registration releases: its noisy label histogram, fitted to the cap.
 
     An attack may register something else (``--attack lie`` claims twice
     the equal share, spread over every class, with no invalid label,
-    whatever its data holds).
+    whatever its data holds; ``--attack inflate`` claims the cap). Either
+    way the release is fitted into the run's record cap
+    (``fl.privacy.fit_histogram``), which is what the chain admits.
     """
     num_classes = dataset_of(config).num_classes
+    cap = record_cap(config)
+    claimed = None
     if attack is not None:
         claimed = attack_of(attack).registration(
-            claimed_records=nominal_max_samples(config), num_classes=num_classes
+            claimed_records=nominal_max_samples(config), max_records=cap, num_classes=num_classes
         )
-        if claimed is not None:
-            return claimed
-    return release_histogram(y, num_classes=num_classes, plan=plan, noise=noise)
+    if claimed is None:
+        claimed = release_histogram(y, num_classes=num_classes, plan=plan, noise=noise)
+    return fit_histogram(claimed, cap=cap)
 
 
 def selection_seed(config: RunConfig, rnd: int) -> bytes:
@@ -484,6 +507,11 @@ def aggregate_round(
 ) -> tuple[OrderedDict[str, torch.Tensor], torch.Tensor | None]:
     """Apply the aggregate of round ``rnd``'s ``updates`` (in client-id order) to the weights.
 
+    FedAvg weighs each update by its record count bounded by
+    ``fl.aggregation.fedavg_weights`` (the record cap and twice the round's
+    lower median): the one weight rule of the simulator, the miners and the
+    server.
+
     With ``--server-momentum b`` > 0 the server keeps a velocity
     ``v <- b * v + aggregate`` and steps ``global += server_lr * v`` (FedAvgM,
     Hsu et al. 2019); ``server_lr = 1 - b`` makes the step an exponential
@@ -496,7 +524,8 @@ def aggregate_round(
     if updates:
         ordered = sorted(updates, key=lambda u: u.client)
         stacked = torch.stack([flatten(u.delta) for u in ordered])
-        step = aggregate(config.aggregation, stacked, weights=[u.n_samples for u in ordered])
+        weights = fedavg_weights([u.n_samples for u in ordered], cap=record_cap(config))
+        step = aggregate(config.aggregation, stacked, weights=weights)
     else:
         step = torch.zeros_like(flat)
     if config.server_momentum > 0:

@@ -168,6 +168,8 @@ class ClientHost:
                         await pb_grpc.MinerStub(ch).Submit(envelope, timeout=10)
                     return
                 except grpc.aio.AioRpcError as exc:
+                    if exc.code() == grpc.StatusCode.ALREADY_EXISTS:
+                        return  # on the chain, or waiting to be ordered: nothing to add
                     if exc.code() != grpc.StatusCode.UNAVAILABLE:
                         self.logs[cid].warning(f"registration refused: {exc.details()}")
                         return

@@ -12,7 +12,7 @@ Layout::
 
     version = 1
     [protocol]   f, miners (n = 3f+1), tick_ms, view_timeout_ms,
-                 round_deadline_ms, chunk_bytes, max_stream_bytes,
+                 round_deadline_ms, notify_timeout_ms, chunk_bytes, max_stream_bytes,
                  selection_seed ("block" or "run"), testbed (bool: reproducible
                  DP noise allowed)
     [selection]  w1, w2, w3 (self-assessment), w4, w5 (self vs reputation)
@@ -69,6 +69,10 @@ class ProtocolParams:
     tick_ms: int = 50
     view_timeout_ms: int = 1000
     round_deadline_ms: int = 120_000
+    # How long the server keeps trying to hand one selected client its
+    # start-round notice (node.server.Server.notify); the round never waits
+    # for it: it ends at its deadline whatever a client does.
+    notify_timeout_ms: int = 10_000
     chunk_bytes: int = MAX_CHUNK_BYTES
     max_stream_bytes: int = 64 << 20
     # Where the selection draw's seed comes from (chain.records.ChainState):
@@ -90,7 +94,7 @@ class ProtocolParams:
                 f"protocol.miners must be 3f+1 = {3 * self.f + 1} for f = {self.f}, "
                 f"got {self.miners}"
             )
-        for name in ("tick_ms", "view_timeout_ms", "round_deadline_ms"):
+        for name in ("tick_ms", "view_timeout_ms", "round_deadline_ms", "notify_timeout_ms"):
             if getattr(self, name) < 1:
                 yield f"protocol.{name} must be >= 1, got {getattr(self, name)}"
         if self.view_timeout_ms < self.tick_ms:

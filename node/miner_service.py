@@ -95,7 +95,12 @@ class MinerHandler:
             )
 
     async def submit(self, envelope: pb.Envelope) -> pb.SubmitReceipt:
-        """A signed record from a client or the server, proposed if valid on the chain."""
+        """A signed record from a client or the server, proposed if valid on the chain.
+
+        A record whose (submitter, timestamp) the chain already executed, or
+        that a request waiting in the pool already holds, is refused with
+        :class:`Duplicate` (ALREADY_EXISTS): it would never be executed.
+        """
         m = self.m
         kind = kind_named(envelope.kind)
         if kind is None or kind.role == "miner":
@@ -111,7 +116,15 @@ class MinerHandler:
         )
         async with self.core:
             if timestamp <= m.state.last_timestamp.get(signer.node_id, -1):
-                return pb.SubmitReceipt(accepted=True, reason="already committed")
+                raise Duplicate(
+                    f"{signer.node_id}'s timestamp {timestamp} is already used on the chain "
+                    "(a record is executed once)"
+                )
+            if m.replica.is_pending(request.key):
+                raise Duplicate(
+                    f"{signer.node_id}'s timestamp {timestamp} is already taken by a request "
+                    "waiting to be ordered"
+                )
             problem = m.state.check_request(request, verify=m.verify_record, role_of=m.roles)
             if problem:
                 raise WrongState(problem)

@@ -7,7 +7,10 @@ simulator's ``select_round`` call, seeded by that block's digest or, with
 ``selection_seed = "run"``, by the run seed) and submit it to the miners;
 once the selection is committed, send each selected client a signed
 ``start-round`` notice (the client downloads the model with
-``Server.DownloadModel``); wait for the committed verdict record of r;
+``Server.DownloadModel``), every client at once and each for at most
+``protocol.notify_timeout_ms``, while waiting for the committed verdict
+record of r (the miners close the round at its deadline, so no client can
+hold it longer: notices still unanswered then are abandoned);
 fetch the accepted updates by digest from the miners (the receiver re-checks
 each client's signed claim and the digest); aggregate with
 ``fl.rounds.aggregate_round``; evaluate on the test split; checkpoint;
@@ -138,20 +141,33 @@ class Server:
                 async with channel(address) as ch:
                     await pb_grpc.MinerStub(ch).Submit(envelope, timeout=10)
             except grpc.aio.AioRpcError as exc:
+                if exc.code() == grpc.StatusCode.ALREADY_EXISTS:
+                    # On the chain already (a restart), or forwarded to this
+                    # miner by another one before this copy arrived.
+                    self.log.info(f"submit to {address}: {exc.details()}")
+                    return
                 self.log.warning(f"submit to {address}: {exc.code().name} {exc.details()}")
 
         await asyncio.gather(*(one(m.address) for m in self.membership.miners))
 
     async def notify(self, rnd: int, selected: tuple[str, ...], digest: bytes) -> None:
+        """Hand every selected client its start-round notice, all at once.
+
+        Each client gets at most ``protocol.notify_timeout_ms`` in all
+        (retries included): one that does not answer in time is given up on
+        (the miners count it silent if it sends nothing by the deadline).
+        """
         deadline = self.genesis.protocol.round_deadline_ms
+        budget = self.genesis.protocol.notify_timeout_ms / 1e3
         notice = pb.RoundNotice(round=rnd, model_digest=digest, deadline_ms=deadline)
         envelope = self.identity.sign("start-round", notice.SerializeToString())
 
         async def one(cid: str) -> None:
-            for _attempt in range(50):
+            while True:
                 try:
                     async with channel(self.membership[cid].address) as ch:
-                        reply = await pb_grpc.ClientStub(ch).StartRound(envelope, timeout=10)
+                        stub = pb_grpc.ClientStub(ch)
+                        reply = await stub.StartRound(envelope, timeout=budget)
                     if not reply.accepted:
                         self.log.info(f"{cid} declines round {rnd}: {reply.reason}")
                     return
@@ -163,9 +179,31 @@ class Server:
                         return
                     # Client still starting, or its view of the chain is behind.
                     await asyncio.sleep(0.2)
-            self.log.warning(f"{cid} unreachable for round {rnd}")
 
-        await asyncio.gather(*(one(cid) for cid in selected))
+        async def bounded(cid: str) -> None:
+            try:
+                await asyncio.wait_for(one(cid), budget)
+            except asyncio.TimeoutError:
+                self.log.warning(f"{cid} did not take round {rnd}'s notice within {budget:g} s")
+
+        await asyncio.gather(*(bounded(cid) for cid in selected))
+
+    async def notify_until_verdicts(
+        self, rnd: int, selected: tuple[str, ...], digest: bytes, stop: asyncio.Event
+    ) -> None:
+        """Notify the selected clients while waiting for round ``rnd``'s verdicts to commit.
+
+        The wait never depends on a client: once the verdicts commit (at the
+        latest at the round's deadline), notices still in flight are dropped.
+        """
+        notices = asyncio.create_task(self.notify(rnd, selected, digest))
+        try:
+            await self.wait_for(lambda: rnd in self.state.verdicts, stop)
+        finally:
+            if not notices.done():
+                notices.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await notices
 
     async def fetch_updates(self, digests: list[bytes]) -> None:
         for digest in self.blobs.missing(digests):
@@ -270,8 +308,7 @@ class Server:
         digest = weights_digest(weights)
         self.current = (rnd, weights, digest)
         if rnd not in state.verdicts:
-            await self.notify(rnd, selection.selected, digest)
-            await self.wait_for(lambda: rnd in state.verdicts, stop)
+            await self.notify_until_verdicts(rnd, selection.selected, digest, stop)
         verdicts = state.verdicts[rnd]
         self.log.info(f"verdicts committed: accepted {verdicts.accepted}")
         await self.fetch_updates([u.digest for u in verdicts.updates if u.accepted])

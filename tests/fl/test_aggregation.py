@@ -1,7 +1,14 @@
 import pytest
 import torch
 
-from fl.aggregation import aggregate, coordinate_median, fedavg, krum, trimmed_mean
+from fl.aggregation import (
+    aggregate,
+    coordinate_median,
+    fedavg,
+    fedavg_weights,
+    krum,
+    trimmed_mean,
+)
 
 U = torch.tensor([[1.0, 10.0], [2.0, 20.0], [4.0, -40.0]])
 
@@ -59,3 +66,25 @@ def test_aggregate_dispatches_and_rejects_unknown():
     assert aggregate("median", U, weights=[1, 1, 1]).tolist() == [2.0, 10.0]
     with pytest.raises(ValueError, match="unknown aggregation 'mean'"):
         aggregate("mean", U, weights=[1, 1, 1])
+
+
+def test_fedavg_weights_keep_honest_counts_as_they_are():
+    counts = [600, 587, 614, 1100]  # noisy releases; the largest under twice the median
+    assert fedavg_weights(counts, cap=2400) == counts
+
+
+def test_one_client_claiming_far_more_weighs_at_most_twice_the_median():
+    # One claims the cap among nine honest clients: 2400 -> 2 * 600
+    counts = [600] * 9 + [2400]
+    weights = fedavg_weights(counts, cap=2400)
+    assert weights == [600] * 9 + [1200]
+    assert weights[-1] / sum(weights) == pytest.approx(1200 / 6600)
+
+
+def test_in_a_round_of_two_the_larger_claim_weighs_at_most_twice_the_smaller():
+    assert fedavg_weights([600, 2400], cap=2400) == [600, 1200]
+
+
+def test_fedavg_weights_never_exceed_the_cap():
+    assert fedavg_weights([5000, 5000, 5000], cap=2400) == [2400, 2400, 2400]
+    assert fedavg_weights([], cap=2400) == []

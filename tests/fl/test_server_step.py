@@ -64,3 +64,14 @@ def test_round_without_updates_keeps_the_weights_without_momentum():
     w0 = OrderedDict(w=torch.ones(2))
     w1, v = aggregate_round(cfg(), w0, [], rnd=3)
     assert torch.equal(w1["w"], w0["w"]) and v is None
+
+
+def test_aggregate_round_bounds_an_inflated_weight_by_twice_the_median():
+    # Prepare: three honest updates of 1.0 (100 records each) and a zero update claiming 10^6
+    c = cfg(max_records=10**6)
+    honest = [update(f"c{i}", 1.0, n=100) for i in range(3)]
+    inflated = update("c9", 0.0, n=10**6)
+    # Execute
+    weights, _ = aggregate_round(c, OrderedDict(w=torch.zeros(2)), [*honest, inflated], rnd=1)
+    # Assert: the zero update weighs 200 (twice the median), not 10^6
+    assert weights["w"].tolist() == pytest.approx([300 / 500] * 2)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +12,7 @@ import grpc
 import pytest
 import torch
 
-from chain.records import Registration
+from chain.records import Registration, RoundVerdicts
 from fl.config import RunConfig
 from fl.data import Split
 from fl.rounds import Federation
@@ -30,6 +31,7 @@ from proto import llbcfl_pb2_grpc as pb_grpc
 from tests.chain.blocks import commit
 
 CONFIG = RunConfig(clients=3, frac=0.67, rounds=2, model="mlp", train_size=300)
+CLIENT_IDS = ("client-000", "client-001", "client-002")
 
 
 @pytest.fixture
@@ -203,3 +205,117 @@ def test_daemons_serve_the_grpc_health_service() -> None:
 
     serve(add_health, body)
     assert replies[0].status == health_pb2.HealthCheckResponse.SERVING
+
+
+# The server's start-round notices --------------------------------------------
+
+
+class StubClient(pb_grpc.ClientServicer):
+    """A client that takes the notice at once, or (``hang``) never answers it."""
+
+    def __init__(self, *, hang: bool) -> None:
+        self.hang = hang
+        self.calls = 0
+        self.arrived = asyncio.Event()
+        self.abandoned = asyncio.Event()
+        self.release = asyncio.Event()
+
+    async def StartRound(self, request: pb.Envelope, context: Any) -> pb.StartRoundReply:
+        self.calls += 1
+        self.arrived.set()
+        if self.hang:
+            try:
+                await self.release.wait()
+            except asyncio.CancelledError:
+                self.abandoned.set()  # the server cancelled the call
+                raise
+        return pb.StartRoundReply(accepted=True)
+
+
+async def server_with_clients(
+    genesis: Genesis, identities: dict[str, Identity], tmp_path: Path, *, notify_timeout_ms: int
+) -> tuple[Server, dict[str, StubClient], list[Any]]:
+    """A server whose round-1 selection names two stub clients: one silent, one answering."""
+    stubs = {"client-000": StubClient(hang=True), "client-001": StubClient(hang=False)}
+    servers, addresses = [], {}
+    for cid, stub in stubs.items():
+        grpc_server = grpc.aio.server()
+        add_servicer(grpc_server, "Client", stub)
+        addresses[cid] = f"127.0.0.1:{grpc_server.add_insecure_port('127.0.0.1:0')}"
+        await grpc_server.start()
+        servers.append(grpc_server)
+    nodes = tuple(replace(n, address=addresses.get(n.node_id, n.address)) for n in genesis.nodes)
+    protocol = replace(genesis.protocol, notify_timeout_ms=notify_timeout_ms)
+    network = Genesis(protocol=protocol, selection=genesis.selection, run=CONFIG, nodes=nodes)
+    test = Split(x=torch.zeros(10, 1, 28, 28), y=torch.zeros(10, dtype=torch.int64))
+    server = Server(network, identities["server"], run_dir=tmp_path, test=test, log=NodeLog("s"))
+    return server, stubs, servers
+
+
+async def stop_all(stubs: dict[str, StubClient], servers: list[Any]) -> None:
+    for stub in stubs.values():
+        stub.release.set()
+    for grpc_server in servers:
+        await grpc_server.stop(None)
+
+
+def test_a_client_that_never_answers_holds_the_notices_only_up_to_the_timeout(
+    small_genesis: Genesis, identities: dict[str, Identity], tmp_path: Path
+) -> None:
+    outcome = {}
+
+    async def main() -> None:
+        # Prepare: client-000 never answers its notice, client-001 does
+        server, stubs, servers = await server_with_clients(
+            small_genesis, identities, tmp_path, notify_timeout_ms=300
+        )
+        try:
+            # Execute
+            await server.notify(1, ("client-000", "client-001"), b"\x01" * 32)
+            # Assert (below): notify returned although client-000 is still holding its call
+            outcome.update(
+                answered=stubs["client-001"].calls,
+                silent_called=stubs["client-000"].arrived.is_set(),
+                silent_released=stubs["client-000"].release.is_set(),
+            )
+        finally:
+            await stop_all(stubs, servers)
+
+    asyncio.run(main())
+    assert outcome == {"answered": 1, "silent_called": True, "silent_released": False}
+
+
+def test_the_round_driver_moves_on_when_the_verdicts_commit(
+    small_genesis: Genesis, identities: dict[str, Identity], tmp_path: Path
+) -> None:
+    outcome = {}
+
+    async def main() -> None:
+        # Prepare: a notice timeout far beyond the test; client-000 never answers
+        server, stubs, servers = await server_with_clients(
+            small_genesis, identities, tmp_path, notify_timeout_ms=600_000
+        )
+        state = server.state
+        commit(state, [(c, Registration(c, (50, 50) + (0,) * 9)) for c in CLIENT_IDS])
+        selection = replace(state.expected_selection(1), selected=("client-000", "client-001"))
+        state.apply_record("server", selection)
+        try:
+            # Execute: notify and wait; the miners' verdicts commit while client-000 hangs
+            driver = asyncio.create_task(
+                server.notify_until_verdicts(1, selection.selected, b"\x01" * 32, asyncio.Event())
+            )
+            await stubs["client-000"].arrived.wait()
+            verdicts = RoundVerdicts(1, (), selection.selected, (), ())
+            state.apply_record("miner-0", verdicts)
+            await driver
+            # Assert (below): the driver returned and dropped the unanswered notice
+            await asyncio.wait_for(stubs["client-000"].abandoned.wait(), 30)
+            outcome.update(
+                answered=stubs["client-001"].calls,
+                released=stubs["client-000"].release.is_set(),
+            )
+        finally:
+            await stop_all(stubs, servers)
+
+    asyncio.run(main())
+    assert outcome == {"answered": 1, "released": False}

@@ -51,8 +51,15 @@ def small_genesis(genesis: Genesis) -> Genesis:
     )
 
 
+def registration_of(cid: str) -> Registration:
+    return Registration(cid, (50, 50, 0, 0, 0, 0, 0, 0, 0, 0, 0))
+
+
 @pytest.fixture
-def miner(small_genesis: Genesis, identities: dict[str, Identity], tmp_path: Path) -> Miner:
+def registering_miner(
+    small_genesis: Genesis, identities: dict[str, Identity], tmp_path: Path
+) -> Miner:
+    """A miner of a chain with no block yet: registrations are open."""
     validation = Split(x=torch.zeros(20, 1, 28, 28), y=torch.zeros(20, dtype=torch.int64))
     m = Miner(
         small_genesis,
@@ -62,17 +69,18 @@ def miner(small_genesis: Genesis, identities: dict[str, Identity], tmp_path: Pat
         validation=validation,
         log=NodeLog("miner-1", tmp_path / "log"),
     )
-    registrations = [
-        (
-            c.node_id,
-            Registration(c.node_id, (50, 50, 0, 0, 0, 0, 0, 0, 0, 0, 0)),
-        )
-        for c in small_genesis.membership.clients
-    ]
-    commit(m.state, registrations)  # a block: its digest seeds round 1's selection
-    m.state.apply_record("server", m.state.expected_selection(1))
     yield m
     m.store.close()
+
+
+@pytest.fixture
+def miner(registering_miner: Miner) -> Miner:
+    """Every client registered, round 1 selected."""
+    m = registering_miner
+    registrations = [(c.node_id, registration_of(c.node_id)) for c in m.genesis.membership.clients]
+    commit(m.state, registrations)  # a block: its digest seeds round 1's selection
+    m.state.apply_record("server", m.state.expected_selection(1))
+    return m
 
 
 def run_with_miner(
@@ -237,6 +245,43 @@ def test_submit_by_the_wrong_role_is_refused(miner: Miner, identities: Any) -> N
 
     run_with_miner(miner, body)
     assert miner.replica.pending_count == 0
+
+
+def test_submit_of_a_duplicate_or_a_used_timestamp_is_refused(
+    registering_miner: Miner, identities: Any
+) -> None:
+    # Prepare: client-000's registration, and another one with the same timestamp
+    miner = registering_miner
+    first = signed_record(identities["client-000"], registration_of("client-000"))
+    other = signed_record(identities["client-000"], Registration("client-000", (7,) * 11))
+    receipts, refusals = [], []
+
+    async def submit(stub: Any, envelope: pb.Envelope) -> None:
+        try:
+            receipts.append(await stub.Submit(envelope))
+        except grpc.aio.AioRpcError as exc:
+            refusals.append((exc.code(), exc.details()))
+
+    async def while_pending(stub: Any) -> None:
+        await submit(stub, first)
+        await submit(stub, first)  # the same record again, still waiting to be ordered
+        await submit(stub, other)
+
+    async def once_committed(stub: Any) -> None:
+        await submit(stub, first)
+        await submit(stub, other)
+
+    # Execute: three submissions while the first waits, two once it is on the chain
+    run_with_miner(miner, while_pending)
+    pending = miner.replica.pending_count
+    commit(miner.state, [("client-000", registration_of("client-000"))])
+    run_with_miner(miner, once_committed)
+    # Assert: only the first is accepted; every later one is refused, saying why
+    assert [r.accepted for r in receipts] == [True]
+    assert pending == 1
+    assert [code for code, _ in refusals] == [grpc.StatusCode.ALREADY_EXISTS] * 4
+    assert all("waiting to be ordered" in details for _, details in refusals[:2])
+    assert all("already used on the chain" in details for _, details in refusals[2:])
 
 
 def test_submit_with_a_forged_signature_is_refused(miner: Miner, identities: Any) -> None:
