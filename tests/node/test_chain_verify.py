@@ -69,7 +69,8 @@ def verify(batches: list[list[Request]], identities: dict[str, Identity], tmp: P
     for block in certified_chain(batches, identities):
         store.append(block)
     store.close()
-    ok, message = verify_chain_file(tmp / "chain.db", tmp / "genesis.toml")
+    check = verify_chain_file(tmp / "chain.db", tmp / "genesis.toml")
+    ok, message = check.ok, check.message
     assert ok == message.startswith("chain OK"), message
     return message
 
