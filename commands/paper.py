@@ -108,8 +108,13 @@ def finished(path: Path, config: RunConfig) -> dict[str, Any] | None:
         return None
     if not isinstance(doc, dict) or doc.get("interrupted"):
         return None
-    saved = {k: v for k, v in doc.get("config", {}).items() if k != "malicious_clients"}
-    if saved != config.to_dict() or len(doc.get("rounds", [])) != config.rounds:
+    # Read as a RunConfig, so that an option added since the run (absent from
+    # its file) counts at its default.
+    try:
+        saved = RunConfig.from_dict(doc.get("config", {}))
+    except (TypeError, ValueError):
+        return None
+    if saved != config or len(doc.get("rounds", [])) != config.rounds:
         return None
     return doc
 

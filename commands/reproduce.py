@@ -269,8 +269,8 @@ The DP runs calibrate their noise for their length, so each is a run of its own
 
 ## The paper's statements beside ours
 
-"no" in the last column means the curves here do not behave as the paper describes;
-with the settings above that is mostly because they are higher.
+"no" in the last column means the curves here do not behave as the paper describes
+(higher or lower: the numbers say which).
 
 {statements_table(docs)}
 """
