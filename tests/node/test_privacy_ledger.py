@@ -191,22 +191,31 @@ def _reserve_rounds(path: str, rounds: list[int], results: multiprocessing.Queue
 
 
 def test_processes_sharing_a_ledger_never_lose_or_double_a_reservation(tmp_path: Path) -> None:
-    # Prepare: two processes race to reserve the same 30 rounds (budget: 20 of them)
+    # Prepare: two processes race to reserve the same 30 rounds (budget: 20 of them).
+    # "spawn", not "fork": a fork of this threaded test process (gRPC, torch) can
+    # deadlock in the child; daemon children cannot hold the interpreter's exit.
     path = str(tmp_path / "ledger.json")
-    results: multiprocessing.Queue = multiprocessing.get_context("fork").Queue()
+    context = multiprocessing.get_context("spawn")
+    results: multiprocessing.Queue = context.Queue()
     procs = [
-        multiprocessing.get_context("fork").Process(
-            target=_reserve_rounds, args=(path, list(range(1, 31)), results)
+        context.Process(
+            target=_reserve_rounds, args=(path, list(range(1, 31)), results), daemon=True
         )
         for _ in range(2)
     ]
 
     # Execute
-    for p in procs:
-        p.start()
-    outcomes = [results.get(timeout=60) for _ in range(60)]
-    for p in procs:
-        p.join(timeout=60)
+    try:
+        for p in procs:
+            p.start()
+        outcomes = [results.get(timeout=120) for _ in range(60)]
+        for p in procs:
+            p.join(timeout=60)
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+                p.join(timeout=10)
 
     # Assert: each round reserved by exactly one process, 20 in all, all on disk
     won = sorted(rnd for status, rnd in outcomes if status == "ok")
