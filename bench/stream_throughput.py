@@ -43,10 +43,12 @@ SERVICE = "llbcfl.bench.Stream"
 
 def handlers(*, spec, membership, limit: int) -> grpc.GenericRpcHandler:
     async def tensors(request_iterator, context) -> bytes:
-        receiver = TensorStreamReceiver(expected=spec, max_total_bytes=limit)
+        receiver = TensorStreamReceiver(
+            expected=spec, max_total_bytes=limit, membership=membership, kind=UPDATE_KIND
+        )
         async for part in request_iterator:
             receiver.add(part)
-        received = receiver.finish(membership=membership, kind=UPDATE_KIND)
+        received = receiver.finish()
         return received.digest
 
     async def raw(request_iterator, context) -> bytes:

@@ -90,6 +90,23 @@ def weights_digest(weights: Weights) -> bytes:
     )
 
 
+def header_bytes(
+    *, round: int, sender_id: str, base_digest: bytes, num_samples: int, total_bytes: int
+) -> bytes:
+    """Canonical bytes a sender signs in a tensor stream's header (before any data).
+
+    A receiver checks this signature before it reserves ``total_bytes`` for
+    the data; the trailer's claim (:func:`claim_bytes`) then binds the digest.
+    """
+    return (
+        pack_u64(round)
+        + pack_text(sender_id)
+        + pack_blob(base_digest)
+        + pack_u64(num_samples)
+        + pack_u64(total_bytes)
+    )
+
+
 def claim_bytes(
     *, round: int, sender_id: str, base_digest: bytes, digest: bytes, num_samples: int
 ) -> bytes:

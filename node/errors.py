@@ -15,6 +15,8 @@ wrong-kind)
 :class:`Duplicate`                                 ALREADY_EXISTS
 :class:`NotReady`                                  UNAVAILABLE
 :class:`NotFound`                                  NOT_FOUND
+:class:`Busy`                                      RESOURCE_EXHAUSTED
+:class:`TooSlow`                                   DEADLINE_EXCEEDED
 ``UpdateRejected`` (``node.tensor_receiver``)      its own ``code``
 anything else                                      INTERNAL, "internal error"
 =================================================  ===================
@@ -90,6 +92,18 @@ class NotFound(Refused):
     """Nothing held under this name."""
 
     code = grpc.StatusCode.NOT_FOUND
+
+
+class Busy(Refused):
+    """A per-peer or per-node limit is reached (concurrent streams); retry later."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class TooSlow(Refused):
+    """A stream idle too long between parts, or open longer than streams may be."""
+
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
 
 
 def short(text: str) -> str:

@@ -128,7 +128,9 @@ class Miner:
             timeout=genesis.protocol.view_timeout_ticks,
         )
         self.peers = {
-            m.replica: PeerLink(m.address, log) for m in members.miners if m.replica != self.index
+            m.replica: PeerLink(m.address, identity, log)
+            for m in members.miners
+            if m.replica != self.index
         }
         self.peer_ids = {m.replica: m.node_id for m in members.miners}
         self._logged_view = self.replica.view

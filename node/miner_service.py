@@ -25,7 +25,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Iterator
+import hashlib
+from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -35,14 +36,25 @@ import torch
 from chain.records import decode_operation, kind_named
 from chain.state import Phase
 from consensus.ledger import Block, Request
-from consensus.messages import Blocks, decode_message
+from consensus.messages import Blocks, Message, decode_message
 from node.daemon import NodeLog, load_node_splits
-from node.errors import Duplicate, InvalidRequest, NotFound, NotPermitted, NotReady, WrongState
+from node.errors import (
+    Busy,
+    Duplicate,
+    InvalidRequest,
+    NotFound,
+    NotPermitted,
+    NotReady,
+    Refused,
+    TooSlow,
+    WrongState,
+)
 from node.genesis import Genesis
-from node.identity import Identity, verify_envelope
+from node.identity import AuthError, Identity, verify_envelope
+from node.membership import NodeInfo
 from node.miner import Miner, validate_elsewhere
-from node.peers import BlobFetcher, catch_up_from_peers, verdict_records
-from node.serving import Endpoint, serve
+from node.peers import PBFT_WIRE_KIND, BlobFetcher, catch_up_from_peers, verdict_records
+from node.serving import STREAM_IDLE_SECONDS, Endpoint, bounded_parts, serve
 from node.tensor_receiver import ReceivedTensors, TensorStreamReceiver, UpdateRejected
 from node.tensors import UPDATE_KIND, relay_stream
 from node.workers import worker_process, worker_thread
@@ -50,6 +62,8 @@ from proto import llbcfl_pb2 as pb
 from proto import llbcfl_pb2_grpc as pb_grpc
 
 Digests = list[tuple[str, bytes, int]]  # (client, digest, samples), the validation's key
+# PBFT messages at least this large are decoded on a worker thread, not on the loop.
+DECODE_ELSEWHERE_BYTES = 256 << 10
 
 
 class MinerHandler:
@@ -62,6 +76,8 @@ class MinerHandler:
         self.processes: ProcessPoolExecutor | None = None
         self.prepared: set[int] = set()  # rounds _prepare_next_model computed ahead
         self.validator = worker_thread("prepare")
+        self.uploading: set[str] = set()  # clients with an update stream open (one each)
+        self.links: dict[str, int] = {}  # miner id -> generation of its newest Deliver stream
 
     def close(self) -> None:
         self.validator.shutdown(wait=False, cancel_futures=True)
@@ -70,10 +86,44 @@ class MinerHandler:
 
     # Requests -----------------------------------------------------------------------
 
+    def authenticate_link(self, item: pb.PbftMessage) -> NodeInfo:
+        """The miner that sent ``item`` (signature over the data's hash), before any decoding.
+
+        :class:`~node.identity.AuthError` (UNAUTHENTICATED, PERMISSION_DENIED)
+        unless a miner of the genesis signed SHA-256(``item.data``).
+        """
+        signer = verify_envelope(
+            item.auth, self.m.membership, expected_kind=PBFT_WIRE_KIND, allowed_roles=("miner",)
+        )
+        if item.auth.payload != hashlib.sha256(item.data).digest():
+            raise AuthError("bad-signature", f"{signer.node_id}'s link signature is for other data")
+        return signer
+
+    async def decode(self, data: bytes) -> Message:
+        """A PBFT message from authenticated bytes; large ones on a worker thread."""
+        if len(data) < DECODE_ELSEWHERE_BYTES:
+            return decode_message(data)
+        return await asyncio.get_running_loop().run_in_executor(None, decode_message, data)
+
     async def deliver(self, message: Any) -> None:
-        """One PBFT message from a peer: fetch the blobs it refers to, then step the replica."""
+        """One PBFT message from a peer: fetch the blobs it refers to, then step the replica.
+
+        The message's own signature is checked first: nothing is fetched for
+        a message its claimed sender did not sign; a message naming more
+        updates than the network has clients is dropped.
+        """
         m = self.m
+        if not message.is_authentic(m.verify_pbft):
+            m.log.warning(f"dropped a {type(message).__name__} whose signature is not its sender's")
+            return
         missing = self.fetcher.wanted_by(message)
+        if len(missing) > len(m.membership.clients):
+            m.log.warning(
+                f"dropped a {type(message).__name__} from replica {message.sender} naming "
+                f"{len(missing)} unknown updates (the network has {len(m.membership.clients)} "
+                "clients)"
+            )
+            return
         if missing:
             m.log.info(f"fetching {len(missing)} blob(s) before {type(message).__name__}")
             await self.fetcher.fetch(missing, prefer=message.sender)
@@ -132,13 +182,44 @@ class MinerHandler:
             m.drain()
         return pb.SubmitReceipt(accepted=True)
 
-    def update_receiver(self) -> TensorStreamReceiver:
+    @contextlib.contextmanager
+    def update_receiver(self) -> Iterator[TensorStreamReceiver]:
+        """A receiver for one upload; the sender's stream slot is freed when it ends.
+
+        Once the header's signature verified, and before anything is
+        allocated, :meth:`admit_upload` checks the sender may upload now and
+        takes its one slot.
+        """
         protocol = self.m.genesis.protocol
-        return TensorStreamReceiver(
-            expected=self.m.spec,
-            max_total_bytes=protocol.max_stream_bytes,
-            max_chunk_bytes=protocol.chunk_bytes,
-        )
+        taken: list[str] = []
+
+        def admit(header: pb.TensorStreamHeader, signer: NodeInfo) -> None:
+            self.admit_upload(header.round, signer.node_id)
+            self.uploading.add(signer.node_id)
+            taken.append(signer.node_id)
+
+        try:
+            yield TensorStreamReceiver(
+                expected=self.m.spec,
+                max_total_bytes=protocol.max_stream_bytes,
+                max_chunk_bytes=protocol.chunk_bytes,
+                membership=self.m.membership,
+                kind=UPDATE_KIND,
+                admit=admit,
+            )
+        finally:
+            for cid in taken:
+                self.uploading.discard(cid)
+
+    def admit_upload(self, rnd: int, cid: str) -> None:
+        """Refuse an authenticated upload header now rather than after its data."""
+        m = self.m
+        if rnd != m.state.current_round:
+            raise WrongState(f"round {rnd} is not open for updates (open: {m.state.current_round})")
+        if cid not in m.state.selections[rnd].selected:
+            raise NotPermitted(f"{cid} is not selected in round {rnd}")
+        if cid in self.uploading:
+            raise Busy(f"{cid} already has an update stream open")
 
     async def refused_update(self, exc: UpdateRejected) -> None:
         """A stream the receiver refused; a signed one with bad values is kept as evidence."""
@@ -275,29 +356,59 @@ class MinerServicer(pb_grpc.MinerServicer):
         self.h = handler
 
     async def Deliver(self, request_iterator: Any, context: Any) -> pb.Ack:
+        """A peer's PBFT messages, each authenticated before it is decoded.
+
+        The first item (a peer sends an empty one on connecting) must come
+        within ``STREAM_IDLE_SECONDS`` and binds the stream to its signer;
+        an item signed by anyone else ends the call. A newer stream from the
+        same miner supersedes this one (it ends at its next item).
+        """
         count = 0
-        async for item in request_iterator:
-            await self.h.deliver(decode_message(item.data))
-            count += 1
+        owner: str | None = None
+        generation = 0
+        links = self.h.links
+        async for item in first_within(request_iterator, STREAM_IDLE_SECONDS):
+            signer = self.h.authenticate_link(item)
+            if owner is None:
+                owner = signer.node_id
+                generation = links[owner] = links.get(owner, 0) + 1
+            elif signer.node_id != owner:
+                raise NotPermitted(f"a stream of {owner} carries a message of {signer.node_id}")
+            if links.get(owner) != generation:
+                break  # superseded by a newer stream of the same peer
+            if item.data:
+                message = await self.h.decode(item.data)
+                if message.sender != signer.replica:
+                    raise NotPermitted(
+                        f"{owner} (replica {signer.replica}) relayed replica "
+                        f"{message.sender}'s message as its own"
+                    )
+                await self.h.deliver(message)
+                count += 1
         return pb.Ack(received=count)
 
     async def Submit(self, request: pb.Envelope, context: Any) -> pb.SubmitReceipt:
         return await self.h.submit(request)
 
     async def SubmitUpdate(self, request_iterator: Any, context: Any) -> pb.UpdateReceipt:
-        receiver = self.h.update_receiver()
-        try:
-            async for part in request_iterator:
-                receiver.add(part)
-            received = receiver.finish(membership=self.h.m.membership, kind=UPDATE_KIND)
-        except UpdateRejected as exc:
-            await self.h.refused_update(exc)
-            # Read (and drop) the rest of the stream, up to a bound, before
-            # answering: grpc.aio clients that are still writing when the
-            # server ends the call can report INTERNAL instead of this status
-            # (grpc/grpc#36066).
-            await discard_rest(request_iterator, limit=self.h.m.genesis.protocol.max_stream_bytes)
-            raise
+        """One update stream: signature-checked header, bounded in time (``bounded_parts``)."""
+        parts = bounded_parts(request_iterator)
+        with self.h.update_receiver() as receiver:
+            try:
+                async for part in parts:
+                    receiver.add(part)
+                received = receiver.finish()
+            except Refused as exc:
+                if isinstance(exc, UpdateRejected):
+                    await self.h.refused_update(exc)
+                if receiver.signer is not None:
+                    # A member's stream: read (and drop) the rest, up to a bound,
+                    # before answering: grpc.aio clients still writing when the
+                    # server ends the call can report INTERNAL instead of this
+                    # status (grpc/grpc#36066). An outsider's ends at once.
+                    with contextlib.suppress(Refused):
+                        await discard_rest(parts, limit=self.h.m.genesis.protocol.max_stream_bytes)
+                raise
         return await self.h.accept_update(received)
 
     async def FetchUpdate(self, request: pb.FetchUpdateRequest, context: Any) -> Any:
@@ -308,6 +419,20 @@ class MinerServicer(pb_grpc.MinerServicer):
     async def FetchBlocks(self, request: pb.FetchBlocksRequest, context: Any) -> Any:
         for block in self.h.blocks_from(request.from_height):
             yield pb.BlockBytes(height=block.height, block=block.encode())
+
+
+async def first_within(items: Any, seconds: float) -> AsyncIterator[Any]:
+    """The items of a client stream whose first item comes within ``seconds``."""
+    iterator = aiter(items)
+    try:
+        first = await asyncio.wait_for(anext(iterator), seconds)
+    except StopAsyncIteration:
+        return
+    except asyncio.TimeoutError:
+        raise TooSlow(f"no stream message for {seconds:.0f} s") from None
+    yield first
+    async for item in iterator:
+        yield item
 
 
 async def discard_rest(request_iterator: Any, *, limit: int) -> None:

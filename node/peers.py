@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
@@ -22,6 +23,7 @@ from chain.records import RoundVerdicts, decode_operation
 from consensus.canonical import MalformedMessage
 from consensus.messages import Fetch, Forward, PrePrepare
 from node.daemon import NodeLog
+from node.identity import Identity
 from node.serving import channel
 from node.tensor_receiver import UpdateRejected, receive_tensor_stream
 from node.tensors import UPDATE_KIND
@@ -32,13 +34,26 @@ if TYPE_CHECKING:
     from node.miner import Miner
 
 PEER_QUEUE = 10_000
+# The envelope kind of a link item's signature (SHA-256 of the PBFT bytes).
+PBFT_WIRE_KIND = "pbft-wire"
+
+
+def link_item(identity: Identity, data: bytes) -> pb.PbftMessage:
+    """``data`` as a ``Deliver`` item signed by ``identity`` (checked before decoding)."""
+    auth = identity.sign(PBFT_WIRE_KIND, hashlib.sha256(data).digest())
+    return pb.PbftMessage(data=data, auth=auth)
 
 
 class PeerLink:
-    """Outgoing PBFT messages to one peer over a long-lived ``Deliver`` stream."""
+    """Outgoing PBFT messages to one peer over a long-lived ``Deliver`` stream.
 
-    def __init__(self, address: str, log: NodeLog | None = None) -> None:
+    Every item is signed (:func:`link_item`); the first, sent on connecting,
+    is empty: it binds the stream to this miner at the peer.
+    """
+
+    def __init__(self, address: str, identity: Identity, log: NodeLog | None = None) -> None:
         self.address = address
+        self.identity = identity
         self.log = log
         self.connected = True
         self.queue: asyncio.Queue[bytes] = asyncio.Queue(PEER_QUEUE)
@@ -58,9 +73,10 @@ class PeerLink:
                 await self._task
 
     async def _messages(self) -> AsyncIterator[pb.PbftMessage]:
+        yield link_item(self.identity, b"")
         while True:
             data = await self.queue.get()
-            yield pb.PbftMessage(data=data)
+            yield link_item(self.identity, data)
             if not self.connected and self.log is not None:
                 self.log.info(f"link to {self.address} up")
             self.connected = True

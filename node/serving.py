@@ -30,7 +30,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2_grpc
 
 from node.daemon import NodeLog
-from node.errors import INTERNAL_DETAIL, NotReady, decode, status_of
+from node.errors import INTERNAL_DETAIL, NotReady, TooSlow, decode, status_of
 from proto import llbcfl_pb2 as pb
 
 ROLE_ENUM: Final = {"client": pb.ROLE_CLIENT, "miner": pb.ROLE_MINER, "server": pb.ROLE_SERVER}
@@ -61,7 +61,38 @@ CHANNEL_OPTIONS: Final = [
     ("grpc.min_reconnect_backoff_ms", 200),
     ("grpc.max_reconnect_backoff_ms", 1000),
 ]
+# Inbound tensor streams (SubmitUpdate): the longest wait for the next part
+# (the header included), and the longest a whole stream may stay open. An
+# idle or trickling stream ends with DEADLINE_EXCEEDED and frees what it held.
+STREAM_IDLE_SECONDS: Final = 10.0
+STREAM_MAX_SECONDS: Final = 120.0
 _fallback_log = logging.getLogger("llbcfl.serving")
+
+
+async def bounded_parts(
+    parts: Any, *, idle: float = STREAM_IDLE_SECONDS, total: float = STREAM_MAX_SECONDS
+) -> Any:
+    """The items of a client stream, each within ``idle`` s, all within ``total`` s.
+
+    Raises :class:`~node.errors.TooSlow` (DEADLINE_EXCEEDED) otherwise.
+    """
+    loop = asyncio.get_running_loop()
+    end = loop.time() + total
+    iterator = aiter(parts)
+    while True:
+        left = end - loop.time()
+        wait = min(idle, left)
+        try:
+            if wait <= 0:
+                raise asyncio.TimeoutError
+            item = await asyncio.wait_for(anext(iterator), wait)
+        except StopAsyncIteration:
+            return
+        except asyncio.TimeoutError:
+            if wait < idle:
+                raise TooSlow(f"stream open longer than {total:.0f} s") from None
+            raise TooSlow(f"no stream message for {idle:.0f} s") from None
+        yield item
 
 
 def channel(address: str) -> grpc.aio.Channel:

@@ -4,6 +4,9 @@
 :class:`UpdateRejected` with the gRPC status a servicer should return:
 
 ==========================================================  ===================
+header signature: known signer, right kind                   UNAUTHENTICATED
+header signer's role, signer = header's sender               PERMISSION_DENIED
+``admit(header, signer)``: the caller's own checks           what it raises
 header: declared size within the limit, chunk size bound     RESOURCE_EXHAUSTED
 header: names, dtypes, shapes, total = the expected model;   INVALID_ARGUMENT
 order of parts; contiguous chunks; nothing past the total;
@@ -13,15 +16,17 @@ signer's role, signer = header's sender                      PERMISSION_DENIED
 values finite (attributable: ``sender`` is set)              INVALID_ARGUMENT
 ==========================================================  ===================
 
-Nothing is allocated before the declared size passed the limit; decoding
-is ``numpy.frombuffer`` views of one buffer, with no per-element Python work.
+Nothing is allocated before the header's signature verified and the
+declared size passed the limit (signature first: an outsider's stream costs
+no memory sized by what it declares); decoding is ``numpy.frombuffer`` views
+of one buffer, with no per-element Python work.
 """
 
 from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -29,10 +34,17 @@ import grpc
 import numpy as np
 import torch
 
-from chain.digests import DTYPES, NUMPY_DTYPES, ModelSpec, claim_bytes, nbytes_of
+from chain.digests import DTYPES, NUMPY_DTYPES, ModelSpec, claim_bytes, header_bytes, nbytes_of
 from node.errors import AUTH_CODES, Refused
 from node.identity import AuthError, verify_envelope
-from node.tensors import CHUNK_BYTES, SIGNER_ROLES, Layout, StreamHasher, stream_layout
+from node.tensors import (
+    CHUNK_BYTES,
+    SIGNER_ROLES,
+    Layout,
+    StreamHasher,
+    header_kind,
+    stream_layout,
+)
 from proto import llbcfl_pb2 as pb
 
 if TYPE_CHECKING:
@@ -91,18 +103,37 @@ class TensorStreamReceiver:
 
     Use with any iterator, e.g. in a servicer::
 
-        receiver = TensorStreamReceiver(expected=spec, max_total_bytes=limit)
+        receiver = TensorStreamReceiver(
+            expected=spec, max_total_bytes=limit, membership=membership, kind=UPDATE_KIND
+        )
         async for part in request_iterator:
             receiver.add(part)
-        received = receiver.finish(membership=membership, kind=UPDATE_KIND)
+        received = receiver.finish()
+
+    ``admit(header, signer)``, when given, runs once the header's signature
+    verified and before anything is allocated: the caller's checks of who
+    may send what now (a miner: the round is open, the sender selected).
     """
 
     def __init__(
-        self, *, expected: ModelSpec, max_total_bytes: int, max_chunk_bytes: int = CHUNK_BYTES
+        self,
+        *,
+        expected: ModelSpec,
+        max_total_bytes: int,
+        membership: Membership,
+        kind: str,
+        max_chunk_bytes: int = CHUNK_BYTES,
+        admit: Callable[[pb.TensorStreamHeader, NodeInfo], None] | None = None,
     ) -> None:
         for name, (dtype, _shape) in expected.items():
             if dtype not in DTYPES:
                 raise ValueError(f"expected tensor {name} has unsupported dtype {dtype!r}")
+        if kind not in SIGNER_ROLES:
+            raise ValueError(f"kind must be one of {', '.join(SIGNER_ROLES)}, got {kind!r}")
+        self._membership = membership
+        self._kind = kind
+        self._admit = admit
+        self.signer: NodeInfo | None = None
         self._names = sorted(expected)
         self._expected = expected
         self._max_total = max_total_bytes
@@ -128,9 +159,42 @@ class TensorStreamReceiver:
         else:
             raise _invalid("empty stream message")
 
+    def _authenticate(self, header: pb.TensorStreamHeader) -> NodeInfo:
+        kind = header_kind(self._kind)
+        try:
+            signer = verify_envelope(
+                header.auth,
+                self._membership,
+                expected_kind=kind,
+                allowed_roles=SIGNER_ROLES[self._kind],
+            )
+        except AuthError as exc:
+            raise UpdateRejected(AUTH_CODES[exc.reason], f"stream header: {exc}") from exc
+        if signer.node_id != header.sender_id:
+            raise UpdateRejected(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"stream header names another sender than its signer {signer.node_id}",
+            )
+        signed = header_bytes(
+            round=header.round,
+            sender_id=header.sender_id,
+            base_digest=header.base_digest,
+            num_samples=header.num_samples,
+            total_bytes=header.total_bytes,
+        )
+        if header.auth.payload != signed:
+            raise UpdateRejected(
+                grpc.StatusCode.UNAUTHENTICATED,
+                "the header's signature does not cover this header's fields",
+            )
+        return signer
+
     def _add_header(self, header: pb.TensorStreamHeader) -> None:
         if self.header is not None:
             raise _invalid("second header")
+        signer = self._authenticate(header)
+        if self._admit is not None:
+            self._admit(header, signer)
         if header.total_bytes > self._max_total:
             raise UpdateRejected(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -155,8 +219,7 @@ class TensorStreamReceiver:
         total = sum(nbytes_of(*self._expected[name]) for name in self._names)
         if header.total_bytes != total:
             raise _invalid(f"stream declares {header.total_bytes} bytes, the tensors need {total}")
-        if not header.sender_id:
-            raise _invalid("header lacks the sender id")
+        self.signer = signer
         self.header = header
         self._buffer = bytearray(total)
         self._hasher = StreamHasher(self._stream_layout())
@@ -179,10 +242,9 @@ class TensorStreamReceiver:
         self._received = end
         self._hasher.feed(self._buffer, end)
 
-    def finish(self, *, membership: Membership, kind: str) -> ReceivedTensors:
+    def finish(self) -> ReceivedTensors:
         """Complete the checks (data, digest, claim, values); the decoded tensors."""
-        if kind not in SIGNER_ROLES:
-            raise ValueError(f"kind must be one of {', '.join(SIGNER_ROLES)}, got {kind!r}")
+        membership, kind = self._membership, self._kind
         header, trailer = self.header, self._trailer
         if header is None:
             raise _invalid("empty stream")
@@ -271,8 +333,12 @@ def receive_tensor_stream(
 ) -> ReceivedTensors:
     """Feed a whole (synchronous) stream to a :class:`TensorStreamReceiver` and finish it."""
     receiver = TensorStreamReceiver(
-        expected=expected, max_total_bytes=max_total_bytes, max_chunk_bytes=max_chunk_bytes
+        expected=expected,
+        max_total_bytes=max_total_bytes,
+        membership=membership,
+        kind=kind,
+        max_chunk_bytes=max_chunk_bytes,
     )
     for part in parts:
         receiver.add(part)
-    return receiver.finish(membership=membership, kind=kind)
+    return receiver.finish()

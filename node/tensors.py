@@ -4,7 +4,9 @@ A model or an update travels as one :class:`~proto.llbcfl_pb2.TensorStreamPart`
 stream: a header (round, sender, base digest, sample count, the tensors'
 names, dtypes and shapes, total size), chunks of at most 1 MiB that slice
 the concatenated raw little-endian bytes of the tensors in name order, and a
-trailer with the digest and the sender's signed claim. Protobuf types stop
+trailer with the digest and the sender's signed claim. The header carries
+the sender's signature over its own fields (``header_kind``), so a receiver
+authenticates a stream before it reserves memory for its data. Protobuf types stop
 here: callers get ``name -> torch.Tensor`` mappings (``fl.weights.Weights``).
 
 The digest is ``chain.digests.weights_digest`` (SHA-256 over canonical
@@ -26,6 +28,7 @@ from chain.digests import (
     DIGEST_TAG,
     claim_bytes,
     dtype_name,
+    header_bytes,
     nbytes_of,
     raw_bytes,
     tensor_record,
@@ -44,6 +47,25 @@ MODEL_KIND: Final = "model"
 MODEL_REQUEST_KIND: Final = "model-request"
 # Who may sign a stream of each kind.
 SIGNER_ROLES: Final = {UPDATE_KIND: ("client",), MODEL_KIND: ("server",)}
+
+
+def header_kind(kind: str) -> str:
+    """The envelope kind of a stream header's signature (``update-header``, ...)."""
+    return f"{kind}-header"
+
+
+def sign_header(header: pb.TensorStreamHeader, identity: Identity, kind: str) -> None:
+    """Set ``header.auth``: ``identity``'s signature over the header's canonical bytes."""
+    payload = header_bytes(
+        round=header.round,
+        sender_id=header.sender_id,
+        base_digest=header.base_digest,
+        num_samples=header.num_samples,
+        total_bytes=header.total_bytes,
+    )
+    header.auth.CopyFrom(identity.sign(header_kind(kind), payload))
+
+
 Layout = list[tuple[str, str, tuple[int, ...], int, int]]  # name, dtype, shape, offset, nbytes
 
 
@@ -144,6 +166,7 @@ def tensor_stream(
         tensors=[pb.TensorSpec(name=n, dtype=d, shape=s) for n, d, s in specs],
         total_bytes=sum(item[4] for item in layout),
     )
+    sign_header(header, identity, kind)
     data = b"".join(raw_bytes(weights[name]) for name, _, _ in specs)
     hasher = StreamHasher(layout)
 

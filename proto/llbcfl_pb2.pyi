@@ -41,20 +41,22 @@ class TensorSpec(_message.Message):
     def __init__(self, name: _Optional[str] = ..., dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class TensorStreamHeader(_message.Message):
-    __slots__ = ("round", "sender_id", "base_digest", "num_samples", "tensors", "total_bytes")
+    __slots__ = ("round", "sender_id", "base_digest", "num_samples", "tensors", "total_bytes", "auth")
     ROUND_FIELD_NUMBER: _ClassVar[int]
     SENDER_ID_FIELD_NUMBER: _ClassVar[int]
     BASE_DIGEST_FIELD_NUMBER: _ClassVar[int]
     NUM_SAMPLES_FIELD_NUMBER: _ClassVar[int]
     TENSORS_FIELD_NUMBER: _ClassVar[int]
     TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
+    AUTH_FIELD_NUMBER: _ClassVar[int]
     round: int
     sender_id: str
     base_digest: bytes
     num_samples: int
     tensors: _containers.RepeatedCompositeFieldContainer[TensorSpec]
     total_bytes: int
-    def __init__(self, round: _Optional[int] = ..., sender_id: _Optional[str] = ..., base_digest: _Optional[bytes] = ..., num_samples: _Optional[int] = ..., tensors: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., total_bytes: _Optional[int] = ...) -> None: ...
+    auth: Envelope
+    def __init__(self, round: _Optional[int] = ..., sender_id: _Optional[str] = ..., base_digest: _Optional[bytes] = ..., num_samples: _Optional[int] = ..., tensors: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., total_bytes: _Optional[int] = ..., auth: _Optional[_Union[Envelope, _Mapping]] = ...) -> None: ...
 
 class TensorChunk(_message.Message):
     __slots__ = ("offset", "data")
@@ -117,10 +119,12 @@ class PeerState(_message.Message):
     def __init__(self, node_id: _Optional[str] = ..., address: _Optional[str] = ..., connected: _Optional[bool] = ...) -> None: ...
 
 class PbftMessage(_message.Message):
-    __slots__ = ("data",)
+    __slots__ = ("data", "auth")
     DATA_FIELD_NUMBER: _ClassVar[int]
+    AUTH_FIELD_NUMBER: _ClassVar[int]
     data: bytes
-    def __init__(self, data: _Optional[bytes] = ...) -> None: ...
+    auth: Envelope
+    def __init__(self, data: _Optional[bytes] = ..., auth: _Optional[_Union[Envelope, _Mapping]] = ...) -> None: ...
 
 class Ack(_message.Message):
     __slots__ = ("received",)

@@ -35,8 +35,9 @@ from node.identity import Identity
 from node.miner import Miner
 from node.miner_service import MinerHandler, MinerServicer
 from node.offchain import upload_of
+from node.peers import link_item
 from node.serving import add_servicer
-from node.tensors import tensor_stream
+from node.tensors import sign_header, tensor_stream
 from proto import llbcfl_pb2 as pb
 from proto import llbcfl_pb2_grpc as pb_grpc
 from tests.chain.blocks import commit
@@ -83,12 +84,16 @@ def miner(registering_miner: Miner) -> Miner:
     return m
 
 
+HANDLERS: dict[int, MinerHandler] = {}  # the handler serving each miner under test
+
+
 def run_with_miner(
     miner: Miner, body: Callable[[Any], Awaitable[None]], *, stub: bool = True
 ) -> None:
     async def main() -> None:
         server = grpc.aio.server()
-        add_servicer(server, "Miner", MinerServicer(MinerHandler(miner)))
+        handler = HANDLERS[id(miner)] = MinerHandler(miner)
+        add_servicer(server, "Miner", MinerServicer(handler))
         port = server.add_insecure_port("127.0.0.1:0")
         await server.start()
         try:
@@ -204,9 +209,60 @@ def test_tampered_data_is_refused(miner: Miner, identities: Any) -> None:
 
 
 def test_oversized_stream_is_refused(miner: Miner, identities: Any) -> None:
-    parts = update_parts(identities[selected(miner)[0]])
+    client = identities[selected(miner)[0]]
+    parts = update_parts(client)
     parts[0].header.total_bytes = miner.genesis.protocol.max_stream_bytes + 1
+    sign_header(parts[0].header, client, "update")
     expect_refusal(miner, parts, grpc.StatusCode.RESOURCE_EXHAUSTED)
+
+
+def test_unsigned_stream_header_is_refused_unauthenticated(miner: Miner, identities: Any) -> None:
+    parts = update_parts(identities[selected(miner)[0]])
+    parts[0].header.ClearField("auth")
+    expect_refusal(miner, parts, grpc.StatusCode.UNAUTHENTICATED)
+
+
+def test_unselected_client_is_refused_at_its_header(miner: Miner, identities: Any) -> None:
+    # Prepare: a registered client that round 1 did not select
+    others = [c.node_id for c in miner.genesis.membership.clients]
+    outsider = next(c for c in others if c not in selected(miner))
+    # Execute / Assert: refused before any chunk is read (the stream has no data)
+    parts = update_parts(identities[outsider])[:1]
+    expect_refusal(miner, parts, grpc.StatusCode.PERMISSION_DENIED)
+
+
+def test_second_concurrent_stream_of_one_client_is_refused(miner: Miner, identities: Any) -> None:
+    # Prepare: a client's first stream sends its header and waits
+    client = identities[selected(miner)[0]]
+    parts = update_parts(client)
+    header_sent = asyncio.Event()
+    release = asyncio.Event()
+
+    async def slow() -> Any:
+        yield parts[0]
+        header_sent.set()
+        await release.wait()
+
+    async def body(stub: Any) -> None:
+        first = stub.SubmitUpdate(slow())
+        await header_sent.wait()
+        await asyncio.wait_for(until_uploading(miner, client.node_id), 10)
+        # Execute: a second stream of the same client while the first is open
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await stub.SubmitUpdate(iter(parts))
+        release.set()
+        first.cancel()
+        # Assert
+        assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+    run_with_miner(miner, body)
+    assert miner.blobs.by_round == {}
+
+
+async def until_uploading(miner: Miner, cid: str) -> None:
+    handler = HANDLERS[id(miner)]
+    while cid not in handler.uploading:
+        await asyncio.sleep(0.01)  # polling a condition (bounded by the caller's wait_for)
 
 
 def test_update_from_another_model_is_refused(miner: Miner, identities: Any) -> None:
@@ -298,14 +354,69 @@ def test_submit_with_a_forged_signature_is_refused(miner: Miner, identities: Any
     assert miner.replica.pending_count == 0
 
 
-def test_malformed_pbft_message_is_refused(miner: Miner) -> None:
+def test_malformed_pbft_message_of_a_miner_is_refused(miner: Miner, identities: Any) -> None:
     async def body(stub: Any) -> None:
         with pytest.raises(grpc.aio.AioRpcError) as info:
-            await stub.Deliver(iter([pb.PbftMessage(data=b"\x00garbage")]))
+            await stub.Deliver(iter([link_item(identities["miner-2"], b"\x00garbage")]))
         assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
     run_with_miner(miner, body)
     assert miner.store.height() == 0
+
+
+@pytest.mark.parametrize("signer", [None, "client-000", "outsider"])
+def test_pbft_item_not_signed_by_a_miner_is_refused_before_decoding(
+    miner: Miner, identities: Any, signer: str | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Prepare: a large unsigned (or client-, or outsider-signed) item; decoding is watched
+    decoded: list[int] = []
+    monkeypatch.setattr("node.miner_service.decode_message", lambda data: decoded.append(1))
+    data = b"\x01" + b"\x00" * (3 << 20)
+    if signer is None:
+        item = pb.PbftMessage(data=data)
+    elif signer == "outsider":
+        item = link_item(Identity.generate(node_id="miner-2", role="miner"), data)
+    else:
+        item = link_item(identities[signer], data)
+    expected = grpc.StatusCode.PERMISSION_DENIED if signer == "client-000" else None
+
+    async def body(stub: Any) -> None:
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await stub.Deliver(iter([item]))
+        assert info.value.code() == (expected or grpc.StatusCode.UNAUTHENTICATED)
+
+    # Execute
+    run_with_miner(miner, body)
+    # Assert
+    assert decoded == [] and miner.store.height() == 0
+
+
+def test_pbft_item_whose_signature_covers_other_bytes_is_refused(
+    miner: Miner, identities: Any
+) -> None:
+    # Prepare: a miner's signed item with its data swapped
+    item = link_item(identities["miner-2"], b"\x00honest")
+    item.data = b"\x00forged"
+
+    async def body(stub: Any) -> None:
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await stub.Deliver(iter([item]))
+        assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+    run_with_miner(miner, body)
+
+
+def test_a_stream_bound_to_one_miner_refuses_another_miners_items(
+    miner: Miner, identities: Any
+) -> None:
+    items = [link_item(identities["miner-2"], b""), link_item(identities["miner-3"], b"")]
+
+    async def body(stub: Any) -> None:
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await stub.Deliver(iter(items))
+        assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
+
+    run_with_miner(miner, body)
 
 
 def test_fetch_of_an_unknown_digest_is_not_found(miner: Miner) -> None:

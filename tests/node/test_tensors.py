@@ -15,7 +15,14 @@ from fl.models import build_model
 from fl.weights import get_weights
 from node.identity import Identity
 from node.tensor_receiver import TensorStreamReceiver, UpdateRejected, receive_tensor_stream
-from node.tensors import CHUNK_BYTES, MODEL_KIND, UPDATE_KIND, relay_stream, tensor_stream
+from node.tensors import (
+    CHUNK_BYTES,
+    MODEL_KIND,
+    UPDATE_KIND,
+    relay_stream,
+    sign_header,
+    tensor_stream,
+)
 from proto import llbcfl_pb2 as pb
 
 LIMIT = 64 << 20
@@ -282,13 +289,72 @@ def test_non_finite_values_are_rejected_and_attributed(identities, membership, b
 
 
 def test_oversized_stream_is_rejected_before_allocating(identities, membership):
-    # Prepare: a header claiming a terabyte (allocating it would fail loudly)
+    # Prepare: a member's signed header claiming a terabyte (allocating it would fail loudly)
     parts = _small_stream(identities)
     parts[0].header.total_bytes = 1 << 40
+    sign_header(parts[0].header, identities["client-000"], UPDATE_KIND)
     # Execute
     error = rejection(parts, membership, small_weights())
     # Assert
     assert error.code == Code.RESOURCE_EXHAUSTED and "limit" in error.reason
+
+
+@pytest.mark.parametrize("signer", [None, "outsider"])
+def test_unsigned_or_outsider_header_is_refused_before_any_check_or_allocation(
+    identities, membership, signer
+):
+    # Prepare: a terabyte header, unsigned or signed by a key outside the genesis
+    parts = _small_stream(identities)
+    header = parts[0].header
+    header.total_bytes = 1 << 40
+    header.ClearField("auth")
+    if signer is not None:
+        sign_header(header, Identity.generate(node_id="client-000", role="client"), UPDATE_KIND)
+    receiver = TensorStreamReceiver(
+        expected=model_spec(small_weights()),
+        max_total_bytes=LIMIT,
+        membership=membership,
+        kind=UPDATE_KIND,
+    )
+    # Execute
+    with pytest.raises(UpdateRejected) as info:
+        receiver.add(parts[0])
+    # Assert: refused as unauthenticated, nothing reserved
+    assert info.value.code == Code.UNAUTHENTICATED and "stream header" in info.value.reason
+    assert receiver.header is None and receiver.signer is None
+
+
+def test_header_signed_by_another_role_is_refused(identities, membership):
+    # Prepare: the server signs an update header
+    parts = _small_stream(identities)
+    parts[0].header.sender_id = "server"
+    sign_header(parts[0].header, identities["server"], UPDATE_KIND)
+    # Execute
+    error = rejection(parts, membership, small_weights())
+    # Assert
+    assert error.code == Code.PERMISSION_DENIED
+
+
+def test_admit_runs_after_the_signature_and_before_allocation(identities, membership):
+    # Prepare: the caller refuses every sender
+    seen = []
+
+    def admit(header, signer):
+        seen.append(signer.node_id)
+        raise UpdateRejected(Code.PERMISSION_DENIED, "not now")
+
+    receiver = TensorStreamReceiver(
+        expected=model_spec(small_weights()),
+        max_total_bytes=LIMIT,
+        membership=membership,
+        kind=UPDATE_KIND,
+        admit=admit,
+    )
+    # Execute
+    with pytest.raises(UpdateRejected):
+        receiver.add(_small_stream(identities)[0])
+    # Assert: admit saw the verified signer; nothing was reserved
+    assert seen == ["client-000"] and receiver.header is None
 
 
 def test_model_larger_than_the_limit_is_rejected(identities, membership, cnn):
@@ -368,13 +434,24 @@ def test_client_cannot_sign_for_another_client(identities, membership):
     # Execute
     error = rejection(parts, membership, small_weights())
     # Assert
-    assert error.code == Code.PERMISSION_DENIED and "signed by client-001" in error.reason
+    assert error.code == Code.PERMISSION_DENIED and "signer client-001" in error.reason
 
 
-def test_claim_replayed_in_another_round_is_rejected(identities, membership):
-    # Prepare: a round-3 update re-sent with a round-4 header
+def test_stream_replayed_in_another_round_is_rejected_at_its_header(identities, membership):
+    # Prepare: someone else's round-3 update re-sent with a round-4 header
     parts = _small_stream(identities)
     parts[0].header.round = 4
+    # Execute
+    error = rejection(parts, membership, small_weights())
+    # Assert
+    assert error.code == Code.UNAUTHENTICATED and "does not cover" in error.reason
+
+
+def test_claim_of_another_round_is_rejected(identities, membership):
+    # Prepare: the client re-signs the header for round 4 but keeps its round-3 claim
+    parts = _small_stream(identities)
+    parts[0].header.round = 4
+    sign_header(parts[0].header, identities["client-000"], UPDATE_KIND)
     # Execute
     error = rejection(parts, membership, small_weights())
     # Assert
@@ -402,10 +479,15 @@ def test_signature_of_another_kind_is_not_an_update(identities, membership):
     assert renamed.code == Code.UNAUTHENTICATED and "bad 'update' signature" in renamed.reason
 
 
-def test_receiver_exposes_the_header_before_the_data(identities):
+def test_receiver_exposes_the_header_before_the_data(identities, membership):
     # Prepare: a servicer can check round and sender before reading any chunk
     parts = _small_stream(identities)
-    receiver = TensorStreamReceiver(expected=model_spec(small_weights()), max_total_bytes=LIMIT)
+    receiver = TensorStreamReceiver(
+        expected=model_spec(small_weights()),
+        max_total_bytes=LIMIT,
+        membership=membership,
+        kind=UPDATE_KIND,
+    )
     # Execute
     receiver.add(parts[0])
     # Assert
