@@ -22,16 +22,25 @@ from consensus.canonical import MalformedMessage
 from node.daemon import NodeLog
 from node.errors import (
     INTERNAL_DETAIL,
+    Busy,
     Duplicate,
     InvalidRequest,
     NotFound,
     NotPermitted,
     NotReady,
+    TooSlow,
     WrongState,
     status_of,
 )
 from node.identity import AuthError
-from node.serving import GRACE_SECONDS, Endpoint, StatusInfo, add_servicer, serve
+from node.serving import (
+    GRACE_SECONDS,
+    Endpoint,
+    StatusInfo,
+    add_servicer,
+    bounded_parts,
+    serve,
+)
 from node.tensor_receiver import UpdateRejected
 from proto import llbcfl_pb2 as pb
 from proto import llbcfl_pb2_grpc as pb_grpc
@@ -44,6 +53,8 @@ DOMAIN_ERRORS = [
     (Duplicate("already sent"), Code.ALREADY_EXISTS),
     (NotReady("model not yet known"), Code.UNAVAILABLE),
     (NotFound("no such update"), Code.NOT_FOUND),
+    (Busy("client-001 already has an update stream open"), Code.RESOURCE_EXHAUSTED),
+    (TooSlow("no stream message for 10 s"), Code.DEADLINE_EXCEEDED),
     (AuthError("wrong-role", "a miner is not a client"), Code.PERMISSION_DENIED),
     (AuthError("unknown-signer", "signer is not a member"), Code.UNAUTHENTICATED),
     (AuthError("bad-signature", "bad signature"), Code.UNAUTHENTICATED),
@@ -302,3 +313,43 @@ def test_serve_ends_idle_client_streams_at_once_when_stopping() -> None:
     elapsed, code = asyncio.run(main())
     assert elapsed < 1.0
     assert code == Code.UNAVAILABLE
+
+
+async def _parts(gaps: list[float]) -> Any:
+    """A client stream whose i-th item comes after ``gaps[i]`` seconds."""
+    for index, gap in enumerate(gaps):
+        await asyncio.sleep(gap)  # the stream's own pacing, not a race
+        yield index
+
+
+async def _collect(parts: Any, seen: list[int]) -> None:
+    async for item in parts:
+        seen.append(item)
+
+
+@pytest.mark.parametrize(
+    ("gaps", "idle", "total", "seen", "reason"),
+    [
+        ([0.0, 0.0, 0.0], 0.5, 5.0, [0, 1, 2], None),
+        ([0.0, 2.0], 0.2, 5.0, [0], "no stream message"),  # a stalled stream
+        ([0.0] + [0.2] * 9, 1.0, 0.5, [0], "open longer"),  # a trickle, each gap < idle
+    ],
+    ids=["prompt", "idle", "trickle"],
+)
+def test_bounded_parts_end_idle_and_trickling_streams(
+    gaps: list[float], idle: float, total: float, seen: list[int], reason: str | None
+) -> None:
+    # Execute
+    got: list[int] = []
+
+    async def main() -> None:
+        await _collect(bounded_parts(_parts(gaps), idle=idle, total=total), got)
+
+    if reason is None:
+        asyncio.run(main())
+    else:
+        with pytest.raises(TooSlow, match=reason):
+            asyncio.run(main())
+    # Assert: everything before the cut, in order (a trickle is cut part-way)
+    assert got[: len(seen)] == seen and got == list(range(len(got)))
+    assert len(got) == len(seen) if reason != "open longer" else len(got) < len(gaps)
