@@ -31,6 +31,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from commands.launcher import NodeProcess, network_up
+from commands.progress import LineView
 from fl.config import RunConfig
 
 CONFIG = {
@@ -109,8 +110,8 @@ def main() -> None:
             run_dir=run_dir,
             miners=4,
             client_procs=config.clients,
-            round_deadline_ms=int(args.deadline * 1000),
-            progress=lambda message: print(message, file=sys.stderr, flush=True),
+            protocol={"round_deadline_ms": int(args.deadline * 1000)},
+            view=LineView(sys.stderr),
             timeout=args.timeout,
             on_started=freezer.started,
         )

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import signal
 import sys
+import time
 from collections.abc import Awaitable, Callable
 from logging.handlers import RotatingFileHandler
 from pathlib import Path
@@ -28,6 +30,8 @@ MAX_LOG_LINE = 1_000
 # ... and a log file is rotated at this size, keeping LOG_BACKUPS old ones.
 MAX_LOG_BYTES = 10 * 2**20
 LOG_BACKUPS = 3
+# Refusals of unsigned traffic: at most one log line per this many seconds.
+OUTSIDER_LOG_SECONDS = 10.0
 # Control characters are escaped, so no text can forge a second log line.
 _CONTROL = {c: f"\\x{c:02x}" for c in (*range(32), 127)}
 
@@ -47,6 +51,8 @@ class NodeLog:
     def __init__(self, node_id: str, log_file: Path | None = None) -> None:
         self.node_id = node_id
         self.round = 0
+        self._outsider_at = -math.inf
+        self._outsider_quiet = 0
         self._logger = logging.getLogger(f"llbcfl.{node_id}")
         self._logger.setLevel(logging.INFO)
         self._logger.propagate = False
@@ -74,6 +80,20 @@ class NodeLog:
     def exception(self, message: str) -> None:
         """:meth:`error` with the traceback of the exception being handled (node log only)."""
         self._logger.error(self._fmt("ERROR " + message), exc_info=True)
+
+    def refused_outsider(self, message: str) -> None:
+        """A warning about traffic no member signed: one line per :data:`OUTSIDER_LOG_SECONDS`.
+
+        An outsider can send unsigned requests as fast as it likes; each
+        must not cost a log line. The next line says how many were not logged.
+        """
+        now = time.monotonic()
+        if now - self._outsider_at < OUTSIDER_LOG_SECONDS:
+            self._outsider_quiet += 1
+            return
+        quiet, self._outsider_quiet, self._outsider_at = self._outsider_quiet, 0, now
+        more = f" ({quiet} more such refusals not logged)" if quiet else ""
+        self.warning(message + more)
 
 
 def record_verifier(membership: Membership) -> Callable[[str, str, str, bytes, bytes], bool]:

@@ -39,6 +39,7 @@ from consensus.ledger import Block, Request
 from consensus.messages import Blocks, Message, decode_message
 from node.daemon import NodeLog, load_node_splits
 from node.errors import (
+    AUTH_CODES,
     Busy,
     Duplicate,
     InvalidRequest,
@@ -224,7 +225,10 @@ class MinerHandler:
     async def refused_update(self, exc: UpdateRejected) -> None:
         """A stream the receiver refused; a signed one with bad values is kept as evidence."""
         m = self.m
-        m.log.warning(f"refused update: {exc.reason}")
+        if exc.sender is None and exc.code in AUTH_CODES.values():
+            m.log.refused_outsider(f"refused an update stream no member signed: {exc.reason}")
+        else:
+            m.log.warning(f"refused update: {exc.reason}")
         if exc.evidence is not None:
             async with self.core:
                 m.note_malformed(exc.evidence)

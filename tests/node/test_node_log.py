@@ -41,3 +41,20 @@ def test_the_log_file_rotates_and_keeps_a_bounded_number_of_old_files(tmp_path, 
     finally:
         for handler in logging.getLogger("llbcfl.rotation-test-node").handlers:
             handler.close()
+
+
+def test_refusals_of_outsiders_cost_one_line_per_period(tmp_path, monkeypatch):
+    # Prepare: a clock the test moves
+    now = [1000.0]
+    monkeypatch.setattr(node.daemon.time, "monotonic", lambda: now[0])
+    log_file = tmp_path / "log"
+    log = NodeLog("outsider-test-node", log_file)
+    # Execute: 100 refusals at once, then one more a period later
+    for _ in range(100):
+        log.refused_outsider("refused an unsigned stream")
+    now[0] += node.daemon.OUTSIDER_LOG_SECONDS
+    log.refused_outsider("refused an unsigned stream")
+    # Assert: two lines; the second counts the 99 not logged
+    lines = log_file.read_text().splitlines()
+    assert len(lines) == 2
+    assert lines[1].endswith("refused an unsigned stream (99 more such refusals not logged)")

@@ -8,7 +8,9 @@ message, its traceback only in the node's log.
 from __future__ import annotations
 
 import asyncio
+import gc
 import time
+import weakref
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -353,3 +355,34 @@ def test_bounded_parts_end_idle_and_trickling_streams(
     # Assert: everything before the cut, in order (a trickle is cut part-way)
     assert got[: len(seen)] == seen and got == list(range(len(got)))
     assert len(got) == len(seen) if reason != "open longer" else len(got) < len(gaps)
+
+
+class _Held:
+    """Stands for a large request a refused handler had in its frame."""
+
+
+class RefusingWithAFrame:
+    """A Node servicer whose Status holds a :class:`_Held` in its frame, then refuses."""
+
+    def __init__(self) -> None:
+        self.held: list[weakref.ref] = []
+
+    async def Status(self, request: pb.StatusRequest, context: Any) -> pb.NodeStatus:
+        request_data = _Held()
+        self.held.append(weakref.ref(request_data))
+        raise InvalidRequest("refused")
+
+
+def test_a_refused_call_frees_its_request_without_a_garbage_collection() -> None:
+    # Prepare: no cyclic collection may run during the calls
+    servicer = RefusingWithAFrame()
+    gc.collect()
+    gc.disable()
+    try:
+        # Execute
+        errors = [call_status(servicer) for _ in range(3)]
+        # Assert: refused, and what the handler held is gone by reference counting
+        assert {e.code() for e in errors} == {Code.INVALID_ARGUMENT}
+        assert [ref() for ref in servicer.held] == [None, None, None]
+    finally:
+        gc.enable()
