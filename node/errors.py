@@ -15,6 +15,7 @@ wrong-kind)
 :class:`Duplicate`                                 ALREADY_EXISTS
 :class:`NotReady`                                  UNAVAILABLE
 :class:`NotFound`                                  NOT_FOUND
+:class:`DiskFull` (read-only: ``node.full_disk``)  RESOURCE_EXHAUSTED
 ``UpdateRejected`` (``node.tensor_receiver``)      its own ``code``
 anything else                                      INTERNAL, "internal error"
 =================================================  ===================
@@ -90,6 +91,12 @@ class NotFound(Refused):
     """Nothing held under this name."""
 
     code = grpc.StatusCode.NOT_FOUND
+
+
+class DiskFull(Refused):
+    """This node's disk is full: it is read-only and refuses what would need a write."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
 def short(text: str) -> str:
