@@ -22,6 +22,7 @@ from chain.records import RoundVerdicts, decode_operation
 from consensus.canonical import MalformedMessage
 from consensus.messages import Fetch, Forward, PrePrepare
 from node.daemon import NodeLog
+from node.errors import DiskFull
 from node.serving import channel
 from node.tensor_receiver import UpdateRejected, receive_tensor_stream
 from node.tensors import UPDATE_KIND
@@ -144,7 +145,10 @@ class BlobFetcher:
                     except (grpc.aio.AioRpcError, UpdateRejected):
                         continue
                     if received.digest == digest:
-                        m.blobs.put(received)
+                        try:
+                            m.blobs.put(received)
+                        except DiskFull:  # read-only now: fetched again once there is room
+                            return
                         break
             finally:
                 self._fetching.discard(digest)
