@@ -10,6 +10,12 @@ missing from its peers (state transfer, Castro & Liskov TOCS 2002 s.6).
 
 Both stores also keep the replica's current view (raft's "hard state"), so
 a restarted replica knows which views it may already have voted in.
+
+A write that fails (a full disk: SQLite's ``SQLITE_FULL``, "database or disk
+is full") changes nothing: the transaction is rolled back, the head stays
+where it was, and the error reaches the caller (the miner turns read-only,
+``node.full_disk``). Opening a store on a full disk, or with an I/O error,
+fails the same way: only a file SQLite finds damaged is set aside.
 """
 
 from __future__ import annotations
@@ -32,6 +38,31 @@ CREATE TABLE IF NOT EXISTS hard_state (
     value INTEGER NOT NULL
 );
 """
+
+
+# SQLite's result codes for a full disk (sqlite3.SQLITE_FULL from Python 3.11 on):
+# "database or disk is full", and the shared-memory file of a WAL database
+# that cannot grow, which is what opening one on a full disk reports.
+SQLITE_FULL: Final = 13
+SQLITE_IOERR: Final = 10
+SQLITE_IOERR_SHMSIZE: Final = 4874
+FULL_CODES: Final = frozenset({SQLITE_FULL, SQLITE_IOERR_SHMSIZE})
+FULL_MESSAGE: Final = "database or disk is full"
+
+
+def is_full(exc: BaseException) -> bool:
+    """SQLite could not write for want of space (its error code; its message before 3.11)."""
+    return isinstance(exc, sqlite3.Error) and (
+        getattr(exc, "sqlite_errorcode", None) in FULL_CODES or str(exc) == FULL_MESSAGE
+    )
+
+
+def _says_nothing_of_the_file(exc: sqlite3.Error) -> bool:
+    """A full disk or an I/O error (SQLITE_IOERR and its extended codes): the device
+    failed, which says nothing of the file, so setting it aside would not help."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    io_error = code is not None and code & 0xFF == SQLITE_IOERR
+    return is_full(exc) or io_error or str(exc) == "disk I/O error"
 
 
 class StoreError(RuntimeError):
@@ -118,6 +149,8 @@ class BlockStore:
             self._open(verify=verify, n=n)
         except sqlite3.DatabaseError as exc:
             self.close()
+            if _says_nothing_of_the_file(exc):  # not a damaged file: nothing to set aside
+                raise
             self.set_aside = _set_aside(self.path)
             self._open(verify=verify, n=n)
             self.verdict = ChainVerdict(
@@ -190,7 +223,10 @@ class BlockStore:
             )
             db.execute("COMMIT")
         except BaseException:
-            db.execute("ROLLBACK")
+            # SQLite rolls back by itself after some errors (SQLITE_FULL among
+            # them); a second ROLLBACK would fail and hide the first error.
+            if db.in_transaction:
+                db.execute("ROLLBACK")
             raise
         self._head = block
 

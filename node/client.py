@@ -23,6 +23,11 @@ covers every identity of the process and every process sharing the ledger),
 trains with ``ClientState.participate`` (the simulator's call, secret noise
 unless the testbed genesis asks for reproducible noise), and streams the
 update, with its signed claim, to every miner.
+
+A full disk under the ledger (``node.full_disk``) makes the host read-only:
+a reservation that cannot be written is not made, so that round is not
+trained (nothing is released without its entry on disk), and start-round
+notices are refused with RESOURCE_EXHAUSTED until a probe finds room again.
 """
 
 from __future__ import annotations
@@ -42,8 +47,9 @@ from fl.privacy import BudgetExhausted
 from fl.rounds import ClientState, Federation, privacy_plan
 from fl.seeds import torch_generator
 from node.daemon import NodeLog, signed_record
-from node.errors import Duplicate, InvalidRequest, NotPermitted, WrongState
+from node.errors import DiskFull, Duplicate, InvalidRequest, NotPermitted, WrongState
 from node.follower import ChainFollower
+from node.full_disk import DiskGuard
 from node.genesis import Genesis
 from node.identity import Identity
 from node.privacy_ledger import (
@@ -84,6 +90,7 @@ class ClientHost:
         self.network = genesis.digest
         self.ledger = ledger
         self.log = log
+        self.disk = DiskGuard(log, ledger.path.parent)
         self.identities = {i.node_id: i for i in identities}
         self.states: dict[str, ClientState] = {}
         for ident in identities:
@@ -191,6 +198,7 @@ class ClientHost:
     async def start_round(self, cid: str, notice: pb.RoundNotice) -> pb.StartRoundReply:
         """Act on a start-round notice (signature checked), or refuse it (``node.errors``)."""
         rnd = notice.round
+        self.disk.check()  # taking part starts with a write to the ledger
         if rnd > self.config.rounds:
             raise InvalidRequest(f"round {rnd} is past the run's {self.config.rounds} rounds")
         data = self.data[cid]
@@ -242,9 +250,10 @@ class ClientHost:
             async with self.lock:
                 # The spend is on disk before training starts: a crash from
                 # here on can only over-count.
-                spent = await asyncio.to_thread(
-                    self.ledger.reserve, self.data[cid], self.entry(rnd), self.budget
-                )
+                with self.disk.writing(f"reserving round {rnd} of {cid} in the privacy ledger"):
+                    spent = await asyncio.to_thread(
+                        self.ledger.reserve, self.data[cid], self.entry(rnd), self.budget
+                    )
                 log.info(f"reserved round {rnd}: epsilon spent {spent:.4f}")
                 update = await asyncio.to_thread(
                     self.states[cid].participate,
@@ -268,6 +277,8 @@ class ClientHost:
                 log.error(f"round {rnd}: the update reached no miner")
         except (AlreadyReserved, BudgetExhausted) as exc:
             log.warning(f"round {rnd} not trained: {exc}")
+        except DiskFull:  # nothing reserved, nothing released
+            log.info(f"round {rnd} not trained: the disk is full")
         except (grpc.aio.AioRpcError, UpdateRejected) as exc:
             log.error(f"round {rnd} failed: {exc}")
         except Exception as exc:  # a task's error would otherwise vanish unseen

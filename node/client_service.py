@@ -23,6 +23,7 @@ from fl.rounds import Federation
 from node.client import ClientHost
 from node.daemon import NodeLog, load_node_splits
 from node.errors import InvalidRequest, decode
+from node.full_disk import PROBE_SECONDS
 from node.genesis import Genesis
 from node.identity import Identity, verify_envelope
 from node.privacy_ledger import PrivacyLedger
@@ -61,16 +62,28 @@ async def follow_to_the_end(
     host: ClientHost, stop: asyncio.Event, *, stay: bool, log: NodeLog
 ) -> None:
     """Wait for ``stop``; unless ``stay``, set it once the chain holds the run's last
-    round summary (read every :data:`END_POLL_SECONDS`)."""
+    round summary (read every :data:`END_POLL_SECONDS`). While the host is
+    read-only (a full disk), probe for space as often."""
     while not stop.is_set():
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(stop.wait(), END_POLL_SECONDS)
+        if host.disk.read_only:
+            await asyncio.to_thread(host.disk.probe)
         if stay or stop.is_set():
             continue
         await host.follower.catch_up()
         if host.follower.state.phase is Phase.DONE:
             log.info(f"the run is over (round {host.follower.state.last_summarised}); exiting")
             stop.set()
+
+
+async def enter_in_ledger(host: ClientHost, stop: asyncio.Event) -> None:
+    """``host.reconcile()``, waiting read-only while the disk is too full to write the ledger
+    (trying again every :data:`node.full_disk.PROBE_SECONDS`; each step is idempotent)."""
+    what = "entering the registrations in the privacy ledger"
+    while not stop.is_set() and not host.disk.retry(what, host.reconcile):
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(stop.wait(), PROBE_SECONDS)
 
 
 async def run_clients(
@@ -105,7 +118,9 @@ async def run_clients(
             role="client",
             address=genesis.membership[cid].address,
             genesis_digest=genesis.digest,
-            status=lambda cid=cid: StatusInfo(host.last_round[cid], host.follower.state.height),
+            status=lambda cid=cid: StatusInfo(
+                host.last_round[cid], host.follower.state.height, read_only=host.disk.read_only
+            ),
             services={"Client": ClientServicer(host, cid)},
         )
         for cid in host.identities
@@ -117,7 +132,7 @@ async def run_clients(
         try:
             await host.read_chain(stop)
             try:
-                host.reconcile()
+                await enter_in_ledger(host, stop)
             except BudgetExhausted as exc:
                 raise ValueError(
                     f"{exc}: the privacy ledger {ledger_path} shows these records' budget spent "

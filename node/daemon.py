@@ -20,6 +20,7 @@ from pathlib import Path
 from chain.records import Record, encode_operation, record_kind_name
 from fl.config import RunConfig
 from fl.datasets import Splits, load_splits
+from node.durable import is_disk_full
 from node.identity import Identity, signing_tag, verify_signature
 from node.membership import Membership
 from proto import llbcfl_pb2 as pb
@@ -45,6 +46,48 @@ def clean_log_text(message: str) -> str:
     return text
 
 
+class QuietOnFullDisk(logging.Handler):
+    """A handler that drops the lines a full disk cannot take, without a word per line.
+
+    logging's default prints a traceback to stderr for every line it fails to
+    write, and stderr is usually on the same full disk. This one counts them,
+    and once a line fits again, writes first how many were lost (lines a
+    stream had buffered may still appear: "up to").
+    """
+
+    lost = 0
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        if is_disk_full(sys.exc_info()[1]):
+            self.lost += 1
+            return
+        super().handleError(record)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        lost, self.lost = self.lost, 0
+        if lost:
+            note = logging.makeLogRecord(
+                {
+                    **record.__dict__,
+                    "msg": f"up to {lost} log line(s) lost: the disk was full",
+                    "args": None,
+                }
+            )
+            super().emit(note)
+            if self.lost:  # still full: this line is lost too
+                self.lost += lost
+                return
+        super().emit(record)
+
+
+class QuietStreamHandler(QuietOnFullDisk, logging.StreamHandler):
+    pass
+
+
+class QuietRotatingFileHandler(QuietOnFullDisk, RotatingFileHandler):
+    pass
+
+
 class NodeLog:
     """Log lines prefixed with ``[node-id r<round>]``, bounded, in a rotated file."""
 
@@ -58,9 +101,9 @@ class NodeLog:
         self._logger.propagate = False
         if not self._logger.handlers:
             handler: logging.Handler = (
-                RotatingFileHandler(log_file, maxBytes=MAX_LOG_BYTES, backupCount=LOG_BACKUPS)
+                QuietRotatingFileHandler(log_file, maxBytes=MAX_LOG_BYTES, backupCount=LOG_BACKUPS)
                 if log_file
-                else logging.StreamHandler(sys.stderr)
+                else QuietStreamHandler(sys.stderr)
             )
             handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
             self._logger.addHandler(handler)

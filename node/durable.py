@@ -7,17 +7,44 @@ fsyncs it, sets the final mode, renames it over the target and fsyncs the
 directory. After a crash the target is either the
 old or the new version, never a mixture, and once the call returns the new
 version is on disk (the rename is durable only after the directory's fsync).
+
+:func:`is_disk_full` tells a full disk (or quota) apart from other write
+errors, for SQLite's writes too; what a node does then is ``node.full_disk``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
+
+from consensus.store import is_full
+
+# No space left on the device, or the user's quota on it is used up.
+DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)})
+
+
+def is_disk_full(exc: BaseException | None) -> bool:
+    """Whether ``exc`` (or an exception it was raised from) says the disk or quota is full.
+
+    ``OSError`` with ENOSPC or EDQUOT, and SQLite's SQLITE_FULL ("database
+    or disk is full", what SQLite reports for an ENOSPC of its own writes) or
+    a WAL shared-memory file that cannot grow (``consensus.store.is_full``).
+    """
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in DISK_FULL_ERRNOS:
+            return True
+        if is_full(exc):  # SQLite's own words for it (consensus.store)
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
 
 
 def fsync_directory(directory: Path) -> None:

@@ -17,6 +17,7 @@ wrong-kind)
 :class:`NotFound`                                  NOT_FOUND
 :class:`Busy`                                      RESOURCE_EXHAUSTED
 :class:`TooSlow`                                   DEADLINE_EXCEEDED
+:class:`DiskFull` (read-only: ``node.full_disk``)  RESOURCE_EXHAUSTED
 ``UpdateRejected`` (``node.tensor_receiver``)      its own ``code``
 anything else                                      INTERNAL, "internal error"
 =================================================  ===================
@@ -96,6 +97,12 @@ class NotFound(Refused):
 
 class Busy(Refused):
     """A per-peer or per-node limit is reached (concurrent streams); retry later."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class DiskFull(Refused):
+    """This node's disk is full: it is read-only and refuses what would need a write."""
 
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
 

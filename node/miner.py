@@ -11,6 +11,14 @@ verdict rules are ``chain.verdicts``.
 The daemon around it (the ``Miner`` service, the timer) is
 ``node.miner_service``; the links to the other miners are ``node.peers``.
 
+A full disk (``node.full_disk``) turns the miner read-only. When it strikes
+while a ``Ready`` is persisted, that Ready's messages are never sent, and the
+replica and the chain state, which may hold votes and blocks that never
+reached the store, are rebuilt from the store, as after a crash: the new
+replica abstains in every view up to the stored one (it may have voted
+there), and once space returns it catches up from its peers by state
+transfer. Nothing the replica sent was ever ahead of what the store holds.
+
 Round r at a miner: once the selection of r is committed, selected clients
 upload their updates (``SubmitUpdate``); when every selected client has
 uploaded, or the round deadline passed, the miner validates the round's
@@ -50,7 +58,7 @@ from chain.verdicts import (
     uploads_complete,
 )
 from consensus.ledger import Block, Request
-from consensus.replica import Replica
+from consensus.replica import Ready, Replica
 from consensus.store import BlockStore
 from fl.config import RunConfig
 from fl.data import Split
@@ -59,6 +67,8 @@ from fl.rounds import ClientUpdate, validate_round
 from fl.seeds import torch_generator
 from fl.validation import structural_problem
 from node.daemon import NodeLog, record_verifier, roles_of
+from node.errors import DiskFull
+from node.full_disk import DiskGuard
 from node.genesis import Genesis
 from node.identity import Identity, pbft_signer, pbft_verifier
 from node.offchain import BlobStore, as_update, upload_of
@@ -94,39 +104,26 @@ class Miner:
         self.verify_pbft = pbft_verifier(members)
         self.verify_record = record_verifier(members)
         self.roles = roles_of(members)
+        self.disk = DiskGuard(log, Path(db_path).parent, Path(run_dir) / "blobs")
         self.store = BlockStore(db_path, verify=self.verify_pbft, n=self.n)
         if self.store.set_aside is not None:
             log.error(f"{self.store.verdict.reason}; the chain will be fetched again from peers")
         elif not self.store.verdict.ok:
             log.warning(f"store truncated: {self.store.verdict.reason}")
-        self.state = ChainState(
-            self.config,
-            clients=tuple(c.node_id for c in members.clients),
-            selection_seed=genesis.protocol.selection_seed,
-        )
-        for block in self.store.read_range(1, self.store.height() + 1):
-            self.state.apply_block(block)
+        self.state = self._state_from_store()
         self.spec = initial_spec(self.config)
         self.blobs = BlobStore(
             run_dir,
             membership=members,
             spec=self.spec,
             max_bytes=genesis.protocol.max_stream_bytes,
+            disk=self.disk,
         )
         self.models = GlobalModels(self.config)
         self.validation = validation
         self.scratch = model_for(self.config, generator=torch_generator(0, "scratch"))
         self.sign_pbft = pbft_signer(identity)
-        self.replica = Replica(
-            replica_id=self.index,
-            n=self.n,
-            sign=self.sign_pbft,
-            verify=self.verify_pbft,
-            validate=self._validate,
-            chain=self.store,
-            restored_view=self.store.load_view(),
-            timeout=genesis.protocol.view_timeout_ticks,
-        )
+        self.replica = self._replica_from_store(restored_view=self.store.load_view())
         self.peers = {
             m.replica: PeerLink(m.address, identity, log)
             for m in members.miners
@@ -143,22 +140,62 @@ class Miner:
         self.ready_at: dict[int, float] = {}
         self._own_verdicts: dict[tuple, dict[str, tuple[bool, str, float]]] = {}
 
+    def _state_from_store(self) -> ChainState:
+        state = ChainState(
+            self.config,
+            clients=tuple(c.node_id for c in self.membership.clients),
+            selection_seed=self.genesis.protocol.selection_seed,
+        )
+        for block in self.store.read_range(1, self.store.height() + 1):
+            state.apply_block(block)
+        return state
+
+    def _replica_from_store(self, *, restored_view: int | None) -> Replica:
+        return Replica(
+            replica_id=self.index,
+            n=self.n,
+            sign=self.sign_pbft,
+            verify=self.verify_pbft,
+            validate=self._validate,
+            chain=self.store,
+            restored_view=restored_view,
+            timeout=self.genesis.protocol.view_timeout_ticks,
+        )
+
+    def _reload_from_store(self) -> None:
+        """Forget what the replica and the chain state hold beyond the store (a failed persist).
+
+        The new replica abstains through the stored view, and through view 0
+        when none is stored: the old one sent messages only in those views (a
+        Ready's messages go out after its view is stored), and may have voted
+        in them. Requests waiting in the old replica's pool are lost with it;
+        the other miners hold them, and verdicts not yet on the chain are
+        submitted again.
+        """
+        self.state = self._state_from_store()
+        self.replica = self._replica_from_store(restored_view=self.store.load_view() or 0)
+        self.submitted &= set(self.state.verdicts)
+        self._logged_view = self.replica.view
+
     # Consensus driving --------------------------------------------------------
 
     def drain(self) -> None:
-        """Persist, send and apply everything the replica has ready."""
+        """Persist, send and apply everything the replica has ready.
+
+        Raises :class:`node.errors.DiskFull` while read-only, and when a
+        persist fails for want of space: the miner is then read-only, with
+        its replica and chain state rebuilt from the store (module docstring).
+        """
+        self.disk.check()
         while self.replica.has_ready():
             ready = self.replica.ready()
-            if ready.view is not None:
-                self.store.save_view(ready.view)
-                if ready.view != self._logged_view:
-                    self.log.warning(
-                        f"view change: view {self._logged_view} -> {ready.view} "
-                        f"(primary {self.peer_ids[ready.view % self.n]})"
-                    )
-                    self._logged_view = ready.view
-            for block in ready.blocks:
-                self.store.append(block)
+            what = f"storing block {ready.blocks[0].height}" if ready.blocks else "storing the view"
+            try:
+                with self.disk.writing(what):
+                    self._persist(ready)
+            except DiskFull:
+                self._reload_from_store()
+                raise
             for dest, message in ready.messages:
                 data = message.encode()
                 targets = self.peers.values() if dest is None else [self.peers.get(dest)]
@@ -176,6 +213,18 @@ class Miner:
                 f"round {rnd} open at height {self.state.height}: "
                 f"selected {list(self.state.selections[rnd].selected)}"
             )
+
+    def _persist(self, ready: Ready) -> None:
+        if ready.view is not None:
+            self.store.save_view(ready.view)
+            if ready.view != self._logged_view:
+                self.log.warning(
+                    f"view change: view {self._logged_view} -> {ready.view} "
+                    f"(primary {self.peer_ids[ready.view % self.n]})"
+                )
+                self._logged_view = ready.view
+        for block in ready.blocks:
+            self.store.append(block)
 
     def _apply(self, block: Block) -> None:
         if block.height == self.state.height + 1:
@@ -334,6 +383,7 @@ class Miner:
             self.store.height(),
             head.digest if head is not None else b"",
             view=self.replica.view,
+            read_only=self.disk.read_only,
             peers=tuple(
                 (self.peer_ids[index], link.address, link.connected)
                 for index, link in sorted(self.peers.items())

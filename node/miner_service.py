@@ -19,6 +19,12 @@ passed; a PRE-PREPARE or FORWARD carries a verdict record), the handler runs
 the core's own call then finds the verdicts in the miner's cache. If the
 worker's key turns out to be another one, the core validates on the loop as
 before: the outcome never depends on the worker.
+
+While the miner is read-only (a full disk, ``node.full_disk``) the replica is
+not driven: PBFT messages from peers are dropped (PBFT retransmits, and state
+transfer catches up later), uploads and submissions are refused with
+RESOURCE_EXHAUSTED, reads are served, and the timer probes for space every
+``PROBE_SECONDS``; once there is room the miner resumes and catches up.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import math
 from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -41,6 +48,7 @@ from node.daemon import NodeLog, load_node_splits
 from node.errors import (
     AUTH_CODES,
     Busy,
+    DiskFull,
     Duplicate,
     InvalidRequest,
     NotFound,
@@ -50,6 +58,7 @@ from node.errors import (
     TooSlow,
     WrongState,
 )
+from node.full_disk import PROBE_SECONDS, DiskGuard
 from node.genesis import Genesis
 from node.identity import AuthError, Identity, verify_envelope
 from node.membership import NodeInfo
@@ -111,9 +120,12 @@ class MinerHandler:
 
         The message's own signature is checked first: nothing is fetched for
         a message its claimed sender did not sign; a message naming more
-        updates than the network has clients is dropped.
+        updates than the network has clients is dropped. Dropped too while
+        the miner is read-only (and when it turns read-only here).
         """
         m = self.m
+        if m.disk.read_only:
+            return
         if not message.is_authentic(m.verify_pbft):
             m.log.warning(f"dropped a {type(message).__name__} whose signature is not its sender's")
             return
@@ -129,6 +141,8 @@ class MinerHandler:
             m.log.info(f"fetching {len(missing)} blob(s) before {type(message).__name__}")
             await self.fetcher.fetch(missing, prefer=message.sender)
         async with self.core:
+            if m.disk.read_only:
+                return
             for record in verdict_records(message):
                 if record.round == m.state.current_round:
                     held = [u for u in record.updates if m.blobs.get(u.digest, u.client)]
@@ -137,7 +151,10 @@ class MinerHandler:
                     )
             before = m.replica.height
             m.replica.step(message)
-            m.drain()
+            try:
+                m.drain()
+            except DiskFull:
+                return
             await self._prepare_next_model()
         if isinstance(message, Blocks):
             m.log.info(
@@ -166,6 +183,7 @@ class MinerHandler:
             signer.node_id, timestamp, bytes(envelope.payload), bytes(envelope.signature)
         )
         async with self.core:
+            m.disk.check()
             if timestamp <= m.state.last_timestamp.get(signer.node_id, -1):
                 raise Duplicate(
                     f"{signer.node_id}'s timestamp {timestamp} is already used on the chain "
@@ -239,6 +257,7 @@ class MinerHandler:
         m = self.m
         cid, rnd = received.sender.node_id, received.round
         async with self.core:
+            m.disk.check()
             if rnd != m.state.current_round:
                 raise WrongState(
                     f"round {rnd} is not open for updates (open: {m.state.current_round})"
@@ -280,11 +299,22 @@ class MinerHandler:
     # The replica's timer and the round's validation ---------------------------------
 
     async def tick(self) -> None:
+        """One tick of the replica's timer (none while read-only)."""
         async with self.core:
+            if self.m.disk.read_only:
+                return
             self.m.replica.tick()
-            self.m.drain()
+            try:
+                self.m.drain()
+            except DiskFull:
+                return
             await self._verdicts_if_due()
             await self._prepare_next_model()
+
+    async def probe_disk(self) -> bool:
+        """While read-only, look for space (off the event loop); True once writable again."""
+        async with self.core:
+            return await asyncio.to_thread(self.m.disk.probe)
 
     async def _prepare_next_model(self) -> None:
         """Once a round's verdicts commit (or registration closes), the next round's heavy work.
@@ -314,12 +344,20 @@ class MinerHandler:
             m.log.warning(f"preparing round {rnd} on the worker failed: {exc!r}")
 
     async def _verdicts_if_due(self) -> None:
-        """``maybe_submit_verdicts`` with its validation done on the worker (core held)."""
+        """``maybe_submit_verdicts`` with its validation done on the worker (core held).
+
+        Nothing while read-only: the verdicts follow once there is room again.
+        """
+        if self.m.disk.read_only:
+            return
         due = self.m.round_to_validate()
         if due is not None:
             await self._prevalidate(*due)
-        self.m.maybe_submit_verdicts()
-        self.m.drain()
+        try:
+            self.m.maybe_submit_verdicts()
+            self.m.drain()
+        except DiskFull:
+            return
 
     async def _prevalidate(self, rnd: int, digests: Digests) -> None:
         """Fill the miner's verdict cache for (``rnd``, ``digests``) on the validation thread."""
@@ -456,8 +494,9 @@ LINGER_SECONDS = 30.0
 async def drive(handler: MinerHandler, stop: asyncio.Event, *, stay: bool = False) -> None:
     """Tick the replica until ``stop``; repair missing blobs and catch up every 20 ticks.
 
-    Unless ``stay``, set ``stop`` :data:`LINGER_SECONDS` after the chain
-    holds the run's last round summary: the run is over.
+    While the miner is read-only, probe for space every :data:`PROBE_SECONDS`
+    instead. Unless ``stay``, set ``stop`` :data:`LINGER_SECONDS` after the
+    chain holds the run's last round summary: the run is over.
     """
     miner = handler.m
     for peer in miner.peers.values():
@@ -468,10 +507,17 @@ async def drive(handler: MinerHandler, stop: asyncio.Event, *, stay: bool = Fals
     poll: asyncio.Task | None = None
     loop = asyncio.get_running_loop()
     over_at: float | None = None
+    probed_at = -math.inf
     try:
         while not stop.is_set():
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(stop.wait(), tick)
+            if miner.disk.read_only:
+                if loop.time() - probed_at >= PROBE_SECONDS:
+                    probed_at = loop.time()
+                    if await handler.probe_disk() and (poll is None or poll.done()):
+                        poll = asyncio.create_task(catch_up_from_peers(miner))
+                continue
             await handler.tick()
             if miner.state.phase is Phase.DONE and not stay:
                 if over_at is None:
@@ -513,14 +559,29 @@ async def run_miner(
     config = genesis.run
     torch.set_num_threads(config.threads)
     splits = load_node_splits(config, data_dir, train=False)
-    miner = Miner(
-        genesis,
-        identity,
-        db_path=db_path,
-        run_dir=run_dir,
-        validation=splits.validation,
-        log=log,
-    )
+    opened: list[Miner] = []
+
+    def open_miner() -> None:
+        opened.append(
+            Miner(
+                genesis,
+                identity,
+                db_path=db_path,
+                run_dir=run_dir,
+                validation=splits.validation,
+                log=log,
+            )
+        )
+
+    # Opening a WAL database writes (its shared-memory file), and so does
+    # creating blobs/: on a full disk, wait (read-only, one log line) for room.
+    opening = DiskGuard(log, Path(db_path).parent, Path(run_dir))
+    while not opening.retry(f"opening {db_path}", open_miner):
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(stop.wait(), PROBE_SECONDS)
+        if stop.is_set():
+            return
+    miner = opened[0]
     handler = MinerHandler(miner)
     address = genesis.membership[identity.node_id].address
     endpoint = Endpoint(

@@ -10,6 +10,7 @@ The global model of each round is recomputed from the chain and these blobs
 
 from __future__ import annotations
 
+import contextlib
 from collections import OrderedDict
 from collections.abc import Iterable
 from pathlib import Path
@@ -20,6 +21,7 @@ from chain.verdicts import Upload
 from consensus.canonical import Reader, pack_blob
 from fl.rounds import ClientUpdate
 from node.durable import write_durably
+from node.full_disk import DiskGuard
 from node.membership import Membership
 from node.tensor_receiver import ReceivedTensors, receive_tensor_stream
 from node.tensors import UPDATE_KIND, relay_stream
@@ -30,9 +32,16 @@ class BlobStore:
     """Update streams by digest (files), with an in-memory cache of decoded ones."""
 
     def __init__(
-        self, directory: Path | None, *, membership: Membership, spec: ModelSpec, max_bytes: int
+        self,
+        directory: Path | None,
+        *,
+        membership: Membership,
+        spec: ModelSpec,
+        max_bytes: int,
+        disk: DiskGuard | None = None,
     ) -> None:
         self._dir = Path(directory) / "blobs" if directory is not None else None
+        self._disk = disk
         if self._dir is not None:
             self._dir.mkdir(parents=True, exist_ok=True)
         self._membership = membership
@@ -86,13 +95,24 @@ class BlobStore:
         return None if key is None else self._cache[key]
 
     def put(self, received: ReceivedTensors) -> None:
-        """Store durably (``node.durable``) before anyone is told it is stored."""
+        """Store durably (``node.durable``) before anyone is told it is stored.
+
+        With a ``disk`` guard, refused while the node is read-only, and a full
+        disk turns it read-only (``node.full_disk``): either way
+        :class:`node.errors.DiskFull`, with nothing stored, in memory or on disk.
+        """
         if (received.digest, received.sender.node_id) in self._cache:
             return
         if self._dir is not None:
             parts = [p.SerializeToString() for p in relay_stream(received)]
             data = len(parts).to_bytes(4, "big") + b"".join(pack_blob(p) for p in parts)
-            write_durably(self._path(received.digest, received.sender.node_id), data)
+            path = self._path(received.digest, received.sender.node_id)
+            with (
+                self._disk.writing(f"storing an update of {received.sender.node_id}")
+                if self._disk is not None
+                else contextlib.nullcontext()
+            ):
+                write_durably(path, data)
         self._remember(received)
 
     def missing(self, digests: Iterable[bytes]) -> list[bytes]:

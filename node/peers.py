@@ -23,6 +23,7 @@ from chain.records import RoundVerdicts, decode_operation
 from consensus.canonical import MalformedMessage
 from consensus.messages import Fetch, Forward, PrePrepare
 from node.daemon import NodeLog
+from node.errors import DiskFull
 from node.identity import Identity
 from node.serving import channel
 from node.tensor_receiver import UpdateRejected, receive_tensor_stream
@@ -160,7 +161,10 @@ class BlobFetcher:
                     except (grpc.aio.AioRpcError, UpdateRejected):
                         continue
                     if received.digest == digest:
-                        m.blobs.put(received)
+                        try:
+                            m.blobs.put(received)
+                        except DiskFull:  # read-only now: fetched again once there is room
+                            return
                         break
             finally:
                 self._fetching.discard(digest)

@@ -16,6 +16,12 @@ each client's signed claim and the digest); aggregate with
 ``fl.rounds.aggregate_round``; evaluate on the test split; checkpoint;
 submit the round summary and wait for it to commit.
 
+A full disk (``node.full_disk``) makes the server read-only: it keeps serving
+model downloads and ``Node.Status``, writes ``progress.json`` again when it
+can, and waits at its next checkpoint (or ``metrics.json``), trying the write
+again every ``PROBE_SECONDS``, so no round is summarised before its
+checkpoint is on disk; it goes on by itself once the write fits.
+
 A restarted server first reads the chain up to a miner's head, then resumes
 from the newest checkpoint whose model digest the committed round summaries
 hold (``node.checkpoints``): it skips the rounds up to it and fetches only
@@ -56,6 +62,7 @@ from node.checkpoints import Checkpoint, newest_trusted_checkpoint, write_checkp
 from node.daemon import NodeLog, signed_record
 from node.durable import write_json_durably
 from node.follower import ChainFollower
+from node.full_disk import PROBE_SECONDS, DiskGuard
 from node.genesis import Genesis
 from node.identity import Identity, signing_tag, verify_signature
 from node.offchain import BlobStore
@@ -90,6 +97,7 @@ class Server:
         self.identity = identity
         self.run_dir = run_dir
         self.log = log
+        self.disk = DiskGuard(log, run_dir)
         self.membership = genesis.membership
         if self.membership.server.node_id != identity.node_id:
             raise ValueError(f"{identity.node_id} is not this genesis's server")
@@ -119,17 +127,31 @@ class Server:
         """Write run_dir/progress.json (``network up`` shows it) if the chain moved it on.
 
         Called when the follower applied blocks and after each round. A failed
-        write is logged, not raised: the run does not depend on it.
+        write is logged, not raised: the run does not depend on it. On a full
+        disk it is tried again (quietly) at the next change, and its success
+        ends read-only mode.
         """
         report = progress_report(self.state)
         if report == self.progress:
             return
+        path = self.run_dir / "progress.json"
         try:
-            write_json_durably(self.run_dir / "progress.json", report)
+            written = self.disk.retry(
+                "writing progress.json", lambda: write_json_durably(path, report)
+            )
         except OSError as exc:
             self.log.warning(f"progress.json not written: {exc}")
             return
-        self.progress = report
+        if written:
+            self.progress = report
+
+    async def persist(self, what: str, write: Callable[[], object], stop: asyncio.Event) -> None:
+        """``write()``; on a full disk, wait read-only and try again every PROBE_SECONDS."""
+        while not self.disk.retry(what, write):
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(stop.wait(), PROBE_SECONDS)
+            if stop.is_set():
+                raise Stopped
 
     # Talking to miners and clients -------------------------------------------------
 
@@ -319,7 +341,8 @@ class Server:
         assert new_weights is not None
         set_weights(self.scratch, new_weights)
         loss, acc = evaluate(self.scratch, self.test.x, self.test.y)
-        self.checkpoint(rnd)
+        what = f"writing the checkpoint of round {rnd}"
+        await self.persist(what, lambda: self.checkpoint(rnd), stop)
         if rnd not in state.summaries:
             summary = RoundSummary(rnd, weights_digest(new_weights), acc, loss)
             await self.submit(summary)
@@ -356,6 +379,8 @@ class Server:
             total_seconds=time.perf_counter() - start,
             malicious_clients=malicious,
         )
-        write_json_durably(metrics_path, doc)
+        await self.persist(
+            f"writing {metrics_path.name}", lambda: write_json_durably(metrics_path, doc), stop
+        )
         self.log.info(f"done: final accuracy {records[-1].accuracy:.4f}, metrics {metrics_path}")
         return doc

@@ -88,6 +88,7 @@ async def run_server(
             server.current[0] if server.current else 0,
             server.state.height,
             server.state.head_hash if server.state.height else b"",
+            read_only=server.disk.read_only,
         ),
         services={"Server": ServerServicer(server)},
     )

@@ -149,6 +149,7 @@ class StatusInfo:
     head: bytes = b""  # the last block's hash
     view: int | None = None  # miners: the PBFT view
     peers: tuple[tuple[str, str, bool], ...] = ()  # miners: (node id, address, link up)
+    read_only: bool = False  # its disk is full: it refuses writes (node.full_disk)
 
 
 class NodeStatusServicer:
@@ -177,6 +178,7 @@ class NodeStatusServicer:
             head_hash=info.head,
             genesis_digest=self._genesis,
             peers=[pb.PeerState(node_id=n, address=a, connected=c) for n, a, c in info.peers],
+            read_only=info.read_only,
         )
         if info.view is not None:
             reply.view = info.view

@@ -89,7 +89,7 @@ class StatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class NodeStatus(_message.Message):
-    __slots__ = ("node_id", "role", "round", "chain_height", "head_hash", "genesis_digest", "view", "peers")
+    __slots__ = ("node_id", "role", "round", "chain_height", "head_hash", "genesis_digest", "view", "peers", "read_only")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
@@ -98,6 +98,7 @@ class NodeStatus(_message.Message):
     GENESIS_DIGEST_FIELD_NUMBER: _ClassVar[int]
     VIEW_FIELD_NUMBER: _ClassVar[int]
     PEERS_FIELD_NUMBER: _ClassVar[int]
+    READ_ONLY_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     role: Role
     round: int
@@ -106,7 +107,8 @@ class NodeStatus(_message.Message):
     genesis_digest: bytes
     view: int
     peers: _containers.RepeatedCompositeFieldContainer[PeerState]
-    def __init__(self, node_id: _Optional[str] = ..., role: _Optional[_Union[Role, str]] = ..., round: _Optional[int] = ..., chain_height: _Optional[int] = ..., head_hash: _Optional[bytes] = ..., genesis_digest: _Optional[bytes] = ..., view: _Optional[int] = ..., peers: _Optional[_Iterable[_Union[PeerState, _Mapping]]] = ...) -> None: ...
+    read_only: bool
+    def __init__(self, node_id: _Optional[str] = ..., role: _Optional[_Union[Role, str]] = ..., round: _Optional[int] = ..., chain_height: _Optional[int] = ..., head_hash: _Optional[bytes] = ..., genesis_digest: _Optional[bytes] = ..., view: _Optional[int] = ..., peers: _Optional[_Iterable[_Union[PeerState, _Mapping]]] = ..., read_only: _Optional[bool] = ...) -> None: ...
 
 class PeerState(_message.Message):
     __slots__ = ("node_id", "address", "connected")

@@ -12,9 +12,11 @@ from pathlib import Path
 
 import pytest
 
+from consensus.ledger import Block, Request, encode_batch
 from consensus.store import BlockStore, MemoryBlockStore, StoreError
+from consensus.store import is_full as store_is_full
 
-from .chain_fixtures import N, keyring, make_chain
+from .chain_fixtures import N, certify, keyring, make_chain
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -197,4 +199,70 @@ def test_a_store_that_is_not_a_database_is_set_aside_again_without_overwriting(
     assert (tmp_path / "chain.db.corrupt-1").read_bytes() == b"earlier"
     assert (tmp_path / "chain.db.corrupt-2").read_bytes() == b"garbage" * 4096
     assert store.height() == 0
+    store.close()
+
+
+def _limit_growth(store: BlockStore, *, extra_pages: int = 0) -> None:
+    """Let the store's database grow by at most ``extra_pages`` pages: past that,
+    SQLite answers SQLITE_FULL ("database or disk is full") as on a full disk."""
+    db = store._db()
+    (pages,) = db.execute("PRAGMA page_count").fetchone()
+    db.execute(f"PRAGMA max_page_count = {pages + extra_pages}")
+
+
+def test_an_append_on_a_full_disk_changes_nothing_and_the_next_one_fits(tmp_path: Path) -> None:
+    # Prepare: three blocks stored, then no room for a fourth (blocks of 3 KiB, 4 KiB pages)
+    keys = keyring()
+    chain = make_chain(4, keys)
+    chain[3] = certify(
+        Block.propose(
+            height=4,
+            previous_hash=chain[2].digest,
+            view=0,
+            proposer=0,
+            payload=encode_batch([Request("alice", 4, os.urandom(12_000), b"")]),
+        ),
+        keys,
+    )
+    store = BlockStore(tmp_path / "c.db", verify=keys.verify, n=N)
+    for block in chain[:3]:
+        store.append(block)
+    _limit_growth(store)
+    # Execute
+    with pytest.raises(sqlite3.OperationalError) as info:
+        store.append(chain[3])
+    # Assert: SQLite's own error reaches the caller (not a failed ROLLBACK), the
+    # head has not moved, and nothing of block 4 is stored
+    assert store_is_full(info.value), info.value
+    assert store.height() == 3 and store.head() == chain[2]
+    assert [b.height for b in store.read_range(1, 10)] == [1, 2, 3]
+    # Execute: room again
+    _limit_growth(store, extra_pages=1_000)
+    store.append(chain[3])
+    store.close()
+    # Assert: the same store takes the block, and a reopened one verifies all four
+    reopened = BlockStore(tmp_path / "c.db", verify=keys.verify, n=N)
+    assert (reopened.height(), reopened.verdict.ok) == (4, True)
+    reopened.close()
+
+
+def test_a_full_disk_while_opening_sets_nothing_aside(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Prepare: a healthy chain; opening it meets a full disk
+    path = tmp_path / "chain.db"
+    _stored_chain(path, 3)
+
+    def full(self: BlockStore, *, verify: object, n: int) -> None:
+        raise sqlite3.OperationalError("database or disk is full")
+
+    monkeypatch.setattr(BlockStore, "_open", full)
+    # Execute
+    with pytest.raises(sqlite3.OperationalError):
+        BlockStore(path, verify=keyring().verify, n=N)
+    # Assert: the chain is where it was, and nothing is marked corrupt
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["chain.db"]
+    monkeypatch.undo()
+    store = BlockStore(path, verify=keyring().verify, n=N)
+    assert (store.height(), store.set_aside) == (3, None)
     store.close()
