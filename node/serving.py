@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any, Final, NoReturn
 
 import grpc
-from grpc_health.v1 import health, health_pb2_grpc
+from grpc_health.v1 import health, health_pb2
 
 from node.daemon import NodeLog
 from node.errors import INTERNAL_DETAIL, NotReady, TooSlow, decode, status_of
@@ -265,10 +265,14 @@ def _outcome_read(future: asyncio.Future) -> None:
 
 
 def _method_handler(
-    method: Any, impl: Callable[..., Any], log: NodeLog | None, calls: Calls | None
+    method: Any,
+    impl: Callable[..., Any],
+    log: NodeLog | None,
+    calls: Calls | None,
+    messages: Any = pb,
 ) -> Any:
-    request_cls = getattr(pb, method.input_type.name)
-    serialize = getattr(pb, method.output_type.name).SerializeToString
+    request_cls = getattr(messages, method.input_type.name)
+    serialize = getattr(messages, method.output_type.name).SerializeToString
     what = f"{method.input_type.name} protobuf"
     where = f"{method.containing_service.name}/{method.name}"
 
@@ -363,11 +367,36 @@ def add_servicer(
     )
 
 
-def add_health(server: grpc.aio.Server) -> health.aio.HealthServicer:
+class _HealthWatch:
+    """``Watch`` of grpc's health servicer (it writes to the context) as an async generator."""
+
+    def __init__(self, servicer: health.aio.HealthServicer) -> None:
+        self._servicer = servicer
+
+    async def __call__(self, request: Any, context: Any) -> Any:
+        await self._servicer.Watch(request, context)
+        return
+        yield  # pragma: no cover - makes this an async generator that yields nothing
+
+
+def add_health(server: grpc.aio.Server, *, log: NodeLog | None = None) -> health.aio.HealthServicer:
     """The standard health service, SERVING (its asyncio version: a ``Watch`` must not
-    hold a thread of its own, nor keep the server from stopping)."""
+    hold a thread of its own, nor keep the server from stopping).
+
+    Its methods are wrapped like ours (:func:`add_servicer`): an undecodable
+    request gets INVALID_ARGUMENT, not gRPC's UNKNOWN with the parser's text
+    and a traceback in the log.
+    """
     servicer = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    descriptor = health_pb2.DESCRIPTOR.services_by_name["Health"]
+    impls = {"Check": servicer.Check, "List": servicer.List, "Watch": _HealthWatch(servicer)}
+    handlers = {
+        m.name: _method_handler(m, impls[m.name], log, None, messages=health_pb2)
+        for m in descriptor.methods
+    }
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(descriptor.full_name, handlers),)
+    )
     return servicer
 
 
@@ -415,7 +444,7 @@ async def _start(endpoint: Endpoint, log: NodeLog | None) -> _Running:
         status=endpoint.status,
     )
     add_servicer(server, "Node", status, log=log, calls=calls)
-    health_servicer = add_health(server)
+    health_servicer = add_health(server, log=log)
     port = server.add_insecure_port(endpoint.address)
     await server.start()
     return _Running(server, health_servicer, calls, port)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import logging
 import time
 import weakref
 from collections.abc import Awaitable, Callable
@@ -386,3 +387,28 @@ def test_a_refused_call_frees_its_request_without_a_garbage_collection() -> None
         assert [ref() for ref in servicer.held] == [None, None, None]
     finally:
         gc.enable()
+
+
+@pytest.mark.parametrize("raw", [b"\xff\xff\xff", b"\x0a\x05ab"], ids=["garbage", "truncated"])
+def test_an_undecodable_health_check_is_invalid_argument_without_a_traceback(
+    raw: bytes, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Prepare: the raw bytes go out as they are
+    codes: list[Any] = []
+
+    async def body(address: str, stop: asyncio.Event) -> None:
+        async with grpc.aio.insecure_channel(address) as ch:
+            check = ch.unary_unary("/grpc.health.v1.Health/Check")
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await check(raw, timeout=5)
+            codes.append((info.value.code(), info.value.details()))
+            empty = await health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest())
+            codes.append(empty.status)
+
+    # Execute
+    with caplog.at_level(logging.DEBUG):
+        run_serving(body)
+    # Assert: refused plainly, an empty request still answered, nothing logged with a traceback
+    assert codes[0] == (Code.INVALID_ARGUMENT, "malformed HealthCheckRequest protobuf")
+    assert codes[1] == health_pb2.HealthCheckResponse.SERVING
+    assert not [r for r in caplog.records if r.exc_info or "Traceback" in r.getMessage()]
