@@ -64,7 +64,7 @@ from node.identity import AuthError, Identity, verify_envelope
 from node.membership import NodeInfo
 from node.miner import Miner, validate_elsewhere
 from node.peers import PBFT_WIRE_KIND, BlobFetcher, catch_up_from_peers, verdict_records
-from node.serving import STREAM_IDLE_SECONDS, Endpoint, bounded_parts, serve
+from node.serving import STREAM_IDLE_SECONDS, Endpoint, SenderRate, bounded_parts, serve
 from node.tensor_receiver import ReceivedTensors, TensorStreamReceiver, UpdateRejected
 from node.tensors import UPDATE_KIND, relay_stream
 from node.workers import worker_process, worker_thread
@@ -72,6 +72,10 @@ from proto import llbcfl_pb2 as pb
 from proto import llbcfl_pb2_grpc as pb_grpc
 
 Digests = list[tuple[str, bytes, int]]  # (client, digest, samples), the validation's key
+# Signed records one member may submit: a second, and in a burst (the server
+# submits a few per round, a client one registration).
+SUBMIT_RATE = 20.0
+SUBMIT_BURST = 50
 # PBFT messages at least this large are decoded on a worker thread, not on the loop.
 DECODE_ELSEWHERE_BYTES = 256 << 10
 
@@ -87,6 +91,7 @@ class MinerHandler:
         self.prepared: set[int] = set()  # rounds _prepare_next_model computed ahead
         self.validator = worker_thread("prepare")
         self.uploading: set[str] = set()  # clients with an update stream open (one each)
+        self.submits = SenderRate(rate=SUBMIT_RATE, burst=SUBMIT_BURST)
         self.links: dict[str, int] = {}  # miner id -> generation of its newest Deliver stream
 
     def close(self) -> None:
@@ -176,6 +181,7 @@ class MinerHandler:
         signer = verify_envelope(
             envelope, m.membership, expected_kind=envelope.kind, allowed_roles=(kind.role,)
         )
+        self.submits.take(signer.node_id)
         timestamp, record = decode_operation(envelope.payload)
         if kind.code != record.KIND:
             raise InvalidRequest("envelope kind != record kind")

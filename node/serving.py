@@ -26,6 +26,7 @@ import ctypes
 import ctypes.util
 import gc
 import logging
+import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final, NoReturn
@@ -34,7 +35,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2
 
 from node.daemon import NodeLog
-from node.errors import INTERNAL_DETAIL, NotReady, TooSlow, decode, status_of
+from node.errors import INTERNAL_DETAIL, Busy, NotReady, TooSlow, decode, status_of
 from proto import llbcfl_pb2 as pb
 
 ROLE_ENUM: Final = {"client": pb.ROLE_CLIENT, "miner": pb.ROLE_MINER, "server": pb.ROLE_SERVER}
@@ -53,6 +54,12 @@ SERVER_OPTIONS: Final = [
     # Concurrent calls on one connection (each peer, client or follower opens
     # its own); the rest queue in HTTP/2 flow control.
     ("grpc.max_concurrent_streams", 100),
+    # A connection with no call for 5 minutes is closed (peers reconnect).
+    ("grpc.max_connection_idle_ms", 300_000),
+    # A client that pings more often than every 10 s without sending data
+    # gets GOAWAY after two such pings (ping floods cost the server).
+    ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+    ("grpc.http2.max_ping_strikes", 2),
 ]
 CHANNEL_OPTIONS: Final = [
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
@@ -138,6 +145,31 @@ async def bounded_parts(
 
 def channel(address: str) -> grpc.aio.Channel:
     return grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+
+
+class SenderRate:
+    """A token bucket per authenticated sender: ``rate`` requests a second, bursts of ``burst``.
+
+    Checked after a request's signature (an outsider has no bucket to
+    drain); what goes over is refused with :class:`~node.errors.Busy`.
+    """
+
+    def __init__(
+        self, *, rate: float, burst: int, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.rate = rate
+        self.burst = burst
+        self._clock = clock
+        self._tokens: dict[str, tuple[float, float]] = {}  # sender -> (tokens, at)
+
+    def take(self, sender: str) -> None:
+        now = self._clock()
+        tokens, at = self._tokens.get(sender, (float(self.burst), now))
+        tokens = min(float(self.burst), tokens + (now - at) * self.rate)
+        if tokens < 1.0:
+            self._tokens[sender] = (tokens, now)
+            raise Busy(f"{sender} sends more than {self.rate:g} requests a second; retry later")
+        self._tokens[sender] = (tokens - 1.0, now)
 
 
 @dataclass(frozen=True)

@@ -39,6 +39,7 @@ from node.identity import AuthError
 from node.serving import (
     GRACE_SECONDS,
     Endpoint,
+    SenderRate,
     StatusInfo,
     add_servicer,
     bounded_parts,
@@ -412,3 +413,20 @@ def test_an_undecodable_health_check_is_invalid_argument_without_a_traceback(
     assert codes[0] == (Code.INVALID_ARGUMENT, "malformed HealthCheckRequest protobuf")
     assert codes[1] == health_pb2.HealthCheckResponse.SERVING
     assert not [r for r in caplog.records if r.exc_info or "Traceback" in r.getMessage()]
+
+
+def test_sender_rate_refuses_a_burst_beyond_its_bound_and_refills_with_time() -> None:
+    # Prepare: 2 a second, bursts of 3, on a clock the test moves
+    now = [0.0]
+    rate = SenderRate(rate=2.0, burst=3, clock=lambda: now[0])
+    # Execute: a burst of 3 passes, the 4th is refused; another sender is not affected
+    for _ in range(3):
+        rate.take("client-001")
+    with pytest.raises(Busy, match="more than 2 requests a second"):
+        rate.take("client-001")
+    rate.take("client-002")
+    # Assert: half a second later one more passes, and only one
+    now[0] += 0.5
+    rate.take("client-001")
+    with pytest.raises(Busy):
+        rate.take("client-001")
