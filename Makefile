@@ -33,10 +33,11 @@ test: venv
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
 
-# The developers' loop (under 5 minutes): no end-to-end network runs, no slow audits.
+# The developers' loop (under 5 minutes): no end-to-end network runs, no attacks on
+# live networks, no slow audits.
 test-fast: venv
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -q -m "not slow and not e2e"
+	$(BIN)/python -m pytest -q -m "not slow and not e2e and not adversarial"
 
 lint: venv
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

@@ -26,7 +26,10 @@ def mnist_root() -> Path:
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Every test under tests/e2e/ starts real node processes: mark it ``e2e``."""
+    """Every test under tests/e2e/ starts real node processes: mark it ``e2e``; every
+    test under tests/adversarial/ attacks a live network of them: mark it ``adversarial``."""
     for item in items:
         if "e2e" in item.path.parts:
             item.add_marker(pytest.mark.e2e)
+        if "adversarial" in item.path.parts:
+            item.add_marker(pytest.mark.adversarial)
