@@ -408,3 +408,9 @@ def validate_elsewhere(
         run, model=model, global_weights=weights, updates=updates, validation=validation
     )
     return own_verdicts(verdicts)
+
+
+def worker_ready() -> bool:
+    """Nothing: run in the validation worker at start, it spawns it and imports this
+    module (torch, the models) there before round 1 needs them."""
+    return True

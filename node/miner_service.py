@@ -62,7 +62,7 @@ from node.full_disk import PROBE_SECONDS, DiskGuard
 from node.genesis import Genesis
 from node.identity import AuthError, Identity, verify_envelope
 from node.membership import NodeInfo
-from node.miner import Miner, validate_elsewhere
+from node.miner import Miner, validate_elsewhere, worker_ready
 from node.peers import PBFT_WIRE_KIND, BlobFetcher, catch_up_from_peers, verdict_records
 from node.serving import STREAM_IDLE_SECONDS, Endpoint, SenderRate, bounded_parts, serve
 from node.tensor_receiver import ReceivedTensors, TensorStreamReceiver, UpdateRejected
@@ -390,6 +390,12 @@ class MinerHandler:
             return
         m._own_verdicts[key] = own
 
+    def warm_up(self) -> None:
+        """Start the validation worker now: spawning it and importing torch there take
+        seconds (7 s on 2 loaded cores), which round 1 would otherwise spend after its
+        uploads are in."""
+        self.validation_process().submit(worker_ready)
+
     def validation_process(self) -> ProcessPoolExecutor:
         """The one worker process that validates rounds (started on first use)."""
         if self.processes is None:
@@ -505,6 +511,7 @@ async def drive(handler: MinerHandler, stop: asyncio.Event, *, stay: bool = Fals
     chain holds the run's last round summary: the run is over.
     """
     miner = handler.m
+    handler.warm_up()
     for peer in miner.peers.values():
         peer.start()
     tick = miner.genesis.protocol.tick_ms / 1e3

@@ -42,7 +42,15 @@ import numpy as np
 import torch
 from nacl.signing import SigningKey
 
-from chain.digests import DTYPES, NUMPY_DTYPES, claim_bytes, dtype_name, raw_bytes, weights_digest
+from chain.digests import (
+    DTYPES,
+    NUMPY_DTYPES,
+    claim_bytes,
+    dtype_name,
+    header_bytes,
+    raw_bytes,
+    weights_digest,
+)
 from chain.models import initial_spec, initial_weights
 from chain.records import (
     Record,
@@ -147,11 +155,13 @@ def update_parts(
     sender_id: str | None = None,
     kind: str = "update",
     chunk_bytes: int = CHUNK_BYTES,
+    sign_header: bool = True,
 ) -> list[pb.TensorStreamPart]:
-    """The tensor stream of ``weights``: header, chunks, a trailer whose claim ``key`` signs.
+    """The tensor stream of ``weights``: a header and a trailer's claim that ``key`` signs.
 
     ``sender_id`` is what the header names (default: the key's node id) and
-    ``kind`` the envelope kind of the claim: changing either is an attack.
+    ``kind`` the envelope kind of the claim: changing either is an attack, as
+    is ``sign_header=False`` (a header with no signature).
     """
     names = sorted(weights)
     data = b"".join(raw_bytes(weights[n]) for n in names)
@@ -167,6 +177,8 @@ def update_parts(
         ],
         total_bytes=len(data),
     )
+    if sign_header:
+        header.auth.CopyFrom(key.sign(f"{kind}-header", signed_header(header)))
     digest = weights_digest(weights)
     claim = claim_bytes(
         round=round,
@@ -183,6 +195,17 @@ def update_parts(
     return [pb.TensorStreamPart(header=header), *chunks, pb.TensorStreamPart(trailer=trailer)]
 
 
+def signed_header(header: pb.TensorStreamHeader) -> bytes:
+    """The bytes a stream header's signature covers (``chain.digests.header_bytes``)."""
+    return header_bytes(
+        round=header.round,
+        sender_id=header.sender_id,
+        base_digest=header.base_digest,
+        num_samples=header.num_samples,
+        total_bytes=header.total_bytes,
+    )
+
+
 def stream_digest(parts: Sequence[pb.TensorStreamPart]) -> bytes:
     """The digest a stream's trailer states."""
     return bytes(parts[-1].trailer.digest)
@@ -193,14 +216,16 @@ def resigned(
 ) -> list[pb.TensorStreamPart]:
     """``parts`` (someone's update stream) with a claim signed by ``key``.
 
-    The header keeps its sender unless ``sender_id`` is given (then the header
-    and the claim name it): a copy of another client's update re-signed as
-    one's own is ``resigned(theirs, my_key, sender_id=my_key.node_id)``.
+    The header keeps its sender and signature unless ``sender_id`` is given
+    (then the header, signed again by ``key``, and the claim name it): a copy
+    of another client's update re-signed as one's own is
+    ``resigned(theirs, my_key, sender_id=my_key.node_id)``.
     """
     header = pb.TensorStreamHeader()
     header.CopyFrom(parts[0].header)
     if sender_id is not None:
         header.sender_id = sender_id
+        header.auth.CopyFrom(key.sign("update-header", signed_header(header)))
     digest = stream_digest(parts)
     claim = claim_bytes(
         round=header.round,
@@ -384,9 +409,17 @@ class Attacker:
 
         return self.unary(node_id, HEALTH_CHECK, request, health_pb2.HealthCheckResponse)
 
-    def deliver(self, miner: str, messages: Iterable[bytes]) -> Outcome:
-        """``Miner/Deliver``: PBFT messages as given (``consensus.messages`` bytes or not)."""
-        raw = [pb.PbftMessage(data=m).SerializeToString() for m in messages]
+    def deliver(self, miner: str, messages: Iterable[bytes], key: Key | None = None) -> Outcome:
+        """``Miner/Deliver``: PBFT messages as given (``consensus.messages`` bytes or not).
+
+        With ``key`` (a miner's), each item carries its link signature (kind
+        ``pbft-wire`` over SHA-256 of the bytes); without, none.
+        """
+        items = [pb.PbftMessage(data=m) for m in messages]
+        if key is not None:
+            for item in items:
+                item.auth.CopyFrom(key.sign("pbft-wire", hashlib.sha256(item.data).digest()))
+        raw = [item.SerializeToString() for item in items]
         return self.client_stream(miner, method("Miner", "Deliver"), raw, pb.Ack)
 
     @contextlib.contextmanager

@@ -33,6 +33,7 @@ The tests follow the run, in file order:
 
 from __future__ import annotations
 
+import hashlib
 import math
 import statistics
 from collections.abc import Iterator
@@ -56,8 +57,11 @@ from chain.records import (
 )
 from commands.chaintools import read_blocks
 from consensus.canonical import pack_u64
+from consensus.ledger import GENESIS_HASH, Block, BlockHeader, Request, encode_batch
+from consensus.messages import PrePrepare
 from fl.datasets import dataset_of
 from fl.rounds import record_cap
+from node.serving import STREAM_IDLE_SECONDS
 from proto import llbcfl_pb2 as pb
 from tests.adversarial.attacker import (
     HEALTH_CHECK,
@@ -695,7 +699,7 @@ EMPTY_ANSWERS = {
     "Miner/SubmitUpdate": Code.INVALID_ARGUMENT,  # a stream must start with a header
     "Miner/FetchUpdate": Code.NOT_FOUND,
     "Miner/FetchBlocks": Code.OK,
-    "Miner/Deliver": Code.INVALID_ARGUMENT,  # no PBFT message
+    "Miner/Deliver": Code.UNAUTHENTICATED,  # no link signature
     "Server/DownloadModel": Code.UNAUTHENTICATED,  # not a model request
     "Client/StartRound": Code.UNAUTHENTICATED,  # not a start-round notice
     "Health/Check": Code.OK,
@@ -761,15 +765,80 @@ PBFT_BYTES = {
 
 
 @pytest.mark.parametrize("defect", list(PBFT_BYTES))
-def test_pbft_bytes_that_do_not_decode_are_refused(
+def test_pbft_bytes_of_a_byzantine_miner_that_do_not_decode_are_refused(
     round_one: RoundOne, attacker: Attacker, defect: str
 ) -> None:
-    # Prepare: a Deliver stream carrying one message that is not consensus.messages bytes
+    # Prepare: a Deliver stream carrying one message that is not consensus.messages
+    # bytes, with miner-3's link signature (a Byzantine miner)
+    key = attacker.key(attacker.miners[3])
     # Execute
-    outcomes = [attacker.deliver(m, [PBFT_BYTES[defect]]) for m in attacker.miners]
+    outcomes = [attacker.deliver(m, [PBFT_BYTES[defect]], key) for m in attacker.miners[:3]]
     # Assert
     assert_refused(outcomes, Code.INVALID_ARGUMENT)
     assert all(o.details.startswith("malformed message") for o in outcomes), outcomes
+
+
+def forged_pre_prepare(attacker: Attacker, *, megabytes: float) -> bytes:
+    """A well-formed PRE-PREPARE for the next height, its block ``megabytes`` large,
+    signed (inside) by a key no genesis lists, as replica 0."""
+    height = len(attacker.blocks(attacker.miners[0]) or []) + 1
+    size = 64 * 1024
+    filler = [
+        Request("client-000", i, bytes([i % 251]) * size, b"\0" * 64)
+        for i in range(int(megabytes * (1 << 20)) // size)
+    ]
+    payload = encode_batch(filler)
+    header = BlockHeader(
+        height=height,
+        previous_hash=GENESIS_HASH,
+        view=0,
+        proposer=0,
+        payload_digest=hashlib.sha256(payload).digest(),
+    )
+    message = PrePrepare(view=0, height=height, block=Block(header, payload), sender=0)
+    message.signature = outsider("forger").signing.sign(message.signed).signature
+    return message.encode()
+
+
+@pytest.mark.parametrize("signer", ["none", "outsider", "client"])
+def test_a_flood_of_pre_prepares_no_miner_signed_is_refused_unread(
+    round_one: RoundOne, network: LiveNetwork, attacker: Attacker, signer: str
+) -> None:
+    # Prepare: 15 PRE-PREPAREs of 3.5 MiB for each miner, with no link signature,
+    # an outsider's, or a client's (finding 3)
+    data = forged_pre_prepare(attacker, megabytes=3.5)
+    key = {"none": None, "outsider": outsider("miner-9"), "client": attacker.key(round_one.honest)}
+    heights = [len(attacker.blocks(m) or []) for m in attacker.miners]
+    # Execute
+    outcomes = [
+        attacker.deliver(m, [data], key[signer]) for m in attacker.miners for _ in range(15)
+    ]
+    # Assert: refused for the link signature, before decoding; the chains have not moved
+    code = Code.PERMISSION_DENIED if signer == "client" else Code.UNAUTHENTICATED
+    assert_refused(outcomes, code)
+    assert not any("malformed" in o.details for o in outcomes)
+    assert [len(attacker.blocks(m) or []) for m in attacker.miners] == heights
+
+
+def test_idle_update_streams_are_ended_by_the_miner(
+    round_one: RoundOne, attacker: Attacker
+) -> None:
+    # Prepare / Execute: 50 SubmitUpdate streams that never send a message (finding 6)
+    with attacker.idle_update_streams(attacker.miners[0], 50) as streams:
+        ended = [wait_for_code(f, STREAM_IDLE_SECONDS + 20) for f in streams]
+    # Assert: the miner ended each one itself, for idleness
+    assert set(ended) == {Code.DEADLINE_EXCEEDED}, ended
+
+
+def wait_for_code(future: grpc.Future, timeout: float) -> grpc.StatusCode:
+    """The status a stream call ended with (the test fails after ``timeout`` s)."""
+    try:
+        future.result(timeout=timeout)
+    except grpc.FutureTimeoutError:
+        pytest.fail(f"a stream was still open after {timeout:.0f} s")
+    except grpc.RpcError as exc:
+        return exc.code()
+    return Code.OK
 
 
 # Model downloads, start-round notices, records out of turn, health -------------------------
