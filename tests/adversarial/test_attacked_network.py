@@ -76,6 +76,7 @@ from tests.adversarial.attacker import (
     outsider,
     random_weights,
     resigned,
+    signed_header,
     stream_digest,
     tensors_of,
     update_parts,
@@ -575,9 +576,9 @@ MALFORMED: dict[str, tuple[Any, grpc.StatusCode]] = {
         lambda p, limits: [with_header(p[0], tensors=retyped(p[0].header.tensors)), *p[1:]],
         Code.INVALID_ARGUMENT,
     ),
-    "a header without a sender": (
+    "a header without a sender": (  # signed by the client: names another sender
         lambda p, limits: [with_header(p[0], sender_id=""), *p[1:]],
-        Code.INVALID_ARGUMENT,
+        Code.PERMISSION_DENIED,
     ),
     "a trailer digest that is not the data's": (
         lambda p, limits: [*p[:-1], with_trailer_digest(p[-1], b"\x01" * 32)],
@@ -623,12 +624,17 @@ def test_a_malformed_update_stream_is_refused(
     refused_digests: set[bytes],
     defect: str,
 ) -> None:
-    # Prepare: a stream of the honest selected client (one chunk: the model is small)
-    good = an_update(attacker, round_one, attacker.key(round_one.honest), seed=101)
+    # Prepare: a stream of the honest selected client (one chunk: the model is small),
+    # broken by someone who holds its key (a changed header is signed again)
+    key = attacker.key(round_one.honest)
+    good = an_update(attacker, round_one, key, seed=101)
     assert len(good) == 3
     protocol = attacker.genesis.protocol
     breaking, code = MALFORMED[defect]
     parts = breaking(good, (protocol.max_stream_bytes, protocol.chunk_bytes))
+    if parts and parts[0].HasField("header") and parts[0].header != good[0].header:
+        header = parts[0].header
+        header.auth.CopyFrom(key.sign("update-header", signed_header(header)))
     refused_digests.add(stream_digest(good))
     # Execute
     outcomes = [attacker.submit_update(m, parts) for m in attacker.miners]
