@@ -18,12 +18,27 @@ import click
     help="clients: host every client key in this folder",
 )
 @click.option("--data-dir", type=click.Path(file_okay=False), default=None)
-@click.option("--db", type=click.Path(dir_okay=False), default=None, help="miner chain (SQLite)")
 @click.option(
+    "--db",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="miners: the chain (SQLite) [default: chain.db in the state folder]",
+)
+@click.option(
+    "--state-dir",
     "--run-dir",
+    "run_dir",
     type=click.Path(file_okay=False),
     default=None,
-    help="miners and server: state, blobs, checkpoints",
+    help="miners and server: the node's own folder (chain, blobs, checkpoints, metrics) "
+    "[default: $XDG_STATE_HOME/llbcfl/networks/<genesis>/<node id>, "
+    "else ~/.local/state/...; never the working directory]",
+)
+@click.option(
+    "--bind-host",
+    default=None,
+    help="listen on this host (e.g. 0.0.0.0) with the port of the node's genesis address; "
+    "the genesis address stays the one others dial [default: the genesis address]",
 )
 @click.option("--metrics-out", type=click.Path(dir_okay=False), default=None, help="server only")
 @click.option(
@@ -51,6 +66,7 @@ def node_command(
     metrics_out: str | None,
     privacy_ledger: str | None,
     stay: bool,
+    bind_host: str | None,
 ) -> None:
     """Run one node daemon (or, for clients, several client identities).
 
@@ -72,6 +88,7 @@ def node_command(
             metrics_out=Path(metrics_out) if metrics_out else None,
             privacy_ledger=Path(privacy_ledger) if privacy_ledger else None,
             stay=stay,
+            bind_host=bind_host,
         )
     except ValueError as exc:
         raise click.ClickException(str(exc)) from exc

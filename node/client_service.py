@@ -27,7 +27,7 @@ from node.full_disk import PROBE_SECONDS
 from node.genesis import Genesis
 from node.identity import Identity, verify_envelope
 from node.privacy_ledger import PrivacyLedger
-from node.serving import Endpoint, StatusInfo, serve
+from node.serving import Endpoint, StatusInfo, listen_address, serve
 from proto import llbcfl_pb2 as pb
 from proto import llbcfl_pb2_grpc as pb_grpc
 
@@ -95,6 +95,7 @@ async def run_clients(
     stop: asyncio.Event,
     log: NodeLog,
     stay: bool = False,
+    bind_host: str | None = None,
 ) -> None:
     config = genesis.run
     torch.set_num_threads(config.threads)
@@ -116,7 +117,7 @@ async def run_clients(
         Endpoint(
             node_id=cid,
             role="client",
-            address=genesis.membership[cid].address,
+            address=listen_address(genesis.membership[cid].address, bind_host),
             genesis_digest=genesis.digest,
             status=lambda cid=cid: StatusInfo(
                 host.last_round[cid], host.follower.state.height, read_only=host.disk.read_only

@@ -64,7 +64,14 @@ from node.identity import AuthError, Identity, verify_envelope
 from node.membership import NodeInfo
 from node.miner import Miner, validate_elsewhere, worker_ready
 from node.peers import PBFT_WIRE_KIND, BlobFetcher, catch_up_from_peers, verdict_records
-from node.serving import STREAM_IDLE_SECONDS, Endpoint, SenderRate, bounded_parts, serve
+from node.serving import (
+    STREAM_IDLE_SECONDS,
+    Endpoint,
+    SenderRate,
+    bounded_parts,
+    listen_address,
+    serve,
+)
 from node.tensor_receiver import ReceivedTensors, TensorStreamReceiver, UpdateRejected
 from node.tensors import UPDATE_KIND, relay_stream
 from node.workers import worker_process, worker_thread
@@ -568,6 +575,7 @@ async def run_miner(
     log: NodeLog,
     ready_file: Path | None = None,
     stay: bool = False,
+    bind_host: str | None = None,
 ) -> None:
     config = genesis.run
     torch.set_num_threads(config.threads)
@@ -596,7 +604,7 @@ async def run_miner(
             return
     miner = opened[0]
     handler = MinerHandler(miner)
-    address = genesis.membership[identity.node_id].address
+    address = listen_address(genesis.membership[identity.node_id].address, bind_host)
     endpoint = Endpoint(
         node_id=identity.node_id,
         role="miner",

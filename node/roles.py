@@ -25,8 +25,14 @@ def run_node(
     metrics_out: Path | None,
     privacy_ledger: Path | None = None,
     stay: bool = False,
+    bind_host: str | None = None,
 ) -> None:
-    """Raise ValueError with a plain message on any configuration problem."""
+    """Raise ValueError with a plain message on any configuration problem.
+
+    ``run_dir`` is the node's state folder (``--state-dir``); by default a
+    folder of its own under the user's state directory
+    (:func:`default_state_dir`), never the working directory.
+    """
     try:
         genesis = read_genesis(genesis_path)
         paths = list(keys) + (sorted(key_dir.glob("*.key")) if key_dir else [])
@@ -47,7 +53,7 @@ def run_node(
         if member is None or member.public_key != ident.public_key:
             raise ValueError(f"{ident.node_id}'s key is not in {genesis_path}")
     name = identities[0].node_id if len(identities) == 1 else f"clients({len(identities)})"
-    run_dir = run_dir or Path("runs") / "nodes" / name
+    run_dir = run_dir or default_state_dir(genesis.digest, name)
     if role != "client":  # a client's only state is its privacy ledger
         run_dir.mkdir(parents=True, exist_ok=True)
     log = NodeLog(name)
@@ -65,6 +71,7 @@ def run_node(
                 stop=stop,
                 log=log,
                 stay=stay,
+                bind_host=bind_host,
             )
         elif role == "server":
             from node.server_service import run_server
@@ -77,6 +84,7 @@ def run_node(
                 stop=stop,
                 log=log,
                 metrics_path=metrics_out or run_dir / "metrics.json",
+                bind_host=bind_host,
             )
         else:
             from node.client_service import run_clients
@@ -89,6 +97,7 @@ def run_node(
                 stop=stop,
                 log=log,
                 stay=stay,
+                bind_host=bind_host,
             )
 
     try:
@@ -97,11 +106,26 @@ def run_node(
         raise ValueError(str(exc)) from exc
 
 
+def state_home() -> Path:
+    """LL-BCFL's state folder: ``$XDG_STATE_HOME/llbcfl``, else ``~/.local/state/llbcfl``."""
+    state = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(state) / "llbcfl"
+
+
+def default_state_dir(genesis_digest: bytes, name: str) -> Path:
+    """A node's state folder unless ``--state-dir`` says otherwise: one per network and node.
+
+    Under :func:`state_home`, named by the genesis digest and the node's id,
+    so a restart from any working directory finds its chain, blobs and
+    checkpoints again, and two networks never share a folder.
+    """
+    return state_home() / "networks" / genesis_digest.hex()[:16] / name
+
+
 def default_ledger_path() -> Path:
     """Where a client host keeps its privacy ledger unless told otherwise.
 
     A per-user state folder, not the working directory: the ledger must
     outlive runs and folders, since every run on the same records adds to it.
     """
-    state = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
-    return Path(state) / "llbcfl" / "privacy-ledger.json"
+    return state_home() / "privacy-ledger.json"

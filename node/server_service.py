@@ -22,7 +22,7 @@ from node.errors import NotPermitted, WrongState, decode
 from node.genesis import Genesis
 from node.identity import Identity, verify_envelope
 from node.server import Server, Stopped
-from node.serving import Endpoint, StatusInfo, serve
+from node.serving import Endpoint, StatusInfo, listen_address, serve
 from node.tensors import MODEL_KIND, MODEL_REQUEST_KIND, tensor_stream
 from proto import llbcfl_pb2 as pb
 from proto import llbcfl_pb2_grpc as pb_grpc
@@ -73,12 +73,13 @@ async def run_server(
     log: NodeLog,
     metrics_path: Path,
     exit_when_done: bool = True,
+    bind_host: str | None = None,
 ) -> None:
     config = genesis.run
     torch.set_num_threads(config.threads)
     splits = load_node_splits(config, data_dir, train=False)
     server = Server(genesis, identity, run_dir=run_dir, test=splits.test, log=log)
-    address = genesis.membership[identity.node_id].address
+    address = listen_address(genesis.membership[identity.node_id].address, bind_host)
     endpoint = Endpoint(
         node_id=identity.node_id,
         role="server",

@@ -143,6 +143,20 @@ async def bounded_parts(
         yield item
 
 
+def listen_address(advertised: str, bind_host: str | None) -> str:
+    """Where to listen: the genesis (advertised) address, or its port on ``bind_host``.
+
+    The genesis holds the address the other nodes dial; a host behind one
+    interface of several, or in a container, listens on another one (e.g.
+    ``0.0.0.0``) with the same port.
+    """
+    if not bind_host:
+        return advertised
+    _, _, port = advertised.rpartition(":")
+    host = f"[{bind_host}]" if ":" in bind_host and not bind_host.startswith("[") else bind_host
+    return f"{host}:{port}"
+
+
 def channel(address: str) -> grpc.aio.Channel:
     return grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
 

@@ -47,3 +47,19 @@ def test_chain_verify_of_a_non_database_is_a_plain_error(tmp_path: Path) -> None
     assert result.exit_code == 1
     assert "Traceback" not in result.output
     assert "chain database" in result.output
+
+
+def test_a_node_keeps_its_state_per_network_and_node_under_the_users_state_folder(
+    tmp_path, monkeypatch
+):
+    # Prepare
+    from node.roles import default_ledger_path, default_state_dir
+
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path))
+    # Execute
+    miner = default_state_dir(b"\xab" * 32, "miner-0")
+    other_network = default_state_dir(b"\xcd" * 32, "miner-0")
+    # Assert: not under the working directory; one folder per network and node
+    assert miner == tmp_path / "llbcfl" / "networks" / ("ab" * 8) / "miner-0"
+    assert other_network != miner
+    assert default_ledger_path() == tmp_path / "llbcfl" / "privacy-ledger.json"

@@ -43,6 +43,7 @@ from node.serving import (
     StatusInfo,
     add_servicer,
     bounded_parts,
+    listen_address,
     serve,
 )
 from node.tensor_receiver import UpdateRejected
@@ -430,3 +431,18 @@ def test_sender_rate_refuses_a_burst_beyond_its_bound_and_refills_with_time() ->
     rate.take("client-001")
     with pytest.raises(Busy):
         rate.take("client-001")
+
+
+@pytest.mark.parametrize(
+    ("advertised", "bind_host", "expected"),
+    [
+        ("198.18.0.5:50051", None, "198.18.0.5:50051"),
+        ("198.18.0.5:50051", "0.0.0.0", "0.0.0.0:50051"),
+        ("node-a.lan:7000", "127.0.0.1", "127.0.0.1:7000"),
+        ("[fd00::5]:7000", "::", "[::]:7000"),
+    ],
+)
+def test_a_node_listens_on_its_bind_host_with_the_advertised_port(
+    advertised: str, bind_host: str | None, expected: str
+) -> None:
+    assert listen_address(advertised, bind_host) == expected
