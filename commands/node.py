@@ -55,6 +55,13 @@ import click
     help="miners and clients: keep serving after the run's last round is on the chain "
     "[default: exit 0 then; a miner first serves its final blocks for 30 s]",
 )
+@click.option(
+    "--metrics-port",
+    type=click.IntRange(1, 65535),
+    default=None,
+    help="serve Prometheus metrics on http://HOST:PORT/metrics (HOST: --bind-host, else "
+    "the genesis address's host) [default: off]",
+)
 def node_command(
     role: str,
     genesis_path: str,
@@ -67,6 +74,7 @@ def node_command(
     privacy_ledger: str | None,
     stay: bool,
     bind_host: str | None,
+    metrics_port: int | None,
 ) -> None:
     """Run one node daemon (or, for clients, several client identities).
 
@@ -89,6 +97,7 @@ def node_command(
             privacy_ledger=Path(privacy_ledger) if privacy_ledger else None,
             stay=stay,
             bind_host=bind_host,
+            metrics_port=metrics_port,
         )
     except ValueError as exc:
         raise click.ClickException(str(exc)) from exc

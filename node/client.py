@@ -52,6 +52,7 @@ from node.follower import ChainFollower
 from node.full_disk import DiskGuard
 from node.genesis import Genesis
 from node.identity import Identity
+from node.metrics import EPSILON, STREAM_BYTES
 from node.privacy_ledger import (
     REGISTRATION_ROUND,
     AlreadyReserved,
@@ -255,6 +256,7 @@ class ClientHost:
                         self.ledger.reserve, self.data[cid], self.entry(rnd), self.budget
                     )
                 log.info(f"reserved round {rnd}: epsilon spent {spent:.4f}")
+                EPSILON.labels(cid).set(spent)
                 update = await asyncio.to_thread(
                     self.states[cid].participate,
                     self.model,
@@ -302,6 +304,8 @@ class ClientHost:
             try:
                 async with channel(address) as ch:
                     await pb_grpc.MinerStub(ch).SubmitUpdate(iter(parts), timeout=60)
+                size = sum(t.numel() * t.element_size() for t in update.delta.values())
+                STREAM_BYTES.labels(cid, "out").inc(size)
                 return True
             except grpc.aio.AioRpcError as exc:
                 if exc.code() not in (

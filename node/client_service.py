@@ -96,6 +96,7 @@ async def run_clients(
     log: NodeLog,
     stay: bool = False,
     bind_host: str | None = None,
+    metrics_port: int | None = None,
 ) -> None:
     config = genesis.run
     torch.set_num_threads(config.threads)
@@ -146,7 +147,7 @@ async def run_clients(
                 task.cancel()
 
     try:
-        await serve(endpoints, stop=stop, run=drive, log=log)
+        await serve(endpoints, stop=stop, run=drive, log=log, metrics_port=metrics_port)
     finally:
         with contextlib.suppress(Exception):
             await asyncio.gather(*host.tasks, return_exceptions=True)

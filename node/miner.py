@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import time
 from pathlib import Path
 from typing import Any
 
@@ -71,6 +72,7 @@ from node.errors import DiskFull
 from node.full_disk import DiskGuard
 from node.genesis import Genesis
 from node.identity import Identity, pbft_signer, pbft_verifier
+from node.metrics import BLOCKS, VALIDATION
 from node.offchain import BlobStore, as_update, upload_of
 from node.peers import PeerLink
 from node.serving import StatusInfo
@@ -229,6 +231,7 @@ class Miner:
     def _apply(self, block: Block) -> None:
         if block.height == self.state.height + 1:
             self.state.apply_block(block)
+            BLOCKS.labels(self.identity.node_id).inc()
 
     def _catch_up(self) -> None:
         # The core validates block h+1 in the same step that executed h, before
@@ -298,6 +301,7 @@ class Miner:
             inputs = self.validation_inputs(state, rnd, digests)
             assert inputs is not None
             weights, updates = inputs
+            started = time.perf_counter()
             verdicts = validate_round(
                 self.config,
                 model=self.scratch,
@@ -305,6 +309,7 @@ class Miner:
                 updates=updates,
                 validation=self.validation,
             )
+            VALIDATION.labels(self.identity.node_id).observe(time.perf_counter() - started)
             self._own_verdicts[key] = own_verdicts(verdicts)
         return self._own_verdicts[key]
 

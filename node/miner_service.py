@@ -62,6 +62,7 @@ from node.full_disk import PROBE_SECONDS, DiskGuard
 from node.genesis import Genesis
 from node.identity import AuthError, Identity, verify_envelope
 from node.membership import NodeInfo
+from node.metrics import STREAM_BYTES, VALIDATION
 from node.miner import Miner, validate_elsewhere, worker_ready
 from node.peers import PBFT_WIRE_KIND, BlobFetcher, catch_up_from_peers, verdict_records
 from node.serving import (
@@ -290,6 +291,7 @@ class MinerHandler:
             if received.num_samples != m.state.released_records(cid):
                 raise InvalidRequest("sample count differs from the registration")
             m.blobs.put(received)
+            STREAM_BYTES.labels(m.identity.node_id, "in").inc(received.header.total_bytes)
             m.log.info(f"stored update of {cid} ({received.digest.hex()[:12]})")
             await self._verdicts_if_due()
         return pb.UpdateReceipt(round=rnd, client_id=cid, digest=received.digest)
@@ -383,6 +385,7 @@ class MinerHandler:
             return
         weights, updates = inputs
         loop = asyncio.get_running_loop()
+        started = loop.time()
         try:
             own = await loop.run_in_executor(
                 self.validation_process(),
@@ -395,6 +398,7 @@ class MinerHandler:
         except Exception as exc:  # the core validates again on the loop and fails there
             m.log.warning(f"validation of round {rnd} in the worker process failed: {exc!r}")
             return
+        VALIDATION.labels(m.identity.node_id).observe(loop.time() - started)
         m._own_verdicts[key] = own
 
     def warm_up(self) -> None:
@@ -576,6 +580,7 @@ async def run_miner(
     ready_file: Path | None = None,
     stay: bool = False,
     bind_host: str | None = None,
+    metrics_port: int | None = None,
 ) -> None:
     config = genesis.run
     torch.set_num_threads(config.threads)
@@ -627,6 +632,7 @@ async def run_miner(
             run=lambda: drive(handler, stop, stay=stay),
             log=log,
             listening=listening,
+            metrics_port=metrics_port,
         )
     finally:
         for peer in miner.peers.values():

@@ -26,6 +26,7 @@ def run_node(
     privacy_ledger: Path | None = None,
     stay: bool = False,
     bind_host: str | None = None,
+    metrics_port: int | None = None,
 ) -> None:
     """Raise ValueError with a plain message on any configuration problem.
 
@@ -72,6 +73,7 @@ def run_node(
                 log=log,
                 stay=stay,
                 bind_host=bind_host,
+                metrics_port=metrics_port,
             )
         elif role == "server":
             from node.server_service import run_server
@@ -85,6 +87,7 @@ def run_node(
                 log=log,
                 metrics_path=metrics_out or run_dir / "metrics.json",
                 bind_host=bind_host,
+                metrics_port=metrics_port,
             )
         else:
             from node.client_service import run_clients
@@ -98,6 +101,7 @@ def run_node(
                 log=log,
                 stay=stay,
                 bind_host=bind_host,
+                metrics_port=metrics_port,
             )
 
     try:

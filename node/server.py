@@ -65,6 +65,7 @@ from node.follower import ChainFollower
 from node.full_disk import PROBE_SECONDS, DiskGuard
 from node.genesis import Genesis
 from node.identity import Identity, signing_tag, verify_signature
+from node.metrics import ROUNDS
 from node.offchain import BlobStore
 from node.serving import channel
 from node.tensor_receiver import UpdateRejected, receive_tensor_stream
@@ -347,6 +348,7 @@ class Server:
             summary = RoundSummary(rnd, weights_digest(new_weights), acc, loss)
             await self.submit(summary)
             await self.wait_for(lambda: rnd in state.summaries, stop)
+        ROUNDS.labels(self.identity.node_id).inc()
         self.log.info(f"test accuracy {acc:.4f}")
 
     def round_record(self, rnd: int, seconds: float) -> RoundRecord:

@@ -21,6 +21,7 @@ from node.daemon import NodeLog, load_node_splits
 from node.errors import NotPermitted, WrongState, decode
 from node.genesis import Genesis
 from node.identity import Identity, verify_envelope
+from node.metrics import STREAM_BYTES
 from node.server import Server, Stopped
 from node.serving import Endpoint, StatusInfo, listen_address, serve
 from node.tensors import MODEL_KIND, MODEL_REQUEST_KIND, tensor_stream
@@ -60,6 +61,8 @@ class ServerServicer(pb_grpc.ServerServicer):
             round=rnd,
             chunk_bytes=self.s.genesis.protocol.chunk_bytes,
         ):
+            if part.HasField("chunk"):
+                STREAM_BYTES.labels(self.s.identity.node_id, "out").inc(len(part.chunk.data))
             yield part
 
 
@@ -74,6 +77,7 @@ async def run_server(
     metrics_path: Path,
     exit_when_done: bool = True,
     bind_host: str | None = None,
+    metrics_port: int | None = None,
 ) -> None:
     config = genesis.run
     torch.set_num_threads(config.threads)
@@ -118,4 +122,5 @@ async def run_server(
         run=drive,
         log=log,
         listening=lambda _ports: log.info(f"server listening on {address}"),
+        metrics_port=metrics_port,
     )

@@ -36,6 +36,7 @@ from grpc_health.v1 import health, health_pb2
 
 from node.daemon import NodeLog
 from node.errors import INTERNAL_DETAIL, Busy, NotReady, TooSlow, decode, status_of
+from node.metrics import REFUSED
 from proto import llbcfl_pb2 as pb
 
 ROLE_ENUM: Final = {"client": pb.ROLE_CLIENT, "miner": pb.ROLE_MINER, "server": pb.ROLE_SERVER}
@@ -340,7 +341,9 @@ def _method_handler(
         _refused += 1
         if isinstance(exc, grpc.aio.AbortError):
             return None
-        return refusal(exc, where=where, log=log)
+        status = refusal(exc, where=where, log=log)
+        REFUSED.labels(status[0].name).inc()
+        return status
 
     if method.client_streaming:
         if method.server_streaming:
@@ -504,8 +507,12 @@ async def serve(
     log: NodeLog | None = None,
     grace: float = GRACE_SECONDS,
     listening: Callable[[list[int]], None] | None = None,
+    metrics_port: int | None = None,
 ) -> None:
     """Serve ``endpoints`` while ``run()`` runs (without one: until ``stop`` is set).
+
+    With ``metrics_port``, Prometheus metrics (``node.metrics``) are served on
+    that port, on the host the first endpoint listens on.
 
     ``listening`` gets the bound ports once every server has started (port
     0 in an address picks a free one). On return or failure ``stop`` is set
@@ -513,7 +520,19 @@ async def serve(
     """
     running: list[_Running] = []
     reclaim = asyncio.create_task(reclaim_memory(stop))
+    stop_metrics: Callable[[], None] | None = None
     try:
+        if metrics_port is not None:
+            from node.metrics import start_metrics_server
+
+            host = endpoints[0].address.rpartition(":")[0].strip("[]") if endpoints else ""
+            stop_metrics = start_metrics_server(
+                metrics_port,
+                host=host or "127.0.0.1",
+                endpoints=[(e.node_id, e.status) for e in endpoints],
+            )
+            if log is not None:
+                log.info(f"metrics on http://{host}:{metrics_port}/metrics")
         for endpoint in endpoints:
             running.append(await _start(endpoint, log))
         if listening is not None:
@@ -523,3 +542,5 @@ async def serve(
         stop.set()
         await asyncio.gather(*(r.stop(grace) for r in running))
         await reclaim
+        if stop_metrics is not None:
+            stop_metrics()
