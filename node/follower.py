@@ -118,10 +118,26 @@ class ChainFollower:
                     self.on_advance()
 
     async def follow(self, stop: asyncio.Event) -> None:
-        """Keep reading new blocks until ``stop`` is set."""
+        """Keep reading new blocks until ``stop`` is set.
+
+        Logs once when no miner has answered for a whole pass over the
+        miners (a node cut from the miners), and once when one answers again.
+        """
+        failures = 0
+        cut_off = False
         try:
             while not stop.is_set():
                 answered = await self.catch_up(attempts=1)
+                failures = 0 if answered else failures + 1
+                if failures >= len(self.miners) and not cut_off:
+                    cut_off = True
+                    self.log.warning(
+                        f"cannot reach any of the {len(self.miners)} miners "
+                        f"(chain height {self.state.height}); retrying"
+                    )
+                elif answered and cut_off:
+                    cut_off = False
+                    self.log.info(f"miners reachable again (chain height {self.state.height})")
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(stop.wait(), POLL_SECONDS if answered else 0.2)
         finally:

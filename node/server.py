@@ -51,6 +51,7 @@ from chain.records import (
     Record,
     RoundSummary,
     UpdateRecord,
+    record_kind_name,
 )
 from fl.attacks import choose_malicious
 from fl.data import Split
@@ -159,19 +160,28 @@ class Server:
     async def submit(self, record: Record) -> None:
         envelope = signed_record(self.identity, record)
 
-        async def one(address: str) -> None:
+        async def one(address: str) -> bool:
             try:
                 async with channel(address) as ch:
                     await pb_grpc.MinerStub(ch).Submit(envelope, timeout=10)
+                return True
             except grpc.aio.AioRpcError as exc:
                 if exc.code() == grpc.StatusCode.ALREADY_EXISTS:
                     # On the chain already (a restart), or forwarded to this
                     # miner by another one before this copy arrived.
                     self.log.info(f"submit to {address}: {exc.details()}")
-                    return
+                    return True
                 self.log.warning(f"submit to {address}: {exc.code().name} {exc.details()}")
+                return False
 
-        await asyncio.gather(*(one(m.address) for m in self.membership.miners))
+        miners = self.membership.miners
+        reached = sum(await asyncio.gather(*(one(m.address) for m in miners)))
+        quorum = 2 * ((len(miners) - 1) // 3) + 1
+        if reached < quorum:
+            self.log.warning(
+                f"{record_kind_name(record)} reached {reached} of {len(miners)} miners, "
+                f"fewer than a quorum of {quorum}: it commits only if they forward it"
+            )
 
     async def notify(self, rnd: int, selected: tuple[str, ...], digest: bytes) -> None:
         """Hand every selected client its start-round notice, all at once.

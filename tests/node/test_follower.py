@@ -1,0 +1,48 @@
+"""The chain follower of the server and clients: what it says when it is cut from the miners."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from dataclasses import replace
+from pathlib import Path
+
+from node.daemon import NodeLog
+from node.follower import ChainFollower
+from node.genesis import Genesis
+
+
+def closed_port() -> int:
+    """A loopback port nothing listens on (bound, then released)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_a_follower_cut_from_every_miner_says_so_once(genesis: Genesis, tmp_path: Path) -> None:
+    # Prepare: every miner's address is a closed loopback port
+    nodes = [
+        replace(n, address=f"127.0.0.1:{closed_port()}") if n.role == "miner" else n
+        for n in genesis.nodes
+    ]
+    cut = Genesis(
+        protocol=genesis.protocol, selection=genesis.selection, run=genesis.run, nodes=nodes
+    )
+    log_file = tmp_path / "log"
+    follower = ChainFollower(cut, NodeLog("follower-test", log_file))
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        task = asyncio.create_task(follower.follow(stop))
+        # Execute: follow until two passes over the miners failed (bounded)
+        for _ in range(400):
+            if follower._cursor >= 2 * len(follower.miners):
+                break
+            await asyncio.sleep(0.05)  # polling the follower's progress, bounded
+        stop.set()
+        await task
+
+    asyncio.run(main())
+    # Assert: one warning for the whole outage, naming the miners' count
+    lines = [line for line in log_file.read_text().splitlines() if "cannot reach" in line]
+    assert len(lines) == 1 and "any of the 4 miners" in lines[0]
