@@ -535,6 +535,10 @@ async def serve(
                 log.info(f"metrics on http://{host}:{metrics_port}/metrics")
         for endpoint in endpoints:
             running.append(await _start(endpoint, log))
+        # What exists now (modules, data, models: 300 000 objects in a miner)
+        # lives as long as the node: a full collection (reclaim_memory) need
+        # not scan it, which takes it from 135 ms to well under 1 ms.
+        gc.freeze()
         if listening is not None:
             listening([r.port for r in running])
         await (stop.wait() if run is None else run())
