@@ -27,7 +27,7 @@ import hashlib
 import json
 import math
 import sys
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
 from functools import cached_property
 from pathlib import Path
@@ -288,19 +288,50 @@ def load_host_map(path: Path) -> dict[str, str]:
     return doc
 
 
+def id_range(key: str, ids: Sequence[str]) -> list[str] | None:
+    """The node ids a host-map key ``first..last`` spans, in order (None: not a range).
+
+    Both ends must be node ids of the network, of the same role and prefix
+    (``client-000..client-003``), the first not after the last.
+    """
+    first, sep, last = key.partition("..")
+    if not sep:
+        return None
+    if first not in ids or last not in ids:
+        raise GenesisError(f"host map range {key!r}: both ends must be node ids of this network")
+    start, stop = ids.index(first), ids.index(last)
+    if first.rstrip("0123456789") != last.rstrip("0123456789") or start > stop:
+        raise GenesisError(f"host map range {key!r} must run from a node id to a later one")
+    return list(ids[start : stop + 1])
+
+
 def plan_addresses(
     nodes: list[tuple[str, str]], *, hosts: Mapping[str, str], base_port: int
 ) -> dict[str, str]:
-    """Address per node id: its host from ``hosts`` (by id, then role, then ``default``,
-    else 127.0.0.1) and, unless the entry gives a port, the next port from ``base_port``."""
-    known = {node_id for node_id, _ in nodes} | set(ROLES) | {"default"}
-    unknown = sorted(set(hosts) - known)
+    """Address per node id: its host from ``hosts`` (by id, then a ``first..last`` range
+    of ids, then role, then ``default``, else 127.0.0.1) and, unless the entry gives a
+    port, the next port from ``base_port``."""
+    ids = [node_id for node_id, _ in nodes]
+    by_range: dict[str, str] = {}
+    for key, host in hosts.items():
+        for node_id in id_range(key, ids) or []:
+            if node_id in by_range:
+                raise GenesisError(f"host map ranges overlap at {node_id}")
+            by_range[node_id] = host
+    known = set(ids) | set(ROLES) | {"default"}
+    unknown = sorted(k for k in set(hosts) - known if ".." not in k)
     if unknown:
         raise GenesisError(f"host map names unknown nodes or roles: {', '.join(unknown)}")
     addresses: dict[str, str] = {}
     port = base_port
     for node_id, role in nodes:
-        host = hosts.get(node_id) or hosts.get(role) or hosts.get("default") or "127.0.0.1"
+        host = (
+            hosts.get(node_id)
+            or by_range.get(node_id)
+            or hosts.get(role)
+            or hosts.get("default")
+            or "127.0.0.1"
+        )
         try:
             split_address(host)
             addresses[node_id] = host  # the entry gives its own port

@@ -270,6 +270,50 @@ def test_plan_addresses_uses_ids_then_roles_then_default(tmp_path):
     }
 
 
+def test_a_range_of_client_ids_shares_a_host_and_an_id_entry_overrides_it():
+    # Prepare: 8 clients over two hosts, client-005 moved to a third
+    nodes = [("server", "server"), *((f"client-{i:03d}", "client") for i in range(8))]
+    hosts = {
+        "client-000..client-003": "198.18.0.20",
+        "client-004..client-007": "198.18.0.21",
+        "client-005": "198.18.0.22:7000",
+    }
+    # Execute
+    addresses = plan_addresses(nodes, hosts=hosts, base_port=6000)
+    # Assert
+    assert [addresses[f"client-{i:03d}"] for i in range(8)] == [
+        "198.18.0.20:6001",
+        "198.18.0.20:6002",
+        "198.18.0.20:6003",
+        "198.18.0.20:6004",
+        "198.18.0.21:6005",
+        "198.18.0.22:7000",
+        "198.18.0.21:6006",
+        "198.18.0.21:6007",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("key", "message"),
+    [
+        ("client-000..client-009", "both ends must be node ids"),
+        ("client-003..client-001", "from a node id to a later one"),
+        ("miner-0..client-001", "from a node id to a later one"),
+    ],
+)
+def test_a_bad_host_map_range_is_a_plain_error(key, message):
+    nodes = [("miner-0", "miner"), *((f"client-{i:03d}", "client") for i in range(4))]
+    with pytest.raises(GenesisError, match=message):
+        plan_addresses(nodes, hosts={key: "198.18.0.20"}, base_port=6000)
+
+
+def test_overlapping_host_map_ranges_are_refused():
+    nodes = [(f"client-{i:03d}", "client") for i in range(4)]
+    hosts = {"client-000..client-002": "198.18.0.20", "client-002..client-003": "198.18.0.21"}
+    with pytest.raises(GenesisError, match="overlap at client-002"):
+        plan_addresses(nodes, hosts=hosts, base_port=6000)
+
+
 def test_host_map_with_unknown_names_is_rejected():
     with pytest.raises(GenesisError, match="unknown nodes or roles: minre"):
         plan_addresses([("server", "server")], hosts={"minre": "10.0.0.2"}, base_port=6000)
