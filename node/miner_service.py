@@ -245,7 +245,7 @@ class MinerHandler:
         inputs = m.validation_inputs(m.state, rnd, digests)
         if inputs is None:
             return
-        weights, updates = inputs
+        weights, updates, history = inputs
         loop = asyncio.get_running_loop()
         try:
             own = await loop.run_in_executor(
@@ -254,6 +254,7 @@ class MinerHandler:
                 m.config.to_dict(),
                 weights,
                 updates,
+                history,
                 m.validation,
             )
         except Exception as exc:  # the core validates again on the loop and fails there
