@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -41,6 +41,7 @@ from node.errors import Duplicate, InvalidRequest, NotFound, NotPermitted, NotRe
 from node.genesis import Genesis
 from node.identity import Identity, verify_envelope
 from node.miner import Miner, validate_elsewhere
+from node.offchain import check_fetch_request, wall_clock_ms
 from node.peers import BlobFetcher, catch_up_from_peers, verdict_records
 from node.serving import Endpoint, serve
 from node.tensor_receiver import ReceivedTensors, TensorStreamReceiver, UpdateRejected
@@ -55,8 +56,9 @@ Digests = list[tuple[str, bytes, int]]  # (client, digest, samples), the validat
 class MinerHandler:
     """The protocol rules of each Miner request, on one :class:`~node.miner.Miner`."""
 
-    def __init__(self, miner: Miner) -> None:
+    def __init__(self, miner: Miner, *, clock_ms: Callable[[], int] = wall_clock_ms) -> None:
         self.m = miner
+        self.clock_ms = clock_ms  # what fetch requests' freshness is checked against
         self.core = asyncio.Lock()
         self.fetcher = BlobFetcher(miner)
         self.processes: ProcessPoolExecutor | None = None
@@ -177,10 +179,13 @@ class MinerHandler:
             await self._verdicts_if_due()
         return pb.UpdateReceipt(round=rnd, client_id=cid, digest=received.digest)
 
-    def held_update(self, digest: bytes) -> ReceivedTensors:
-        received = self.m.blobs.get(digest)
+    def held_update(self, envelope: pb.Envelope) -> ReceivedTensors:
+        """The update a miner's or the server's fresh signed request names
+        (``node.offchain.check_fetch_request``): nobody else reads updates."""
+        request = check_fetch_request(envelope, self.m.membership, now_ms=self.clock_ms())
+        received = self.m.blobs.get(bytes(request.digest), request.client_id)
         if received is None:
-            raise NotFound("no update with this digest")
+            raise NotFound(f"no update of {request.client_id!r} with this digest")
         return received
 
     def blocks_from(self, height: int) -> Iterator[Block]:
@@ -301,8 +306,8 @@ class MinerServicer(pb_grpc.MinerServicer):
             raise
         return await self.h.accept_update(received)
 
-    async def FetchUpdate(self, request: pb.FetchUpdateRequest, context: Any) -> Any:
-        received = self.h.held_update(bytes(request.digest))
+    async def FetchUpdate(self, request: pb.Envelope, context: Any) -> Any:
+        received = self.h.held_update(request)
         for part in relay_stream(received, chunk_bytes=self.h.m.genesis.protocol.chunk_bytes):
             yield part
 
