@@ -11,7 +11,8 @@ here and a run of the multi-process network with the same seed (and
 ``selection_seed = "run"``) select, accept and aggregate the same updates
 by construction. The simulator stands in for every role at once: the
 clients train (``fl.rounds.ClientState.participate``), a miner validates
-(``fl.rounds.validate_round``), the server evaluates. Time comes in
+(``fl.rounds.validate_round``, with the copy check's history from
+``chain.verdicts.round_history``, as a miner), the server evaluates. Time comes in
 through an injected ``clock`` (the package reads no clock of its own).
 """
 
@@ -26,8 +27,9 @@ from chain.models import GlobalModels
 from chain.records import Registration, RoundSummary, UpdateRecord
 from chain.sequencer import Sequencer
 from chain.state import ChainState
-from chain.verdicts import Upload, build_verdicts, own_verdicts
+from chain.verdicts import Upload, build_verdicts, own_verdicts, round_history
 from fl.config import RunConfig
+from fl.copies import COPY_WINDOW
 from fl.datasets import Splits
 from fl.models import model_for
 from fl.rounds import ClientUpdate, Federation, validate_round
@@ -82,18 +84,29 @@ def simulate_rounds(
             digest = weights_digest(u.delta)
             held[(digest, u.client)] = u
             uploads[u.client] = Upload(u.client, rnd, digest, base, u.n_samples, b"")
+        history = round_history(
+            state,
+            rnd,
+            base_digest=base,
+            digests={cid: up.digest for cid, up in uploads.items()},
+            fetch=fetch,
+        )
+        assert history is not None
         verdicts = validate_round(
             config,
             model=model,
             global_weights=global_weights,
             updates=sent,
             validation=splits.validation,
+            history=history,
         )
         record = build_verdicts(state, rnd, held=uploads, own=own_verdicts(verdicts), malformed={})
         chain.commit(MINER, record)
         new_weights = models.weights(rnd + 1, state, fetch)
         assert new_weights is not None
-        held.clear()  # the next rounds start from new_weights
+        # The next rounds start from new_weights; the copy check compares the
+        # next round with this one's and the previous COPY_WINDOW - 1 rounds' updates.
+        held = {k: u for k, u in held.items() if u.round > rnd - COPY_WINDOW}
         set_weights(model, new_weights)
         loss, acc = evaluate(model, splits.test.x, splits.test.y)
         chain.commit(SERVER, RoundSummary(rnd, weights_digest(new_weights), acc, loss))

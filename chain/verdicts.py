@@ -18,6 +18,9 @@ need (the held uploads, its own validation, the time) and the simulator
   recomputed from the chain.
 - :func:`check_verdicts`: another miner's record against the uploads this
   miner holds and its own validation of them.
+- :func:`round_history`: what the copy check (``fl.copies``) compares a
+  round's updates with, from the chain and the blobs it names, the same
+  for every miner and the simulator.
 """
 
 from __future__ import annotations
@@ -27,8 +30,10 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Final
 
+from chain.models import FetchUpdate
 from chain.records import RoundVerdicts, UpdateRecord
 from chain.state import ChainState
+from fl.copies import COPY_WINDOW, RoundHistory, SeenUpdate
 from fl.validation import Verdict
 
 # Replicas agree on verdicts exactly and on validation accuracies within this
@@ -226,3 +231,35 @@ def verdicts_agree(claimed: RoundVerdicts, own: Mapping[str, OwnVerdict]) -> str
         if not both_nan and not abs(accuracy - u.accuracy) <= ACCURACY_TOLERANCE:
             return f"{u.client}: accuracy {u.accuracy} but the replica finds {accuracy}"
     return ""
+
+
+def round_history(
+    state: ChainState,
+    rnd: int,
+    *,
+    base_digest: bytes,
+    digests: Mapping[str, bytes],
+    fetch: FetchUpdate,
+) -> RoundHistory | None:
+    """What round ``rnd``'s updates are checked against for copies (``fl.copies``).
+
+    Every update record of the rounds before ``rnd`` on the chain, with the
+    tensors of the accepted ones of the last ``COPY_WINDOW`` rounds
+    (``fetch``, as ``chain.models.GlobalModels`` gets them: every miner
+    holds them to recompute the global model). ``base_digest``: round
+    ``rnd``'s global model; ``digests``: client -> its update's digest in
+    round ``rnd``. None while an accepted update's tensors are not at hand.
+    """
+    seen = []
+    for r in sorted(state.verdicts):
+        if r >= rnd:
+            break
+        for u in state.verdicts[r].updates:
+            delta = None
+            if u.accepted and r >= rnd - COPY_WINDOW:
+                update = fetch(u)
+                if update is None:
+                    return None
+                delta = update.delta
+            seen.append(SeenUpdate(u.client, r, u.digest, u.base_digest, delta))
+    return RoundHistory(base_digest, dict(digests), tuple(seen))

@@ -6,7 +6,8 @@
 - ``select_round`` (server): Algorithm 1 (or uniform sampling, the control).
 - ``ClientState.participate`` (client): account the privacy spend, train
   (with DP when configured), and return the update.
-- ``validate_round`` (miners): hard checks plus Algorithm 2.
+- ``validate_round`` (miners): hard checks (copies of seen updates included)
+  plus Algorithm 2.
 - ``aggregate_round`` (server): combine the accepted updates.
 
 Every random draw is derived from the run seed and what is being done
@@ -29,6 +30,7 @@ import torch
 from fl.aggregation import aggregate, fedavg_weights
 from fl.attacks import attack_of, choose_malicious
 from fl.config import RunConfig
+from fl.copies import RoundHistory
 from fl.datasets import Split, dataset_of
 from fl.models import FLModel, count_parameters, model_for
 from fl.partition import partition
@@ -464,8 +466,14 @@ def validate_round(
     global_weights: Weights,
     updates: Sequence[ClientUpdate],
     validation: Split,
+    history: RoundHistory,
 ) -> dict[str, Verdict]:
-    """Verdicts for the round; with ``--no-validation`` every update is accepted."""
+    """Verdicts for the round; with ``--no-validation`` every update is accepted.
+
+    ``history``: the chain's earlier updates and this round's digests, which
+    the copy check compares the updates with (``fl.copies``; built by
+    ``chain.verdicts.round_history``).
+    """
     if not config.validation:
         return {u.client: Verdict(u.client, True, "accepted: validation disabled") for u in updates}
     return validate_updates(
@@ -475,6 +483,7 @@ def validate_round(
         x_val=validation.x,
         y_val=validation.y,
         params=validation_params(config),
+        history=history,
     )
 
 

@@ -2,9 +2,11 @@
 
 Hard checks (any failure rejects, with the reason): the update has exactly
 the model's tensor names, each with the model's shape and dtype; every value
-is finite; its L2 norm is within the absolute bound (if set), within
-``norm_factor`` times the round's median norm (a boosted update stands out
-even when DP noise makes every norm large), and, with the relative rule and
+is finite; it copies no update the chain has seen (``fl.copies``: an earlier
+round's or another of its round, exactly or within a tolerance); its L2
+norm is within the absolute bound (if set), within ``norm_factor`` times the
+round's median norm (a boosted update stands out even when DP noise makes
+every norm large), and, with the relative rule and
 ``norm_spread`` on, at most ``median + k * max(MAD, norm_mad_floor * median)``
 of the round's norms. Under local DP on IID data the noise sets nearly every
 honest norm (its length is fixed by sigma, clip and the dimension), so
@@ -73,11 +75,12 @@ from dataclasses import dataclass
 
 import torch
 
+from fl.copies import COPY_TOLERANCE, RoundHistory, copied_updates
 from fl.models import FLModel
 from fl.privacy import clip_per_sample
 from fl.registry import Registry
 from fl.training import PER_SAMPLE_CHUNK, evaluate, per_sample_gradients
-from fl.weights import Weights, set_weights, unflatten
+from fl.weights import Weights, flat_by_name, set_weights, unflatten
 
 
 @dataclass(frozen=True)
@@ -95,6 +98,7 @@ class ValidationParams:
     reference_cosine: bool = False
     reference_clip: float = 1.0
     reference_floor_sds: float = 3.0
+    copy_tolerance: float = COPY_TOLERANCE
 
     def __post_init__(self) -> None:
         if self.rule not in RULE_REGISTRY:
@@ -108,6 +112,8 @@ class ValidationParams:
             raise ValueError("norm and cosine MAD floors must be >= 0")
         if not self.reference_clip > 0 or not self.reference_floor_sds >= 0:
             raise ValueError("need reference_clip > 0 and reference_floor_sds >= 0")
+        if not 0 <= self.copy_tolerance < 1:
+            raise ValueError(f"copy tolerance must be in [0, 1), got {self.copy_tolerance}")
         if not 0 <= self.min_accuracy <= 1:
             raise ValueError(f"min accuracy must be in [0, 1], got {self.min_accuracy}")
         if self.norm_bound is not None and not self.norm_bound > 0:
@@ -155,11 +161,6 @@ def median_and_mad(values: Iterable[float], *, upper_half: bool = False) -> tupl
     )
 
 
-def _flat(delta: Mapping[str, torch.Tensor]) -> torch.Tensor:
-    """One float64 vector, tensors in name order (not arrival order)."""
-    return torch.cat([delta[k].detach().double().reshape(-1) for k in sorted(delta)])
-
-
 def _low_cosines(
     cosines: Mapping[str, float],
     *,
@@ -200,7 +201,7 @@ def direction_outliers(
     if len(deltas) < 3:
         return {}
     ids = sorted(deltas)
-    flat = {cid: _flat(deltas[cid]) for cid in ids}
+    flat = {cid: flat_by_name(deltas[cid]) for cid in ids}
     total = torch.zeros_like(flat[ids[0]])
     for cid in ids:
         total += flat[cid]
@@ -262,11 +263,11 @@ def reference_outliers(
     bunch three times tighter than at 0.3, and a fixed floor wide enough for
     the latter would let a label-flipped update at 0.78 through.
     """
-    ref = _flat(reference)
+    ref = flat_by_name(reference)
     ref_norm = float(ref.norm())
     cosines: dict[str, float] = {}
     for cid in sorted(deltas):
-        flat = _flat(deltas[cid])
+        flat = flat_by_name(deltas[cid])
         scale = float(flat.norm()) * ref_norm
         if scale > 0:
             cosines[cid] = float(flat @ ref) / scale
@@ -365,15 +366,29 @@ def validate_updates(
     x_val: torch.Tensor,
     y_val: torch.Tensor,
     params: ValidationParams,
+    history: RoundHistory | None = None,
 ) -> dict[str, Verdict]:
-    """Verdict for every ``(client, delta)`` of one round; ``model`` is scratch space."""
+    """Verdict for every ``(client, delta)`` of one round; ``model`` is scratch space.
+
+    ``history``: what the round's updates are checked against for copies
+    (``fl.copies``); None skips that check (unit tests of the other checks).
+    """
     relative = rule_of(params.rule).relative
     verdicts: dict[str, Verdict] = {}
     norms: dict[str, float] = {}
+    sound: dict[str, Mapping[str, torch.Tensor]] = {}
     for cid, delta in updates:
         problem = structural_problem(delta, global_weights)
         if problem is not None:
             verdicts[cid] = Verdict(cid, False, f"malformed: {problem}")
+        else:
+            sound[cid] = delta
+    copies: dict[str, str] = {}
+    if history is not None:
+        copies = copied_updates(sound, history, tolerance=params.copy_tolerance)
+    for cid, delta in sound.items():
+        if cid in copies:
+            verdicts[cid] = Verdict(cid, False, copies[cid])
             continue
         norm = update_norm(delta)
         if params.norm_bound is not None and norm > params.norm_bound:

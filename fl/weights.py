@@ -29,6 +29,13 @@ def flatten(weights: Weights) -> torch.Tensor:
     return torch.cat([t.reshape(-1) for t in weights.values()])
 
 
+def flat_by_name(weights: Weights) -> torch.Tensor:
+    """One float64 vector, tensors in name order (not insertion order): what
+    comparisons of updates use, so that they do not depend on the order the
+    tensors arrived in."""
+    return torch.cat([weights[k].detach().double().reshape(-1) for k in sorted(weights)])
+
+
 def unflatten(vector: torch.Tensor, like: Weights) -> OrderedDict[str, torch.Tensor]:
     out: OrderedDict[str, torch.Tensor] = OrderedDict()
     offset = 0

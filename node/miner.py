@@ -54,6 +54,7 @@ from chain.verdicts import (
     build_verdicts,
     check_verdicts,
     own_verdicts,
+    round_history,
     round_ready,
     submits_now,
     uploads_complete,
@@ -62,6 +63,7 @@ from consensus.ledger import Block, Request
 from consensus.replica import Ready, Replica
 from consensus.store import BlockStore
 from fl.config import RunConfig
+from fl.copies import RoundHistory
 from fl.data import Split
 from fl.models import model_for
 from fl.rounds import ClientUpdate, validate_round
@@ -300,7 +302,7 @@ class Miner:
         if key not in self._own_verdicts:
             inputs = self.validation_inputs(state, rnd, digests)
             assert inputs is not None
-            weights, updates = inputs
+            weights, updates, history = inputs
             started = time.perf_counter()
             verdicts = validate_round(
                 self.config,
@@ -308,6 +310,7 @@ class Miner:
                 global_weights=weights,
                 updates=updates,
                 validation=self.validation,
+                history=history,
             )
             VALIDATION.labels(self.identity.node_id).observe(time.perf_counter() - started)
             self._own_verdicts[key] = own_verdicts(verdicts)
@@ -315,13 +318,25 @@ class Miner:
 
     def validation_inputs(
         self, state: ChainState, rnd: int, digests: list[tuple[str, bytes, int]]
-    ) -> tuple[Any, list[ClientUpdate]] | None:
-        """The round's global weights and the updates behind ``digests`` (None: not at hand)."""
+    ) -> tuple[Any, list[ClientUpdate], RoundHistory] | None:
+        """The round's global weights, the updates behind ``digests`` and what the copy
+        check compares them with (None: not at hand)."""
         weights = self.models.weights(rnd, state, self.blobs.update_of)
+        base = self.models.digest(rnd, state, self.blobs.update_of)
         held = [(self.blobs.get(d, c), c, n) for c, d, n in digests]
-        if weights is None or any(r is None for r, _, _ in held):
+        if weights is None or base is None or any(r is None for r, _, _ in held):
             return None
-        return weights, [as_update(r, client=c, n_samples=n) for r, c, n in held if r is not None]
+        history = round_history(
+            state,
+            rnd,
+            base_digest=base,
+            digests={c: d for c, d, _ in digests},
+            fetch=self.blobs.update_of,
+        )
+        if history is None:
+            return None
+        updates = [as_update(r, client=c, n_samples=n) for r, c, n in held if r is not None]
+        return weights, updates, history
 
     # Round work ----------------------------------------------------------------
 
@@ -397,7 +412,11 @@ class Miner:
 
 
 def validate_elsewhere(
-    config: dict[str, Any], weights: Any, updates: list[ClientUpdate], validation: Split
+    config: dict[str, Any],
+    weights: Any,
+    updates: list[ClientUpdate],
+    history: RoundHistory,
+    validation: Split,
 ) -> dict[str, OwnVerdict]:
     """``Miner._own_validation``'s verdicts, computed in another process from its inputs.
 
@@ -410,7 +429,12 @@ def validate_elsewhere(
     torch.set_num_threads(run.threads)
     model = model_for(run, generator=torch_generator(0, "scratch"))
     verdicts = validate_round(
-        run, model=model, global_weights=weights, updates=updates, validation=validation
+        run,
+        model=model,
+        global_weights=weights,
+        updates=updates,
+        validation=validation,
+        history=history,
     )
     return own_verdicts(verdicts)
 

@@ -33,7 +33,7 @@ import asyncio
 import contextlib
 import hashlib
 import math
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -64,6 +64,7 @@ from node.identity import AuthError, Identity, verify_envelope
 from node.membership import NodeInfo
 from node.metrics import STREAM_BYTES, VALIDATION
 from node.miner import Miner, validate_elsewhere, worker_ready
+from node.offchain import check_fetch_request, wall_clock_ms
 from node.peers import PBFT_WIRE_KIND, BlobFetcher, catch_up_from_peers, verdict_records
 from node.serving import (
     STREAM_IDLE_SECONDS,
@@ -91,8 +92,9 @@ DECODE_ELSEWHERE_BYTES = 256 << 10
 class MinerHandler:
     """The protocol rules of each Miner request, on one :class:`~node.miner.Miner`."""
 
-    def __init__(self, miner: Miner) -> None:
+    def __init__(self, miner: Miner, *, clock_ms: Callable[[], int] = wall_clock_ms) -> None:
         self.m = miner
+        self.clock_ms = clock_ms  # what fetch requests' freshness is checked against
         self.core = asyncio.Lock()
         self.fetcher = BlobFetcher(miner)
         self.processes: ProcessPoolExecutor | None = None
@@ -296,10 +298,13 @@ class MinerHandler:
             await self._verdicts_if_due()
         return pb.UpdateReceipt(round=rnd, client_id=cid, digest=received.digest)
 
-    def held_update(self, digest: bytes) -> ReceivedTensors:
-        received = self.m.blobs.get(digest)
+    def held_update(self, envelope: pb.Envelope) -> ReceivedTensors:
+        """The update a miner's or the server's fresh signed request names
+        (``node.offchain.check_fetch_request``): nobody else reads updates."""
+        request = check_fetch_request(envelope, self.m.membership, now_ms=self.clock_ms())
+        received = self.m.blobs.get(bytes(request.digest), request.client_id)
         if received is None:
-            raise NotFound("no update with this digest")
+            raise NotFound(f"no update of {request.client_id!r} with this digest")
         return received
 
     def blocks_from(self, height: int) -> Iterator[Block]:
@@ -383,7 +388,7 @@ class MinerHandler:
         inputs = m.validation_inputs(m.state, rnd, digests)
         if inputs is None:
             return
-        weights, updates = inputs
+        weights, updates, history = inputs
         loop = asyncio.get_running_loop()
         started = loop.time()
         try:
@@ -393,6 +398,7 @@ class MinerHandler:
                 m.config.to_dict(),
                 weights,
                 updates,
+                history,
                 m.validation,
             )
         except Exception as exc:  # the core validates again on the loop and fails there
@@ -476,8 +482,8 @@ class MinerServicer(pb_grpc.MinerServicer):
                 raise
         return await self.h.accept_update(received)
 
-    async def FetchUpdate(self, request: pb.FetchUpdateRequest, context: Any) -> Any:
-        received = self.h.held_update(bytes(request.digest))
+    async def FetchUpdate(self, request: pb.Envelope, context: Any) -> Any:
+        received = self.h.held_update(request)
         for part in relay_stream(received, chunk_bytes=self.h.m.genesis.protocol.chunk_bytes):
             yield part
 

@@ -2,9 +2,10 @@
 
 :class:`PeerLink` carries outgoing PBFT messages to one peer over a
 long-lived ``Miner/Deliver`` stream. :class:`BlobFetcher` fetches update
-blobs a miner lacks from its peers (``Miner/FetchUpdate``; the client's
-signature and the digest are checked again) before a message that refers to
-them is handed to the replica, and for committed verdicts.
+blobs a miner lacks from its peers (``node.offchain.fetch_update``: a
+signed request naming digest and client; the client's signature and the
+digest are checked again) before a message that refers to them is handed
+to the replica, and for committed verdicts.
 :func:`catch_up_from_peers` asks the peers how far they are and sends a
 signed FETCH to one that is ahead (the core's own state transfer).
 """
@@ -25,9 +26,9 @@ from consensus.messages import Fetch, Forward, PrePrepare
 from node.daemon import NodeLog
 from node.errors import DiskFull
 from node.identity import Identity
+from node.offchain import BlobKey, fetch_update, wall_clock_ms
 from node.serving import channel
-from node.tensor_receiver import UpdateRejected, receive_tensor_stream
-from node.tensors import UPDATE_KIND
+from node.tensor_receiver import UpdateRejected
 from proto import llbcfl_pb2 as pb
 from proto import llbcfl_pb2_grpc as pb_grpc
 
@@ -105,69 +106,67 @@ class PeerLink:
 
 
 class BlobFetcher:
-    """Update blobs a miner lacks, fetched from its peers."""
+    """Update blobs a miner lacks, fetched from its peers by (digest, client)."""
 
     def __init__(self, miner: Miner) -> None:
         self.m = miner
-        self._fetching: set[bytes] = set()
+        self._fetching: set[BlobKey] = set()
 
-    def wanted_by(self, message: Any) -> list[bytes]:
-        """Digests the verdict records of a PRE-PREPARE or FORWARD refer to that we lack.
+    def wanted_by(self, message: Any) -> list[BlobKey]:
+        """Blobs the verdict records of a PRE-PREPARE or FORWARD refer to that we lack.
 
         The message waits until they are fetched from peers, so that the
         replica validates (or, as primary, batches) with the blobs at hand.
+        A blob is named by digest and client: holding the same digest under
+        another client does not count (it is another client's signed update).
         """
-        wanted: list[bytes] = []
+        wanted: list[BlobKey] = []
         for record in verdict_records(message):
             bad = self.m.malformed.get(record.round, {})
             wanted.extend(
-                u.digest
+                (u.digest, u.client)
                 for u in record.updates
                 if u.client not in bad or bad[u.client][0].digest != u.digest
             )
         return self.m.blobs.missing(wanted)
 
-    def committed_missing(self) -> list[bytes]:
+    def committed_missing(self) -> list[BlobKey]:
         state = self.m.state
-        wanted = [u.digest for v in state.verdicts.values() for u in v.updates if u.accepted]
+        wanted = [
+            (u.digest, u.client) for v in state.verdicts.values() for u in v.updates if u.accepted
+        ]
         return self.m.blobs.missing(wanted)
 
-    async def fetch(self, digests: list[bytes], *, prefer: int | None = None) -> None:
+    async def fetch(self, keys: list[BlobKey], *, prefer: int | None = None) -> None:
         """Fetch update blobs from peer miners (the client's signature is checked again)."""
         m = self.m
         order = sorted(m.peers, key=lambda i: (i != prefer, i))
-        for digest in digests:
-            if m.blobs.has(digest) or digest in self._fetching:
+        for key in keys:
+            if m.blobs.has(*key) or key in self._fetching:
                 continue
-            self._fetching.add(digest)
+            self._fetching.add(key)
             try:
                 for peer in order:
                     try:
-                        async with channel(m.peers[peer].address) as ch:
-                            stub = pb_grpc.MinerStub(ch)
-                            parts = [
-                                p
-                                async for p in stub.FetchUpdate(
-                                    pb.FetchUpdateRequest(digest=digest), timeout=10
-                                )
-                            ]
-                        received = receive_tensor_stream(
-                            parts,
-                            expected=m.spec,
+                        received = await fetch_update(
+                            m.peers[peer].address,
+                            key,
+                            identity=m.identity,
                             membership=m.membership,
-                            kind=UPDATE_KIND,
-                            max_total_bytes=m.genesis.protocol.max_stream_bytes,
+                            spec=m.spec,
+                            max_bytes=m.genesis.protocol.max_stream_bytes,
+                            now_ms=wall_clock_ms(),
+                            timeout=10,
                         )
                     except (grpc.aio.AioRpcError, UpdateRejected):
                         continue
-                    if received.digest == digest:
-                        try:
-                            m.blobs.put(received)
-                        except DiskFull:  # read-only now: fetched again once there is room
-                            return
-                        break
+                    try:
+                        m.blobs.put(received)
+                    except DiskFull:  # read-only now: fetched again once there is room
+                        return
+                    break
             finally:
-                self._fetching.discard(digest)
+                self._fetching.discard(key)
 
 
 def verdict_records(message: Any) -> list[RoundVerdicts]:

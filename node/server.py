@@ -11,8 +11,9 @@ once the selection is committed, send each selected client a signed
 ``protocol.notify_timeout_ms``, while waiting for the committed verdict
 record of r (the miners close the round at its deadline, so no client can
 hold it longer: notices still unanswered then are abandoned);
-fetch the accepted updates by digest from the miners (the receiver re-checks
-each client's signed claim and the digest); aggregate with
+fetch the accepted updates by digest and client from the miners, with a
+signed ``fetch-update`` request (only miners and the server may read
+updates; the receiver re-checks each client's signed claim and the digest); aggregate with
 ``fl.rounds.aggregate_round``; evaluate on the test split; checkpoint;
 submit the round summary and wait for it to commit.
 
@@ -67,9 +68,9 @@ from node.full_disk import PROBE_SECONDS, DiskGuard
 from node.genesis import Genesis
 from node.identity import Identity, signing_tag, verify_signature
 from node.metrics import ROUNDS
-from node.offchain import BlobStore
+from node.offchain import BlobKey, BlobStore, fetch_update, wall_clock_ms
 from node.serving import channel
-from node.tensor_receiver import UpdateRejected, receive_tensor_stream
+from node.tensor_receiver import UpdateRejected
 from node.tensors import UPDATE_KIND
 from proto import llbcfl_pb2 as pb
 from proto import llbcfl_pb2_grpc as pb_grpc
@@ -238,33 +239,36 @@ class Server:
             with contextlib.suppress(asyncio.CancelledError):
                 await notices
 
-    async def fetch_updates(self, digests: list[bytes]) -> None:
-        for digest in self.blobs.missing(digests):
+    async def fetch_updates(self, keys: list[BlobKey]) -> None:
+        """Fetch the updates ``keys`` (digest, client) from the miners, the client's
+        signature checked again (``node.offchain.fetch_update``)."""
+        for key in self.blobs.missing(keys):
+            digest, client = key
             for miner in self.membership.miners:
                 try:
-                    async with channel(miner.address) as ch:
-                        stub = pb_grpc.MinerStub(ch)
-                        request = pb.FetchUpdateRequest(digest=digest)
-                        parts = [p async for p in stub.FetchUpdate(request, timeout=30)]
-                    received = receive_tensor_stream(
-                        parts,
-                        expected=self.spec,
+                    received = await fetch_update(
+                        miner.address,
+                        key,
+                        identity=self.identity,
                         membership=self.membership,
-                        kind=UPDATE_KIND,
-                        max_total_bytes=self.genesis.protocol.max_stream_bytes,
+                        spec=self.spec,
+                        max_bytes=self.genesis.protocol.max_stream_bytes,
+                        now_ms=wall_clock_ms(),
+                        timeout=30,
                     )
                 except (grpc.aio.AioRpcError, UpdateRejected) as exc:
-                    self.log.warning(f"fetch {digest.hex()[:12]} from {miner.node_id}: {exc}")
-                    continue
-                if received.digest == digest:
-                    self.blobs.put(received)
-                    self.log.info(
-                        f"fetched round {received.round} update {digest.hex()[:12]} "
-                        f"of {received.sender.node_id} from {miner.node_id}"
+                    self.log.warning(
+                        f"fetch {client}'s {digest.hex()[:12]} from {miner.node_id}: {exc}"
                     )
-                    break
+                    continue
+                self.blobs.put(received)
+                self.log.info(
+                    f"fetched round {received.round} update {digest.hex()[:12]} "
+                    f"of {client} from {miner.node_id}"
+                )
+                break
             else:
-                raise RuntimeError(f"no miner holds update {digest.hex()}")
+                raise RuntimeError(f"no miner holds {client}'s update {digest.hex()}")
 
     # The rounds ------------------------------------------------------------------
 
@@ -330,7 +334,7 @@ class Server:
         # from (or since round 1) are fetched again, and the global model is
         # recomputed from the chain.
         earlier = [
-            u.digest
+            (u.digest, u.client)
             for r in range(self.models.first, rnd)
             for u in state.verdicts[r].updates
             if u.accepted
@@ -344,7 +348,7 @@ class Server:
             await self.notify_until_verdicts(rnd, selection.selected, digest, stop)
         verdicts = state.verdicts[rnd]
         self.log.info(f"verdicts committed: accepted {verdicts.accepted}")
-        await self.fetch_updates([u.digest for u in verdicts.updates if u.accepted])
+        await self.fetch_updates([(u.digest, u.client) for u in verdicts.updates if u.accepted])
         for u in verdicts.updates:
             if u.accepted and not self._client_signed(rnd, u):
                 raise RuntimeError(f"round {rnd}: {u.client}'s signature on its digest is invalid")

@@ -45,6 +45,7 @@ CHUNK_BYTES: Final = 1 << 20
 UPDATE_KIND: Final = "update"
 MODEL_KIND: Final = "model"
 MODEL_REQUEST_KIND: Final = "model-request"
+FETCH_UPDATE_KIND: Final = "fetch-update"  # a miner or the server asks a miner for an update
 # Who may sign a stream of each kind.
 SIGNER_ROLES: Final = {UPDATE_KIND: ("client",), MODEL_KIND: ("server",)}
 

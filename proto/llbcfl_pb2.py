@@ -24,15 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12proto/llbcfl.proto\x12\tllbcfl.v1\"L\n\x08\x45nvelope\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x0f\n\x07payload\x18\x02 \x01(\x0c\x12\x0e\n\x06signer\x18\x03 \x01(\x0c\x12\x11\n\tsignature\x18\x04 \x01(\x0c\"8\n\nTensorSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\"\xc0\x01\n\x12TensorStreamHeader\x12\r\n\x05round\x18\x01 \x01(\x04\x12\x11\n\tsender_id\x18\x02 \x01(\t\x12\x13\n\x0b\x62\x61se_digest\x18\x03 \x01(\x0c\x12\x13\n\x0bnum_samples\x18\x04 \x01(\x04\x12&\n\x07tensors\x18\x05 \x03(\x0b\x32\x15.llbcfl.v1.TensorSpec\x12\x13\n\x0btotal_bytes\x18\x06 \x01(\x04\x12!\n\x04\x61uth\x18\x07 \x01(\x0b\x32\x13.llbcfl.v1.Envelope\"+\n\x0bTensorChunk\x12\x0e\n\x06offset\x18\x01 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"I\n\x13TensorStreamTrailer\x12\x0e\n\x06\x64igest\x18\x01 \x01(\x0c\x12\"\n\x05\x63laim\x18\x02 \x01(\x0b\x32\x13.llbcfl.v1.Envelope\"\xa7\x01\n\x10TensorStreamPart\x12/\n\x06header\x18\x01 \x01(\x0b\x32\x1d.llbcfl.v1.TensorStreamHeaderH\x00\x12\'\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x16.llbcfl.v1.TensorChunkH\x00\x12\x31\n\x07trailer\x18\x03 \x01(\x0b\x32\x1e.llbcfl.v1.TensorStreamTrailerH\x00\x42\x06\n\x04part\"\x0f\n\rStatusRequest\"\xe0\x01\n\nNodeStatus\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x1d\n\x04role\x18\x02 \x01(\x0e\x32\x0f.llbcfl.v1.Role\x12\r\n\x05round\x18\x03 \x01(\x04\x12\x14\n\x0c\x63hain_height\x18\x04 \x01(\x04\x12\x11\n\thead_hash\x18\x05 \x01(\x0c\x12\x16\n\x0egenesis_digest\x18\x06 \x01(\x0c\x12\x11\n\x04view\x18\x07 \x01(\x04H\x00\x88\x01\x01\x12#\n\x05peers\x18\x08 \x03(\x0b\x32\x14.llbcfl.v1.PeerState\x12\x11\n\tread_only\x18\t \x01(\x08\x42\x07\n\x05_view\"@\n\tPeerState\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x11\n\tconnected\x18\x03 \x01(\x08\">\n\x0bPbftMessage\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12!\n\x04\x61uth\x18\x02 \x01(\x0b\x32\x13.llbcfl.v1.Envelope\"\x17\n\x03\x41\x63k\x12\x10\n\x08received\x18\x01 \x01(\x04\"1\n\rSubmitReceipt\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x0e\n\x06reason\x18\x02 \x01(\t\"A\n\rUpdateReceipt\x12\r\n\x05round\x18\x01 \x01(\x04\x12\x11\n\tclient_id\x18\x02 \x01(\t\x12\x0e\n\x06\x64igest\x18\x03 \x01(\x0c\"$\n\x12\x46\x65tchUpdateRequest\x12\x0e\n\x06\x64igest\x18\x01 \x01(\x0c\")\n\x12\x46\x65tchBlocksRequest\x12\x13\n\x0b\x66rom_height\x18\x01 \x01(\x04\"+\n\nBlockBytes\x12\x0e\n\x06height\x18\x01 \x01(\x04\x12\r\n\x05\x62lock\x18\x02 \x01(\x0c\"0\n\x0cModelRequest\x12\r\n\x05round\x18\x01 \x01(\x04\x12\x11\n\tclient_id\x18\x02 \x01(\t\"G\n\x0bRoundNotice\x12\r\n\x05round\x18\x01 \x01(\x04\x12\x14\n\x0cmodel_digest\x18\x02 \x01(\x0c\x12\x13\n\x0b\x64\x65\x61\x64line_ms\x18\x03 \x01(\x04\"3\n\x0fStartRoundReply\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x0e\n\x06reason\x18\x02 \x01(\t*N\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\x0f\n\x0bROLE_CLIENT\x10\x01\x12\x0e\n\nROLE_MINER\x10\x02\x12\x0f\n\x0bROLE_SERVER\x10\x03\x32\x41\n\x04Node\x12\x39\n\x06Status\x12\x18.llbcfl.v1.StatusRequest\x1a\x15.llbcfl.v1.NodeStatus2\xd2\x02\n\x05Miner\x12\x33\n\x07\x44\x65liver\x12\x16.llbcfl.v1.PbftMessage\x1a\x0e.llbcfl.v1.Ack(\x01\x12\x37\n\x06Submit\x12\x13.llbcfl.v1.Envelope\x1a\x18.llbcfl.v1.SubmitReceipt\x12G\n\x0cSubmitUpdate\x12\x1b.llbcfl.v1.TensorStreamPart\x1a\x18.llbcfl.v1.UpdateReceipt(\x01\x12K\n\x0b\x46\x65tchUpdate\x12\x1d.llbcfl.v1.FetchUpdateRequest\x1a\x1b.llbcfl.v1.TensorStreamPart0\x01\x12\x45\n\x0b\x46\x65tchBlocks\x12\x1d.llbcfl.v1.FetchBlocksRequest\x1a\x15.llbcfl.v1.BlockBytes0\x01\x32M\n\x06Server\x12\x43\n\rDownloadModel\x12\x13.llbcfl.v1.Envelope\x1a\x1b.llbcfl.v1.TensorStreamPart0\x01\x32G\n\x06\x43lient\x12=\n\nStartRound\x12\x13.llbcfl.v1.Envelope\x1a\x1a.llbcfl.v1.StartRoundReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12proto/llbcfl.proto\x12\tllbcfl.v1\"L\n\x08\x45nvelope\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x0f\n\x07payload\x18\x02 \x01(\x0c\x12\x0e\n\x06signer\x18\x03 \x01(\x0c\x12\x11\n\tsignature\x18\x04 \x01(\x0c\"8\n\nTensorSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\"\xc0\x01\n\x12TensorStreamHeader\x12\r\n\x05round\x18\x01 \x01(\x04\x12\x11\n\tsender_id\x18\x02 \x01(\t\x12\x13\n\x0b\x62\x61se_digest\x18\x03 \x01(\x0c\x12\x13\n\x0bnum_samples\x18\x04 \x01(\x04\x12&\n\x07tensors\x18\x05 \x03(\x0b\x32\x15.llbcfl.v1.TensorSpec\x12\x13\n\x0btotal_bytes\x18\x06 \x01(\x04\x12!\n\x04\x61uth\x18\x07 \x01(\x0b\x32\x13.llbcfl.v1.Envelope\"+\n\x0bTensorChunk\x12\x0e\n\x06offset\x18\x01 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"I\n\x13TensorStreamTrailer\x12\x0e\n\x06\x64igest\x18\x01 \x01(\x0c\x12\"\n\x05\x63laim\x18\x02 \x01(\x0b\x32\x13.llbcfl.v1.Envelope\"\xa7\x01\n\x10TensorStreamPart\x12/\n\x06header\x18\x01 \x01(\x0b\x32\x1d.llbcfl.v1.TensorStreamHeaderH\x00\x12\'\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x16.llbcfl.v1.TensorChunkH\x00\x12\x31\n\x07trailer\x18\x03 \x01(\x0b\x32\x1e.llbcfl.v1.TensorStreamTrailerH\x00\x42\x06\n\x04part\"\x0f\n\rStatusRequest\"\xe0\x01\n\nNodeStatus\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x1d\n\x04role\x18\x02 \x01(\x0e\x32\x0f.llbcfl.v1.Role\x12\r\n\x05round\x18\x03 \x01(\x04\x12\x14\n\x0c\x63hain_height\x18\x04 \x01(\x04\x12\x11\n\thead_hash\x18\x05 \x01(\x0c\x12\x16\n\x0egenesis_digest\x18\x06 \x01(\x0c\x12\x11\n\x04view\x18\x07 \x01(\x04H\x00\x88\x01\x01\x12#\n\x05peers\x18\x08 \x03(\x0b\x32\x14.llbcfl.v1.PeerState\x12\x11\n\tread_only\x18\t \x01(\x08\x42\x07\n\x05_view\"@\n\tPeerState\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x11\n\tconnected\x18\x03 \x01(\x08\">\n\x0bPbftMessage\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12!\n\x04\x61uth\x18\x02 \x01(\x0b\x32\x13.llbcfl.v1.Envelope\"\x17\n\x03\x41\x63k\x12\x10\n\x08received\x18\x01 \x01(\x04\"1\n\rSubmitReceipt\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x0e\n\x06reason\x18\x02 \x01(\t\"A\n\rUpdateReceipt\x12\r\n\x05round\x18\x01 \x01(\x04\x12\x11\n\tclient_id\x18\x02 \x01(\t\x12\x0e\n\x06\x64igest\x18\x03 \x01(\x0c\"J\n\x12\x46\x65tchUpdateRequest\x12\x0e\n\x06\x64igest\x18\x01 \x01(\x0c\x12\x11\n\tclient_id\x18\x02 \x01(\t\x12\x11\n\tissued_ms\x18\x03 \x01(\x04\")\n\x12\x46\x65tchBlocksRequest\x12\x13\n\x0b\x66rom_height\x18\x01 \x01(\x04\"+\n\nBlockBytes\x12\x0e\n\x06height\x18\x01 \x01(\x04\x12\r\n\x05\x62lock\x18\x02 \x01(\x0c\"0\n\x0cModelRequest\x12\r\n\x05round\x18\x01 \x01(\x04\x12\x11\n\tclient_id\x18\x02 \x01(\t\"G\n\x0bRoundNotice\x12\r\n\x05round\x18\x01 \x01(\x04\x12\x14\n\x0cmodel_digest\x18\x02 \x01(\x0c\x12\x13\n\x0b\x64\x65\x61\x64line_ms\x18\x03 \x01(\x04\"3\n\x0fStartRoundReply\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x0e\n\x06reason\x18\x02 \x01(\t*N\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\x0f\n\x0bROLE_CLIENT\x10\x01\x12\x0e\n\nROLE_MINER\x10\x02\x12\x0f\n\x0bROLE_SERVER\x10\x03\x32\x41\n\x04Node\x12\x39\n\x06Status\x12\x18.llbcfl.v1.StatusRequest\x1a\x15.llbcfl.v1.NodeStatus2\xc8\x02\n\x05Miner\x12\x33\n\x07\x44\x65liver\x12\x16.llbcfl.v1.PbftMessage\x1a\x0e.llbcfl.v1.Ack(\x01\x12\x37\n\x06Submit\x12\x13.llbcfl.v1.Envelope\x1a\x18.llbcfl.v1.SubmitReceipt\x12G\n\x0cSubmitUpdate\x12\x1b.llbcfl.v1.TensorStreamPart\x1a\x18.llbcfl.v1.UpdateReceipt(\x01\x12\x41\n\x0b\x46\x65tchUpdate\x12\x13.llbcfl.v1.Envelope\x1a\x1b.llbcfl.v1.TensorStreamPart0\x01\x12\x45\n\x0b\x46\x65tchBlocks\x12\x1d.llbcfl.v1.FetchBlocksRequest\x1a\x15.llbcfl.v1.BlockBytes0\x01\x32M\n\x06Server\x12\x43\n\rDownloadModel\x12\x13.llbcfl.v1.Envelope\x1a\x1b.llbcfl.v1.TensorStreamPart0\x01\x32G\n\x06\x43lient\x12=\n\nStartRound\x12\x13.llbcfl.v1.Envelope\x1a\x1a.llbcfl.v1.StartRoundReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'proto.llbcfl_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ROLE']._serialized_start=1473
-  _globals['_ROLE']._serialized_end=1551
+  _globals['_ROLE']._serialized_start=1511
+  _globals['_ROLE']._serialized_end=1589
   _globals['_ENVELOPE']._serialized_start=33
   _globals['_ENVELOPE']._serialized_end=109
   _globals['_TENSORSPEC']._serialized_start=111
@@ -60,23 +60,23 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_UPDATERECEIPT']._serialized_start=1104
   _globals['_UPDATERECEIPT']._serialized_end=1169
   _globals['_FETCHUPDATEREQUEST']._serialized_start=1171
-  _globals['_FETCHUPDATEREQUEST']._serialized_end=1207
-  _globals['_FETCHBLOCKSREQUEST']._serialized_start=1209
-  _globals['_FETCHBLOCKSREQUEST']._serialized_end=1250
-  _globals['_BLOCKBYTES']._serialized_start=1252
-  _globals['_BLOCKBYTES']._serialized_end=1295
-  _globals['_MODELREQUEST']._serialized_start=1297
-  _globals['_MODELREQUEST']._serialized_end=1345
-  _globals['_ROUNDNOTICE']._serialized_start=1347
-  _globals['_ROUNDNOTICE']._serialized_end=1418
-  _globals['_STARTROUNDREPLY']._serialized_start=1420
-  _globals['_STARTROUNDREPLY']._serialized_end=1471
-  _globals['_NODE']._serialized_start=1553
-  _globals['_NODE']._serialized_end=1618
-  _globals['_MINER']._serialized_start=1621
-  _globals['_MINER']._serialized_end=1959
-  _globals['_SERVER']._serialized_start=1961
-  _globals['_SERVER']._serialized_end=2038
-  _globals['_CLIENT']._serialized_start=2040
-  _globals['_CLIENT']._serialized_end=2111
+  _globals['_FETCHUPDATEREQUEST']._serialized_end=1245
+  _globals['_FETCHBLOCKSREQUEST']._serialized_start=1247
+  _globals['_FETCHBLOCKSREQUEST']._serialized_end=1288
+  _globals['_BLOCKBYTES']._serialized_start=1290
+  _globals['_BLOCKBYTES']._serialized_end=1333
+  _globals['_MODELREQUEST']._serialized_start=1335
+  _globals['_MODELREQUEST']._serialized_end=1383
+  _globals['_ROUNDNOTICE']._serialized_start=1385
+  _globals['_ROUNDNOTICE']._serialized_end=1456
+  _globals['_STARTROUNDREPLY']._serialized_start=1458
+  _globals['_STARTROUNDREPLY']._serialized_end=1509
+  _globals['_NODE']._serialized_start=1591
+  _globals['_NODE']._serialized_end=1656
+  _globals['_MINER']._serialized_start=1659
+  _globals['_MINER']._serialized_end=1987
+  _globals['_SERVER']._serialized_start=1989
+  _globals['_SERVER']._serialized_end=2066
+  _globals['_CLIENT']._serialized_start=2068
+  _globals['_CLIENT']._serialized_end=2139
 # @@protoc_insertion_point(module_scope)

@@ -153,10 +153,14 @@ class UpdateReceipt(_message.Message):
     def __init__(self, round: _Optional[int] = ..., client_id: _Optional[str] = ..., digest: _Optional[bytes] = ...) -> None: ...
 
 class FetchUpdateRequest(_message.Message):
-    __slots__ = ("digest",)
+    __slots__ = ("digest", "client_id", "issued_ms")
     DIGEST_FIELD_NUMBER: _ClassVar[int]
+    CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
+    ISSUED_MS_FIELD_NUMBER: _ClassVar[int]
     digest: bytes
-    def __init__(self, digest: _Optional[bytes] = ...) -> None: ...
+    client_id: str
+    issued_ms: int
+    def __init__(self, digest: _Optional[bytes] = ..., client_id: _Optional[str] = ..., issued_ms: _Optional[int] = ...) -> None: ...
 
 class FetchBlocksRequest(_message.Message):
     __slots__ = ("from_height",)

@@ -128,7 +128,7 @@ class MinerStub:
                 _registered_method=True)
         self.FetchUpdate = channel.unary_stream(
                 '/llbcfl.v1.Miner/FetchUpdate',
-                request_serializer=proto_dot_llbcfl__pb2.FetchUpdateRequest.SerializeToString,
+                request_serializer=proto_dot_llbcfl__pb2.Envelope.SerializeToString,
                 response_deserializer=proto_dot_llbcfl__pb2.TensorStreamPart.FromString,
                 _registered_method=True)
         self.FetchBlocks = channel.unary_stream(
@@ -164,7 +164,8 @@ class MinerServicer:
         raise NotImplementedError('Method not implemented!')
 
     def FetchUpdate(self, request, context):
-        """The stored update with this digest, with the client's original claim.
+        """The stored update with this digest from this client, with the client's
+        original claim, for a miner or the server (kind "fetch-update").
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -197,7 +198,7 @@ def add_MinerServicer_to_server(servicer, server):
             ),
             'FetchUpdate': grpc.unary_stream_rpc_method_handler(
                     servicer.FetchUpdate,
-                    request_deserializer=proto_dot_llbcfl__pb2.FetchUpdateRequest.FromString,
+                    request_deserializer=proto_dot_llbcfl__pb2.Envelope.FromString,
                     response_serializer=proto_dot_llbcfl__pb2.TensorStreamPart.SerializeToString,
             ),
             'FetchBlocks': grpc.unary_stream_rpc_method_handler(
@@ -313,7 +314,7 @@ class Miner:
             request,
             target,
             '/llbcfl.v1.Miner/FetchUpdate',
-            proto_dot_llbcfl__pb2.FetchUpdateRequest.SerializeToString,
+            proto_dot_llbcfl__pb2.Envelope.SerializeToString,
             proto_dot_llbcfl__pb2.TensorStreamPart.FromString,
             options,
             channel_credentials,

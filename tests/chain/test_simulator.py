@@ -1,6 +1,8 @@
 """The simulator wiring: select -> train (DP) -> validate -> reputation -> aggregate."""
 
 import itertools
+from collections import OrderedDict
+from typing import Any
 
 import pytest
 import torch
@@ -10,7 +12,8 @@ from fl.attacks import ATTACKS
 from fl.config import RunConfig
 from fl.datasets import load_splits
 from fl.privacy import BUDGET_RTOL
-from fl.rounds import Federation, validation_params
+from fl.rounds import ClientUpdate, Federation, validation_params
+from fl.validation import update_norm
 
 # The registered synthetic dataset, selected by name like any other.
 BASE = dict(
@@ -135,3 +138,76 @@ def test_reference_direction_test_is_switched_on_by_the_run_config():
     assert not any("clipped descent" in r for r in off["rounds"][0]["rejected"].values())
     params = validation_params(RunConfig(clip=0.5, val_reference_cosine=True))
     assert (params.reference_cosine, params.reference_clip) == (True, 0.5)
+
+
+def copying_federation(
+    config: RunConfig, copier: str, *, noise: float = 0.0
+) -> tuple[Federation, dict[tuple[int, str], ClientUpdate]]:
+    """A federation where ``copier`` trains in round 1 only; from round 2 it sends the
+    round-before update of the first other client that sent one (plus ``noise`` times
+    its norm), re-signed as its own. Also every update sent, by (round, client)."""
+    federation = Federation.create(config, SPLITS.train)
+    sent: dict[tuple[int, str], ClientUpdate] = {}
+    for cid, state in federation.clients.items():
+        state.participate = recording(state.participate, cid, sent)  # type: ignore[method-assign]
+    honest = federation.clients[copier].participate
+
+    def copy(model: Any, weights: Any, *, round: int, config: RunConfig) -> ClientUpdate | None:
+        if round == 1:
+            return honest(model, weights, round=round, config=config)
+        victim = min(c for r, c in sent if r == round - 1 and c != copier)
+        delta = sent[(round - 1, victim)].delta
+        g = torch.Generator().manual_seed(round)
+        jitter = OrderedDict((k, torch.randn(v.shape, generator=g)) for k, v in delta.items())
+        scale = noise * update_norm(delta) / update_norm(jitter)
+        copied = OrderedDict((k, v + scale * jitter[k]) for k, v in delta.items())
+        released = federation.clients[copier].released_records
+        return ClientUpdate(copier, round, copied, released, 0.0)
+
+    federation.clients[copier].participate = copy  # type: ignore[method-assign]
+    return federation, sent
+
+
+def recording(participate: Any, cid: str, sent: dict) -> Any:
+    def run(model: Any, weights: Any, *, round: int, config: RunConfig) -> ClientUpdate | None:
+        update = participate(model, weights, round=round, config=config)
+        if update is not None:
+            sent[(round, cid)] = update
+        return update
+
+    return run
+
+
+@pytest.mark.parametrize(
+    ("noise", "reason"), [(0.0, "copy: the digest of"), (0.01, "copy: within")]
+)
+def test_a_client_copying_an_earlier_update_is_rejected_and_its_reputation_falls(noise, reason):
+    # Prepare: every client is selected; client-004 copies from round 2 on
+    config = RunConfig(**{**BASE, "rounds": 4})
+    federation, _sent = copying_federation(config, "client-004", noise=noise)
+    counter = itertools.count()
+    # Execute
+    rounds = list(
+        simulate_rounds(config, SPLITS, clock=lambda: next(counter), federation=federation)
+    )
+    # Assert: accepted while it trained; each copy is rejected as one, the
+    # original is not; two rejections cost it the reputation to be selected
+    first, second, third, fourth = rounds
+    assert "client-004" in first.accepted
+    for rnd, record in ((2, second), (3, third)):
+        assert record.rejected["client-004"].startswith(reason)
+        assert f"client-000's round-{rnd - 1} update" in record.rejected["client-004"]
+        assert "client-000" in record.accepted
+    reputation = [r.extra["reputation"]["client-004"] for r in (first, second, third)]
+    assert reputation == sorted(reputation, reverse=True)
+    assert reputation[0] > 0.5 > 0.4 > reputation[2]
+    assert "client-004" not in fourth.selected
+
+
+def test_honest_runs_record_no_copy():
+    # Execute: a few rounds without and with DP, every client in every round
+    docs = [run(rounds=3), run(rounds=3, dp="gaussian", epsilon=10.0, reproducible_noise=True)]
+    # Assert
+    for doc in docs:
+        for r in doc["rounds"]:
+            assert not any(v.startswith("copy:") for v in r["rejected"].values())

@@ -166,7 +166,7 @@ def test_an_update_that_meets_a_full_disk_is_not_stored_at_all(
         blobs.put(update)
     # Assert: nothing on disk (no temporary file either), nothing in memory, read-only
     assert list((tmp_path / "blobs").iterdir()) == []
-    assert not blobs.has(update.digest) and blobs.by_round == {}
+    assert not blobs.has(update.digest, update.sender.node_id) and blobs.by_round == {}
     assert disk.read_only
     # Execute: a second attempt while read-only never reaches the disk
     monkeypatch.undo()
@@ -180,7 +180,7 @@ def test_an_update_that_meets_a_full_disk_is_not_stored_at_all(
     again = BlobStore(
         tmp_path, membership=genesis.membership, spec=initial_spec(CONFIG), max_bytes=64 << 20
     )
-    assert again.get(update.digest) is not None
+    assert again.get(update.digest, update.sender.node_id) is not None
 
 
 # The log ------------------------------------------------------------------------------

@@ -103,7 +103,7 @@ def test_an_update_on_a_full_tmpfs_leaves_no_file_and_is_stored_once_there_is_ro
     # Assert: read-only, no blob and no temporary file, and the probe left nothing
     assert disk.read_only and not probed_full
     assert list((tiny_disk / "blobs").iterdir()) == []
-    assert not blobs.has(update.digest)
+    assert not blobs.has(update.digest, update.sender.node_id)
     # Execute: room again
     filler.unlink()
     assert disk.probe()
@@ -112,7 +112,7 @@ def test_an_update_on_a_full_tmpfs_leaves_no_file_and_is_stored_once_there_is_ro
     again = BlobStore(
         tiny_disk, membership=genesis.membership, spec=initial_spec(CONFIG), max_bytes=64 << 20
     )
-    assert again.get(update.digest) is not None
+    assert again.get(update.digest, update.sender.node_id) is not None
 
 
 def test_a_miner_whose_chain_fills_the_tmpfs_turns_read_only_and_catches_up_after(

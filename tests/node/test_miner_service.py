@@ -27,6 +27,7 @@ from chain.records import (
 )
 from chain.verdicts import build_verdicts
 from consensus.ledger import Block, Request, encode_batch
+from consensus.messages import PrePrepare
 from fl.config import RunConfig
 from fl.data import Split
 from node.daemon import NodeLog, signed_record
@@ -34,10 +35,11 @@ from node.genesis import Genesis
 from node.identity import Identity
 from node.miner import Miner
 from node.miner_service import MinerHandler, MinerServicer
-from node.offchain import upload_of
-from node.peers import link_item
+from node.offchain import fetch_request, upload_of
+from node.peers import PeerLink, link_item
 from node.serving import add_servicer
-from node.tensors import sign_header, tensor_stream
+from node.tensor_receiver import ReceivedTensors, receive_tensor_stream
+from node.tensors import UPDATE_KIND, sign_header, tensor_stream
 from proto import llbcfl_pb2 as pb
 from proto import llbcfl_pb2_grpc as pb_grpc
 from tests.chain.blocks import commit
@@ -85,6 +87,8 @@ def miner(registering_miner: Miner) -> Miner:
 
 
 HANDLERS: dict[int, MinerHandler] = {}  # the handler serving each miner under test
+# The clock the miners of these tests check fetch requests against (Unix ms).
+NOW_MS = 1_700_000_000_000
 
 
 def run_with_miner(
@@ -92,7 +96,7 @@ def run_with_miner(
 ) -> None:
     async def main() -> None:
         server = grpc.aio.server()
-        handler = HANDLERS[id(miner)] = MinerHandler(miner)
+        handler = HANDLERS[id(miner)] = MinerHandler(miner, clock_ms=lambda: NOW_MS)
         add_servicer(server, "Miner", MinerServicer(handler))
         port = server.add_insecure_port("127.0.0.1:0")
         await server.start()
@@ -153,7 +157,7 @@ def test_selected_update_is_stored_under_its_digest(miner: Miner, identities: An
     digest = receipts[0].digest
     assert receipts[0].client_id == cid
     assert miner.blobs.by_round[1][cid] == digest
-    assert miner.blobs.get(digest) is not None
+    assert miner.blobs.get(digest, cid) is not None
 
 
 def test_unselected_client_is_refused(miner: Miner, identities: Any) -> None:
@@ -419,10 +423,12 @@ def test_a_stream_bound_to_one_miner_refuses_another_miners_items(
     run_with_miner(miner, body)
 
 
-def test_fetch_of_an_unknown_digest_is_not_found(miner: Miner) -> None:
+def test_fetch_of_an_unknown_digest_is_not_found(miner: Miner, identities: Any) -> None:
+    request = fetch_request(identities["miner-0"], (b"\x02" * 32, "client-000"), now_ms=NOW_MS)
+
     async def body(stub: Any) -> None:
         with pytest.raises(grpc.aio.AioRpcError) as info:
-            async for _ in stub.FetchUpdate(pb.FetchUpdateRequest(digest=b"\x02" * 32)):
+            async for _ in stub.FetchUpdate(request):
                 pass
         assert info.value.code() == grpc.StatusCode.NOT_FOUND
 
@@ -627,3 +633,162 @@ def test_the_next_rounds_model_is_aggregated_on_the_worker_once_verdicts_commit(
     got = miner.models.weights(2, miner.state, miner.blobs.update_of)
     assert expected is not None and got is not None
     assert all(torch.equal(expected[k], got[k]) for k in expected)
+
+
+# Reading updates: only miners and the server, by (digest, client) ----------------
+
+
+def received_update(miner: Miner, identity: Identity, weights: Any = None) -> ReceivedTensors:
+    """``identity``'s round-1 update as a miner's receiver accepts it."""
+    return receive_tensor_stream(
+        update_parts(identity, weights=weights),
+        expected=miner.spec,
+        membership=miner.membership,
+        kind=UPDATE_KIND,
+        max_total_bytes=miner.genesis.protocol.max_stream_bytes,
+    )
+
+
+def fetch_codes(miner: Miner, requests: list[pb.Envelope]) -> list[Any]:
+    """For each request: the stream's sender and digest, or the refusal's status code."""
+    out: list[Any] = []
+
+    async def body(stub: Any) -> None:
+        for request in requests:
+            try:
+                parts = [p async for p in stub.FetchUpdate(request)]
+                out.append((parts[0].header.sender_id, parts[-1].trailer.digest))
+            except grpc.aio.AioRpcError as exc:
+                out.append(exc.code())
+
+    run_with_miner(miner, body)
+    return out
+
+
+def test_fetch_update_serves_miners_and_the_server_only(miner: Miner, identities: Any) -> None:
+    # Prepare: the miner holds a client's update
+    cid = selected(miner)[0]
+    held = received_update(miner, identities[cid])
+    miner.blobs.put(held)
+    key = (held.digest, cid)
+    stranger = Identity.generate(node_id="miner-0", role="miner", seed=b"\x09" * 32)
+    fresh = fetch_request(identities["miner-0"], key, now_ms=NOW_MS)
+    requests = [
+        fresh,
+        fetch_request(identities["server"], key, now_ms=NOW_MS - 59_000),
+        fetch_request(identities[cid], key, now_ms=NOW_MS),  # a client, even the sender
+        fetch_request(stranger, key, now_ms=NOW_MS),  # a key outside the genesis
+        fetch_request(identities["miner-0"], key, now_ms=NOW_MS - 61_000),  # stale
+        fetch_request(identities["miner-0"], key, now_ms=NOW_MS + 61_000),  # from the future
+        # the right request, signed as another kind of message
+        identities["miner-0"].sign("model-request", fresh.payload),
+    ]
+    # Execute
+    codes = fetch_codes(miner, requests)
+    # Assert
+    assert codes == [
+        (cid, held.digest),
+        (cid, held.digest),
+        grpc.StatusCode.PERMISSION_DENIED,
+        grpc.StatusCode.UNAUTHENTICATED,
+        grpc.StatusCode.PERMISSION_DENIED,
+        grpc.StatusCode.PERMISSION_DENIED,
+        grpc.StatusCode.UNAUTHENTICATED,
+    ]
+
+
+def test_fetch_update_names_the_client_as_well_as_the_digest(miner: Miner, identities: Any) -> None:
+    # Prepare: one client's update held; the other selected client never sent one
+    sender, other = selected(miner)
+    held = received_update(miner, identities[sender])
+    miner.blobs.put(held)
+    # Execute
+    codes = fetch_codes(
+        miner,
+        [
+            fetch_request(identities["miner-0"], (held.digest, other), now_ms=NOW_MS),
+            fetch_request(identities["miner-0"], (held.digest, sender), now_ms=NOW_MS),
+        ],
+    )
+    # Assert: the same digest under another client is not that client's update
+    assert codes == [grpc.StatusCode.NOT_FOUND, (sender, held.digest)]
+
+
+def second_miner(genesis: Genesis, identities: Any, directory: Path, of: Miner) -> Miner:
+    """miner-0 (the primary of view 0), with ``of``'s validation set, in ``directory``."""
+    directory.mkdir()
+    return Miner(
+        genesis,
+        identities["miner-0"],
+        db_path=directory / "chain.db",
+        run_dir=directory,
+        validation=of.validation,
+        log=NodeLog("miner-0", directory / "log"),
+    )
+
+
+def test_a_miner_holding_a_digest_under_one_client_fetches_it_under_another(
+    registering_miner: Miner, small_genesis: Genesis, identities: Any, tmp_path: Path
+) -> None:
+    # Prepare: two miners on one chain, round 1 selected; both selected clients
+    # sent the same bytes D. miner-1 holds D from the first client only,
+    # miner-0 (the primary) from both, and proposes the round's verdicts.
+    x = registering_miner
+    y = second_miner(small_genesis, identities, tmp_path / "m0", of=x)
+    registrations = [(c.node_id, registration_of(c.node_id)) for c in x.genesis.membership.clients]
+    y.state.apply_block(commit(x.state, registrations))
+    for m in (x, y):
+        m.state.apply_record("server", m.state.expected_selection(1))
+    first, second = selected(x)
+    a, b = received_update(x, identities[first]), received_update(x, identities[second])
+    assert a.digest == b.digest
+    x.blobs.put(a)
+    y.blobs.put(a)
+    y.blobs.put(b)
+    key = [(c, a.digest, y.state.released_records(c)) for c in (first, second)]
+    held = {c: upload_of(y.blobs.get(d, c)) for c, d, _ in key}  # type: ignore[arg-type]
+    record = build_verdicts(
+        y.state, 1, held=held, own=y._own_validation(y.state, 1, key), malformed={}
+    )
+    block = block_with(x, identities["miner-0"], record)
+    proposal = PrePrepare(view=0, height=block.height, block=block, sender=0)
+    handler = MinerHandler(x)
+    wanted = handler.fetcher.wanted_by(proposal)
+    vote_without = x._validate(block)
+
+    async def fetch_from_primary(channel_to_y: Any) -> None:
+        x.peers = {0: PeerLink(channel_to_y, identities["miner-1"])}
+        await handler.fetcher.fetch(wanted, prefer=0)
+
+    # Execute: miner-1 fetches what it lacks from miner-0, then judges the block
+    try:
+        run_with_address(y, fetch_from_primary)
+    finally:
+        handler.close()
+        y.store.close()
+    vote = x._validate(block)
+    # Assert: it lacked the second client's blob although it held the digest,
+    # fetched that client's signed stream, and votes for the block
+    assert wanted == [(a.digest, second)]
+    assert vote_without is False
+    fetched = x.blobs.get(a.digest, second)
+    assert fetched is not None and fetched.sender.node_id == second
+    assert vote is True
+    assert [u.accepted for u in record.updates] == [False, False]
+    assert all(u.reason.startswith("copy: the same update as") for u in record.updates)
+
+
+def run_with_address(miner: Miner, body: Callable[[str], Awaitable[None]]) -> None:
+    """``body(address)`` while ``miner``'s Miner service listens on 127.0.0.1, port 0."""
+
+    async def main() -> None:
+        server = grpc.aio.server()
+        add_servicer(server, "Miner", MinerServicer(MinerHandler(miner)))
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        try:
+            await body(f"127.0.0.1:{port}")
+        finally:
+            await server.stop(None)
+
+    asyncio.run(main())
