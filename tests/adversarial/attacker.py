@@ -376,10 +376,16 @@ class Attacker:
         with ThreadPoolExecutor(len(self.miners)) as pool:
             return list(pool.map(lambda m: self.submit_update(m, parts), self.miners))
 
-    def fetch_update(self, miner: str, digest: bytes) -> Outcome:
-        request = pb.FetchUpdateRequest(digest=digest).SerializeToString()
+    def fetch_update(
+        self, miner: str, digest: bytes, client: str, key: Key, *, issued_ms: int | None = None
+    ) -> Outcome:
+        """``Miner/FetchUpdate`` of ``client``'s update ``digest``, a request signed by ``key``
+        (kind ``fetch-update``), issued now unless ``issued_ms`` says otherwise."""
+        issued = int(time.time() * 1000) if issued_ms is None else issued_ms
+        request = pb.FetchUpdateRequest(digest=digest, client_id=client, issued_ms=issued)
+        envelope = key.sign("fetch-update", request.SerializeToString())
         path = method("Miner", "FetchUpdate")
-        return self.server_stream(miner, path, request, pb.TensorStreamPart)
+        return self.server_stream(miner, path, envelope.SerializeToString(), pb.TensorStreamPart)
 
     def download_model(self, envelope: pb.Envelope) -> Outcome:
         """``Server/DownloadModel`` with a (signed or forged) model request."""

@@ -36,6 +36,7 @@ from __future__ import annotations
 import hashlib
 import math
 import statistics
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -341,8 +342,13 @@ def test_identical_and_different_re_registrations_are_refused_and_not_stored(
     repeated = [attacker.submit(miners[i % len(miners)], registered.envelope) for i in range(300)]
     other = submit_everywhere(attacker, different)
     # Assert: ALREADY_EXISTS (finding 9), also for the copy sent while the first was
-    # waiting to be ordered, never accepted=True; one registration on every chain
-    assert_refused([registered.again, *repeated, *other], Code.ALREADY_EXISTS)
+    # waiting to be ordered, never accepted=True; past a miner's per-signer rate
+    # (50 at once, then 20 a second) RESOURCE_EXHAUSTED; one registration on every chain
+    assert_refused([registered.again, *repeated[: len(miners) * 50]], Code.ALREADY_EXISTS)
+    later = repeated[len(miners) * 50 :] + other
+    codes = {o.code for o in later}
+    assert codes <= {Code.ALREADY_EXISTS, Code.RESOURCE_EXHAUSTED}, later
+    assert not any(leaks(o) for o in later)
     for miner in miners:
         mine = [r for r in registrations(attacker, miner) if r.client == BYZANTINE]
         assert mine == [Registration(BYZANTINE, cap_histogram(attacker.config))]
@@ -665,7 +671,10 @@ RPCS: dict[str, tuple[str, str, str, bytes]] = {
         "miner-1",
         method("Miner", "FetchUpdate"),
         "server stream",
-        pb.FetchUpdateRequest(digest=b"\x07" * 32).SerializeToString(),
+        pb.Envelope(
+            kind="fetch-update",
+            payload=pb.FetchUpdateRequest(digest=b"\x07" * 32).SerializeToString(),
+        ).SerializeToString(),
     ),
     "Miner/FetchBlocks": (
         "miner-1",
@@ -703,7 +712,7 @@ EMPTY_ANSWERS = {
     "Node/Status": Code.OK,
     "Miner/Submit": Code.INVALID_ARGUMENT,  # no such record kind
     "Miner/SubmitUpdate": Code.INVALID_ARGUMENT,  # a stream must start with a header
-    "Miner/FetchUpdate": Code.NOT_FOUND,
+    "Miner/FetchUpdate": Code.UNAUTHENTICATED,  # no fetch-update signature
     "Miner/FetchBlocks": Code.OK,
     "Miner/Deliver": Code.UNAUTHENTICATED,  # no link signature
     "Server/DownloadModel": Code.UNAUTHENTICATED,  # not a model request
@@ -987,8 +996,9 @@ def test_updates_replayed_after_their_round_are_refused(
 ) -> None:
     # Prepare: round 1's updates as a miner serves them, with their clients' claims
     streams = []
+    reader = attacker.key(attacker.server)
     for u in round_two.verdicts.updates:
-        fetched = attacker.fetch_update(attacker.miners[0], u.digest)
+        fetched = attacker.fetch_update(attacker.miners[0], u.digest, u.client, reader)
         assert fetched.ok, fetched
         streams.append(fetched.reply)
     # Execute
@@ -999,6 +1009,33 @@ def test_updates_replayed_after_their_round_are_refused(
         for miner in attacker.miners:
             held = list((network.run_dir / miner / "blobs").glob(f"{u.digest.hex()}*"))
             assert [p.name for p in held] == [f"{u.digest.hex()}-{u.client}.bin"]
+
+
+@pytest.mark.parametrize("reader", ["a client", "an outsider", "a stale request"])
+def test_only_miners_and_the_server_read_updates(
+    round_two: RoundTwo, attacker: Attacker, reader: str
+) -> None:
+    # Prepare: a request for another client's round-1 update (finding 8: anyone could
+    # download any update), signed by a client, by a key no genesis lists, or by the
+    # server two minutes ago
+    u = round_two.verdicts.updates[0]
+    key = {
+        "a client": attacker.key(BYZANTINE),
+        "an outsider": outsider("reader"),
+        "a stale request": attacker.key(attacker.server),
+    }[reader]
+    issued = int(time.time() * 1000) - 120_000 if reader == "a stale request" else None
+    # Execute
+    outcomes = [
+        attacker.fetch_update(m, u.digest, u.client, key, issued_ms=issued) for m in attacker.miners
+    ]
+    # Assert
+    code = {
+        "a client": Code.PERMISSION_DENIED,
+        "an outsider": Code.UNAUTHENTICATED,
+        "a stale request": Code.PERMISSION_DENIED,
+    }[reader]
+    assert_refused(outcomes, code)
 
 
 def envelope_of(attacker: Attacker, entry: ChainEntry) -> pb.Envelope:
@@ -1053,7 +1090,8 @@ def test_an_inflated_claim_weighs_at_most_twice_the_rounds_median(
     assert counts[BYZANTINE] == record_cap(attacker.config) > 2 * counts[round_one.honest]
     deltas = {}
     for u in verdicts.updates:
-        fetched = attacker.fetch_update(attacker.miners[0], u.digest)
+        reader = attacker.key(attacker.server)
+        fetched = attacker.fetch_update(attacker.miners[0], u.digest, u.client, reader)
         assert fetched.ok, fetched
         deltas[u.client] = flat(tensors_of(fetched.reply))
 

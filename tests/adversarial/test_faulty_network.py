@@ -15,9 +15,12 @@ test process:
   ``chain.db.corrupt-<k>``, start from an empty chain and fetch it from its
   peers (an idle network: by its own catch-up, not by new blocks).
 * client-003 is thawed: it registers and the rounds run. client-000 is silent
-  in every round, whose deadline (8 s) is shorter than the server's notice
-  timeout (10 s): the rounds end at their deadline while the notices still
-  hang. It is thawed once the last round's verdicts are committed.
+  in round 1, whose deadline (8 s) is shorter than the server's notice
+  timeout (10 s): the round ends at its deadline while the notices still
+  hang. In round 2 the attacker, holding client-000's key, sends client-001's
+  round-1 update (fetched with the server's key) as client-000's own: every
+  miner rejects it as a copy (finding 8). client-000 is thawed once the last
+  round's verdicts are committed.
 * At the end: ``network up`` exits 0, every miner (the two restarted ones
   included) holds the same head, and ``chain verify`` passes on every chain.
 """
@@ -32,8 +35,16 @@ from typing import Any
 
 import pytest
 
-from chain.records import Registration, RoundVerdicts
-from tests.adversarial.attacker import Attacker
+from chain.records import Registration, RoundSummary, RoundVerdicts, Selection
+from commands.chaintools import read_blocks
+from fl.privacy import released_count
+from tests.adversarial.attacker import (
+    Attacker,
+    chain_entries,
+    stream_digest,
+    tensors_of,
+    update_parts,
+)
 from tests.adversarial.live import LiveNetwork, wait_until
 
 OPTIONS: dict[str, Any] = {
@@ -140,6 +151,11 @@ def test_a_corrupt_chain_db_is_set_aside_and_the_chain_fetched_again_from_peers(
 class Finished:
     output: str  # network up's
     verdicts: dict[int, RoundVerdicts]  # by round, from miner-0's chain
+    copied: tuple[str, bytes]  # whose update client-000 sent as its own in round 2, its digest
+
+
+def selections_on(attacker: Attacker, miner: str) -> list[Selection]:
+    return [e.record for e in attacker.chain(miner) if isinstance(e.record, Selection)]
 
 
 def verdicts_on(attacker: Attacker, miner: str) -> dict[int, RoundVerdicts]:
@@ -147,12 +163,57 @@ def verdicts_on(attacker: Attacker, miner: str) -> dict[int, RoundVerdicts]:
     return {v.round: v for v in records}
 
 
+def summary_of(attacker: Attacker, miner: str, rnd: int) -> RoundSummary | None:
+    for entry in attacker.chain(miner):
+        if isinstance(entry.record, RoundSummary) and entry.record.round == rnd:
+            return entry.record
+    return None
+
+
+def copy_as_silent_client(attacker: Attacker, rnd: int) -> tuple[str, bytes]:
+    """Round ``rnd``'s upload of client-000 (its process is frozen; the attacker holds
+    its key): client-001's accepted update of round ``rnd - 1``, fetched with the
+    server's key and re-signed as client-000's, trained from this round's model
+    (finding 8). Returns the copied client and the copy's digest."""
+    previous = verdicts_on(attacker, "miner-0")[rnd - 1]
+    source = next(u for u in previous.updates if u.accepted and u.client != SILENT)
+    fetched = attacker.fetch_update(
+        "miner-0", source.digest, source.client, attacker.key(attacker.server)
+    )
+    assert fetched.ok, fetched
+    summary = wait_until(
+        lambda: summary_of(attacker, "miner-0", rnd - 1), timeout=WAIT, what="a summary"
+    )
+    registration = next(
+        e.record
+        for e in attacker.chain("miner-0")
+        if isinstance(e.record, Registration) and e.record.client == SILENT
+    )
+    parts = update_parts(
+        attacker.key(SILENT),
+        tensors_of(fetched.reply),
+        round=rnd,
+        base_digest=summary.model_digest,
+        num_samples=released_count(registration.histogram),
+    )
+    receipts = attacker.submit_update_everywhere(parts)
+    assert all(r.ok for r in receipts), receipts  # stored: it is judged by validation
+    return source.client, stream_digest(parts)
+
+
 @pytest.fixture(scope="module")
 def finished(held: tuple[int, bytes], network: LiveNetwork, attacker: Attacker) -> Finished:
     """client-003 thawed (it registers, the rounds run), client-000 frozen until the
-    last round's verdicts are committed; the run to its end."""
+    last round's verdicts are committed, its key used in round 2 to send a copy of
+    client-001's round-1 update; the run to its end."""
     network.thaw(HELD_PROCESS)
     rounds = attacker.config.rounds
+    wait_until(
+        lambda: 2 in {s.round for s in selections_on(attacker, "miner-0")},
+        timeout=WAIT + OPTIONS["round_deadline"],
+        what="round 2's selection",
+    )
+    copied = copy_as_silent_client(attacker, 2)
     wait_until(
         lambda: rounds in verdicts_on(attacker, "miner-0"),
         timeout=WAIT + rounds * OPTIONS["round_deadline"],
@@ -160,20 +221,37 @@ def finished(held: tuple[int, bytes], network: LiveNetwork, attacker: Attacker) 
     )
     by_round = verdicts_on(attacker, "miner-0")
     network.thaw(SILENT_PROCESS)
-    return Finished(network.finish(timeout=WAIT), by_round)
+    return Finished(network.finish(timeout=WAIT), by_round, copied)
 
 
 def test_a_selected_client_that_never_answers_does_not_hold_the_rounds(
     finished: Finished, network: LiveNetwork, attacker: Attacker
 ) -> None:
-    # Assert: every round ended (at its deadline: client-000 sent nothing) with
-    # client-000 selected and silent, and the run finished within its bound
+    # Assert: round 1 ended (at its deadline: client-000 sent nothing) with client-000
+    # selected and silent, and the run finished within its bound
     rounds = list(range(1, attacker.config.rounds + 1))
     assert sorted(finished.verdicts) == rounds
-    for verdicts in finished.verdicts.values():
-        assert SILENT in verdicts.silent and SILENT not in verdicts.accepted, verdicts
+    first = finished.verdicts[1]
+    assert SILENT in first.silent and SILENT not in first.accepted, first
     assert [r["round"] for r in network.metrics()["rounds"]] == rounds
     assert finished.output.startswith(f"run summary: {len(rounds)} rounds")
+
+
+def test_a_copy_of_another_clients_update_is_rejected_as_a_copy(
+    finished: Finished, network: LiveNetwork, attacker: Attacker
+) -> None:
+    # Assert: client-000's round-2 upload, another client's round-1 update re-signed,
+    # is on every chain as rejected for being a copy (negative evidence), and the
+    # client it copied is not harmed
+    source, digest = finished.copied
+    for miner in attacker.miners:
+        blocks = read_blocks(network.run_dir / miner / "chain.db")
+        records = [e.record for e in chain_entries(blocks)]
+        verdicts = next(r for r in records if isinstance(r, RoundVerdicts) and r.round == 2)
+        entry = next(u for u in verdicts.updates if u.client == SILENT)
+        assert entry.digest == digest and not entry.accepted, entry
+        assert entry.reason.startswith("copy"), entry.reason
+        assert source in verdicts.accepted, verdicts
 
 
 def test_the_run_ends_with_one_head_on_every_miner_and_every_chain_verified(
