@@ -33,14 +33,17 @@ model* (the global model did not move, e.g. a round that accepted nothing
 without server momentum) is not compared, since training the same data
 from the same model may honestly give the same update again.
 
-The tolerance: honest updates are far apart (the smallest residual
-between two honest MNIST updates is measured by ``bench/copy_residual.py``,
-docs/RESULTS.md), and 0.05 still catches a copy whose added noise is under
-5% of its norm. Zero updates have no direction: they are compared
-by digest only. The window bounds the cost (each update is compared with
-the accepted updates of the last :data:`COPY_WINDOW` rounds, every miner
-holds their tensors anyway to recompute the global model); exact copies
-are found over the whole chain at no cost, from the digests alone.
+The tolerance: honest updates are far apart. On MNIST
+(``bench/copy_residual.py``, docs/RESULTS.md) the smallest residual between
+two honest updates, in one round or against an accepted update of any
+earlier round, was 0.30 without DP (a client of two-label shards against
+its own update of 4 rounds before, 30 rounds) and 0.85 with Gaussian DP at
+epsilon 10; 0.05 is 6 times below that, and still catches a copy whose
+added noise is under 5% of its norm. Zero updates have no direction: they
+are compared by digest only. The window bounds the cost (each update is
+compared with the accepted updates of the last :data:`COPY_WINDOW` rounds,
+whose tensors every miner holds anyway to recompute the global model);
+exact copies are found over the whole chain at no cost, from the digests.
 """
 
 from __future__ import annotations
@@ -54,7 +57,7 @@ import torch
 from fl.weights import flat_by_name
 
 # Largest copy residual (sine of the angle) of an update to another that
-# counts as a copy (module doc: far below any two honest updates').
+# counts as a copy: 6 times below the closest two honest MNIST updates (0.30).
 COPY_TOLERANCE: Final = 0.05
 # Rounds back whose accepted updates each update is compared with for near copies.
 COPY_WINDOW: Final = 5

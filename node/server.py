@@ -13,9 +13,9 @@ record of r (the miners close the round at its deadline, so no client can
 hold it longer: notices still unanswered then are abandoned);
 fetch the accepted updates by digest and client from the miners, with a
 signed ``fetch-update`` request (only miners and the server may read
-updates; the receiver re-checks each client's signed claim and the digest); aggregate with
-``fl.rounds.aggregate_round``; evaluate on the test split; checkpoint;
-submit the round summary and wait for it to commit.
+updates; the receiver re-checks each client's signed claim and the
+digest); aggregate with ``fl.rounds.aggregate_round``; evaluate on the test
+split; checkpoint; submit the round summary and wait for it to commit.
 
 A full disk (``node.full_disk``) makes the server read-only: it keeps serving
 model downloads and ``Node.Status``, writes ``progress.json`` again when it

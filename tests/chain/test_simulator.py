@@ -182,8 +182,12 @@ def recording(participate: Any, cid: str, sent: dict) -> Any:
     ("noise", "reason"), [(0.0, "copy: the digest of"), (0.01, "copy: within")]
 )
 def test_a_client_copying_an_earlier_update_is_rejected_and_its_reputation_falls(noise, reason):
-    # Prepare: every client is selected; client-004 copies from round 2 on
-    config = RunConfig(**{**BASE, "rounds": 4})
+    # Prepare: every client is selected; client-004 copies from round 2 on.
+    # Under DP a copy of the round before passes every other check (the tree
+    # before the copy check accepted it in every round, its reputation rising).
+    config = RunConfig(
+        **{**BASE, "rounds": 4, "dp": "gaussian", "epsilon": 10.0, "reproducible_noise": True}
+    )
     federation, _sent = copying_federation(config, "client-004", noise=noise)
     counter = itertools.count()
     # Execute
