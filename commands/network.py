@@ -55,6 +55,12 @@ def network() -> None:
 )
 @click.option("--force", is_flag=True, help="replace an existing genesis and its keys")
 @click.option(
+    "--bundles",
+    is_flag=True,
+    help="also write OUT/hosts/<host>/ per host: the genesis, only that host's keys, and "
+    "run.sh with the exact commands of its nodes (copy the folder there, run sh run.sh)",
+)
+@click.option(
     "--testbed",
     is_flag=True,
     help="mark the network as a testbed for experiments on public data: only a testbed "
@@ -68,6 +74,7 @@ def network_init(
     host_map: str | None,
     base_port: int,
     force: bool,
+    bundles: bool,
     testbed: bool,
     selection_seed: str,
     **kwargs: Any,
@@ -111,6 +118,15 @@ def network_init(
         ids = first.node_id if first is last else f"{first.node_id} .. {last.node_id}"
         addresses = first.address if first is last else f"{first.address} .. {last.address}"
         click.echo(f"  {label:<8} {ids:<28} {addresses}")
+    if bundles:
+        from node.bundles import write_host_bundles
+
+        try:
+            written = write_host_bundles(out, genesis)
+        except OSError as exc:
+            raise click.ClickException(f"cannot write the host bundles: {exc}") from exc
+        for host, folder in written.items():
+            click.echo(f"host {host}: {folder}/ (copy it there, then: sh run.sh)")
 
 
 @network.command("up")
