@@ -2,14 +2,34 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import click
 
 
 @click.command("node")
-@click.option("--role", type=click.Choice(["client", "miner", "server"]), required=True)
-@click.option("--genesis", "genesis_path", type=click.Path(dir_okay=False), required=True)
+@click.option(
+    "--role",
+    type=click.Choice(["client", "miner", "server"]),
+    default=None,
+    help="the node to run [required unless --bundle]",
+)
+@click.option(
+    "--genesis",
+    "genesis_path",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="the network's genesis.toml [required unless --bundle]",
+)
+@click.option(
+    "--bundle",
+    type=click.Path(file_okay=False, exists=True),
+    default=None,
+    help="run every node of this host bundle (network init --bundles): one process per "
+    "server or miner key, one for all client keys, each with its state under --state-dir "
+    "[default: DIR/state]; exits when they all have",
+)
 @click.option("--key", "keys", multiple=True, type=click.Path(dir_okay=False), help="key file")
 @click.option(
     "--key-dir",
@@ -63,8 +83,9 @@ import click
     "the genesis address's host) [default: off]",
 )
 def node_command(
-    role: str,
-    genesis_path: str,
+    role: str | None,
+    genesis_path: str | None,
+    bundle: str | None,
     keys: tuple[str, ...],
     key_dir: str | None,
     data_dir: str | None,
@@ -82,6 +103,11 @@ def node_command(
     once it has written the metrics of the last round, and miners and clients
     exit 0 once the chain holds that round's summary (unless --stay).
     """
+    if bundle is not None:
+        run_host_bundle(Path(bundle), state_dir=run_dir, data_dir=data_dir, bind_host=bind_host)
+        return
+    if role is None or genesis_path is None:
+        raise click.UsageError("give --role and --genesis (or --bundle DIR)")
     from node.roles import run_node
 
     try:
@@ -101,3 +127,18 @@ def node_command(
         )
     except ValueError as exc:
         raise click.ClickException(str(exc)) from exc
+
+
+def run_host_bundle(
+    bundle: Path, *, state_dir: str | None, data_dir: str | None, bind_host: str | None
+) -> None:
+    from commands.bundle import bundle_processes, run_bundle
+    from node.genesis import GenesisError
+    from node.identity import KeyFileError
+
+    state = Path(state_dir) if state_dir else bundle / "state"
+    try:
+        procs = bundle_processes(bundle, state_dir=state, data_dir=data_dir, bind_host=bind_host)
+    except (GenesisError, KeyFileError, ValueError, OSError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    sys.exit(run_bundle(procs, say=lambda line: click.echo(line, err=True)))

@@ -6,20 +6,20 @@
 * ``genesis.toml``, the network's (the same file everywhere);
 * ``keys/<id>.key`` for the nodes that host runs, and no other (mode 0600,
   folder 0700);
-* ``run.sh``, the exact ``llbcfl node`` commands of those nodes (the server,
-  each miner, and one process for all its clients), started together and
-  waited for; each node keeps its state under ``$LLBCFL_STATE`` (default
-  ``state/`` in the bundle) and exits 0 when the run is over;
+* ``run.sh``: ``llbcfl node --bundle`` on the folder (``commands.bundle``:
+  one process per server or miner key and one for all the client keys,
+  started together and waited for); each node keeps its state under
+  ``$LLBCFL_STATE`` (default ``state/`` in the bundle) and exits 0 when the
+  run is over;
 * ``README.txt``: which nodes, which ports to open, what the host needs.
 
-Copy a host's folder to it, install the project there, and run
-``sh run.sh``. A host name in a bundle path is the genesis host as written
-(an IP address or a DNS name).
+Copy a host's folder to it, install the project there, and run ``sh
+run.sh`` (or ``llbcfl node --bundle FOLDER``). A host name in a bundle path
+is the genesis host as written (an IP address or a DNS name).
 """
 
 from __future__ import annotations
 
-import shlex
 from collections import defaultdict
 from pathlib import Path
 
@@ -42,65 +42,22 @@ def nodes_by_host(genesis: Genesis) -> dict[str, list[str]]:
     return dict(hosts)
 
 
-def _commands(genesis: Genesis, node_ids: list[str]) -> list[tuple[str, list[str]]]:
-    """(what, argv after ``llbcfl``) of the processes a host runs."""
-    members = genesis.membership
-    base = ["node", "--genesis", GENESIS_FILE]
-    out = []
-    for node_id in node_ids:
-        role = members[node_id].role
-        if role == "client":
-            continue
-        state = f"$STATE/{node_id}"
-        argv = [*base, "--role", role, "--key", f"keys/{node_id}.key", "--state-dir", state]
-        if role == "server":
-            argv += ["--metrics-out", f"{state}/metrics.json"]
-        out.append((node_id, argv))
-    clients = [n for n in node_ids if members[n].role == "client"]
-    if clients:
-        argv = [*base, "--role", "client"]
-        for cid in clients:
-            argv += ["--key", f"keys/{cid}.key"]
-        argv += ["--privacy-ledger", "$STATE/privacy-ledger.json"]
-        label = clients[0] if len(clients) == 1 else f"{clients[0]}..{clients[-1]}"
-        out.append((label, argv))
-    return out
-
-
-def _quote(arg: str) -> str:
-    """Shell quoting that leaves ``$STATE`` to the shell."""
-    if arg.startswith("$STATE"):
-        return '"' + arg + '"'
-    return shlex.quote(arg)
-
-
 def run_script(genesis: Genesis, host: str, node_ids: list[str]) -> str:
-    lines = [
-        "#!/bin/sh",
-        f"# LL-BCFL network {genesis.digest.hex()[:16]}, host {host}: {', '.join(node_ids)}.",
-        "# Run from anywhere: sh run.sh. Needs `llbcfl` on PATH (the project installed)",
-        "# and MNIST in $LLBCFL_DATA (or the genesis's data_dir). Each node exits 0 once",
-        "# the run is over; Ctrl-C (or SIGTERM) stops them all.",
-        "set -eu",
-        'cd "$(dirname "$0")"',
-        'STATE="${LLBCFL_STATE:-$PWD/state}"',
-        'BIND="${LLBCFL_BIND_HOST:+--bind-host $LLBCFL_BIND_HOST}"',
-        'mkdir -p "$STATE"',
-        'pids=""',
-        "trap 'kill $pids 2>/dev/null' INT TERM",
-    ]
-    for label, argv in _commands(genesis, node_ids):
-        command = " ".join(_quote(a) for a in argv)
-        lines.append(f'llbcfl {command} $BIND >"$STATE/{label}.log" 2>&1 &')
-        lines.append('pids="$pids $!"')
-        lines.append(f'echo "started {label} (pid $!), log $STATE/{label}.log"')
-    lines += [
-        "status=0",
-        'for pid in $pids; do wait "$pid" || status=$?; done',
-        'echo "every node of this host has exited (status $status)"',
-        'exit "$status"',
-    ]
-    return "\n".join(lines) + "\n"
+    return "\n".join(
+        [
+            "#!/bin/sh",
+            f"# LL-BCFL network {genesis.digest.hex()[:16]}, host {host}: {', '.join(node_ids)}.",
+            "# Needs `llbcfl` on PATH (the project installed) and MNIST in $LLBCFL_DATA.",
+            "# Runs every node of this folder (llbcfl node --bundle), each with its state",
+            "# and log under $LLBCFL_STATE (default: state/ here); exits once they all",
+            "# have (0: the run is over). Ctrl-C or SIGTERM stops them all.",
+            "set -eu",
+            'here="$(cd "$(dirname "$0")" && pwd)"',
+            'exec llbcfl node --bundle "$here" --state-dir "${LLBCFL_STATE:-$here/state}" \\',
+            '    ${LLBCFL_BIND_HOST:+--bind-host "$LLBCFL_BIND_HOST"} "$@"',
+            "",
+        ]
+    )
 
 
 def readme(genesis: Genesis, host: str, node_ids: list[str]) -> str:
@@ -114,7 +71,8 @@ def readme(genesis: Genesis, host: str, node_ids: list[str]) -> str:
             f"Open for incoming TCP (gRPC) on {host}: {', '.join(ports)}",
             "Needs: Python 3.10+, this project installed (`make venv`, then `llbcfl` on PATH",
             "from .venv/bin), and the MNIST files in $LLBCFL_DATA (every role reads them).",
-            "Start: sh run.sh   (state and logs under ./state, or $LLBCFL_STATE;",
+            "Start: sh run.sh   (= llbcfl node --bundle .; state and logs under ./state,",
+            "or $LLBCFL_STATE;",
             "listen on another interface with LLBCFL_BIND_HOST=0.0.0.0).",
             "Keys in keys/ are this host's only: keep them private (mode 0600).",
             "",

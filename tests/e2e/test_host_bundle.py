@@ -1,7 +1,7 @@
 """End to end: a network run from its host bundle's run.sh (every node on 127.0.0.1).
 
 ``network init --bundles`` with every node on one host gives one bundle;
-``sh run.sh`` with the project's ``llbcfl`` on PATH must run the whole
+``sh run.sh`` (``llbcfl node --bundle``) with the project's ``llbcfl`` on PATH must run the whole
 network to its end: every node exits 0 by itself (the server once its last
 round's metrics are written, miners after serving their final blocks, the
 clients once the last summary is on the chain), the state of each node is
@@ -64,7 +64,7 @@ def test_a_host_runs_its_nodes_to_the_end_from_its_bundle(tmp_path: Path, mnist_
         pytest.fail(f"run.sh did not finish:\n{output}")
     # Assert: every node exited 0 by itself; the state is where it was told to be
     assert process.returncode == 0, output
-    assert "every node of this host has exited (status 0)" in output
+    assert "every node of this bundle has exited (status 0)" in output
     metrics = json.loads((state / "server" / "metrics.json").read_text())
     assert [r["round"] for r in metrics["rounds"]] == [1, 2]
     for i in range(4):
