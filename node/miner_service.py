@@ -249,7 +249,7 @@ class MinerHandler:
     def admit_upload(self, rnd: int, cid: str) -> None:
         """Refuse an authenticated upload header now rather than after its data."""
         m = self.m
-        if rnd != m.state.current_round:
+        if rnd == 0 or rnd != m.state.current_round:
             raise WrongState(f"round {rnd} is not open for updates (open: {m.state.current_round})")
         if cid not in m.state.selections[rnd].selected:
             raise NotPermitted(f"{cid} is not selected in round {rnd}")
@@ -274,7 +274,7 @@ class MinerHandler:
         cid, rnd = received.sender.node_id, received.round
         async with self.core:
             m.disk.check()
-            if rnd != m.state.current_round:
+            if rnd == 0 or rnd != m.state.current_round:
                 raise WrongState(
                     f"round {rnd} is not open for updates (open: {m.state.current_round})"
                 )

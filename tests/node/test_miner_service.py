@@ -792,3 +792,12 @@ def run_with_address(miner: Miner, body: Callable[[str], Awaitable[None]]) -> No
             await server.stop(None)
 
     asyncio.run(main())
+
+
+def test_an_update_for_round_0_while_no_round_is_open_is_refused(
+    registering_miner: Miner, identities: Any
+) -> None:
+    # Prepare: registrations are open (no round); a client's stream names round 0
+    parts = update_parts(identities["client-000"], rnd=0)
+    # Execute / Assert: refused as another round, not an internal error
+    expect_refusal(registering_miner, parts, grpc.StatusCode.FAILED_PRECONDITION)
