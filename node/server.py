@@ -76,6 +76,9 @@ from proto import llbcfl_pb2 as pb
 from proto import llbcfl_pb2_grpc as pb_grpc
 
 POLL_SECONDS = 0.05
+# A record not on the chain this long after it was submitted is submitted again
+# (the same signed bytes: a miner that holds it answers ALREADY_EXISTS).
+RESUBMIT_SECONDS = 10.0
 # A client's answers to a start-round notice that retrying cannot change.
 FINAL_NOTICE_CODES = frozenset(
     {
@@ -125,6 +128,23 @@ class Server:
                 raise Stopped
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(stop.wait(), POLL_SECONDS)
+
+    async def submit_until(
+        self, record: Record, committed: Callable[[], bool], stop: asyncio.Event
+    ) -> None:
+        """Submit ``record`` and wait until ``committed()``, submitting it again every
+        :data:`RESUBMIT_SECONDS` meanwhile: a record that reached no miner (the
+        server cut from them) is not lost. Its timestamp is fixed by the record,
+        so a copy that arrives twice is executed once."""
+        loop = asyncio.get_running_loop()
+        while not committed():
+            await self.submit(record)
+            deadline = loop.time() + RESUBMIT_SECONDS
+            while not committed() and loop.time() < deadline:
+                if stop.is_set():
+                    raise Stopped
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(stop.wait(), POLL_SECONDS)
 
     def write_progress(self) -> None:
         """Write run_dir/progress.json (``network up`` shows it) if the chain moved it on.
@@ -327,8 +347,7 @@ class Server:
             await self.wait_for(lambda: state.last_summarised == rnd - 1, stop)
             selection = state.expected_selection(rnd)
             self.log.info(f"selecting {list(selection.selected)}")
-            await self.submit(selection)
-            await self.wait_for(lambda: rnd in state.selections, stop)
+            await self.submit_until(selection, lambda: rnd in state.selections, stop)
         selection = state.selections[rnd]
         # After a restart the blobs of the rounds since the checkpoint it resumed
         # from (or since round 1) are fetched again, and the global model is
@@ -360,8 +379,7 @@ class Server:
         await self.persist(what, lambda: self.checkpoint(rnd), stop)
         if rnd not in state.summaries:
             summary = RoundSummary(rnd, weights_digest(new_weights), acc, loss)
-            await self.submit(summary)
-            await self.wait_for(lambda: rnd in state.summaries, stop)
+            await self.submit_until(summary, lambda: rnd in state.summaries, stop)
         ROUNDS.labels(self.identity.node_id).inc()
         self.log.info(f"test accuracy {acc:.4f}")
 

@@ -48,6 +48,7 @@ class Lan:
         self.tag = f"{os.getpid() % 100000}"
         self.bridge = f"llbbr{self.tag}"
         self.hosts: dict[str, str] = {}  # address -> namespace
+        self.links: dict[str, str] = {}  # address -> its veth end on the bridge
         self.processes: list[subprocess.Popen] = []
         ip("link", "add", self.bridge, "type", "bridge")
         ip("link", "set", self.bridge, "up")
@@ -67,7 +68,12 @@ class Lan:
         ip("-n", ns, "link", "set", "lo", "up")
         ip("link", "set", outside, "master", self.bridge)
         ip("link", "set", outside, "up")
+        self.links[address] = outside
         return ns
+
+    def cut(self, address: str, *, down: bool) -> None:
+        """Take host ``address``'s link to the bridge down (or up again)."""
+        ip("link", "set", self.links[address], "down" if down else "up")
 
     def spawn(self, address: str, command: list[str], **options: Any) -> subprocess.Popen:
         """``command`` in host ``address``'s namespace, in a session of its own."""

@@ -46,3 +46,24 @@ def test_a_follower_cut_from_every_miner_says_so_once(genesis: Genesis, tmp_path
     # Assert: one warning for the whole outage, naming the miners' count
     lines = [line for line in log_file.read_text().splitlines() if "cannot reach" in line]
     assert len(lines) == 1 and "any of the 4 miners" in lines[0]
+
+
+def test_the_server_submits_a_record_again_until_it_is_on_the_chain(monkeypatch) -> None:
+    # Prepare: a record that reaches no miner twice (the server cut from them)
+    import node.server
+    from node.server import Server
+
+    monkeypatch.setattr(node.server, "RESUBMIT_SECONDS", 0.05)
+    sent: list[str] = []
+
+    class Cut:
+        async def submit(self, record: str) -> None:
+            sent.append(record)
+
+    def committed() -> bool:
+        return len(sent) >= 3  # the third copy gets through
+
+    # Execute
+    asyncio.run(Server.submit_until(Cut(), "selection of round 2", committed, asyncio.Event()))
+    # Assert: submitted again while not committed, and not once more after
+    assert sent == ["selection of round 2"] * 3
