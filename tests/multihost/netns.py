@@ -83,22 +83,43 @@ class Lan:
         return process
 
     def close(self) -> None:
+        """Stop every process (SIGTERM to each session, then SIGKILL to whatever still
+        runs in a namespace, by pid), then delete the namespaces and the bridge."""
+        for process in self.processes:
+            if process.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(process.pid, signal.SIGTERM)  # a bundle runner stops its nodes
+        for process in self.processes:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                process.wait(timeout=20)
+        for ns in self.hosts.values():
+            for pid in self.pids_in(ns):  # nodes of a runner that did not stop them
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
         for process in self.processes:
             if process.poll() is None:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(process.pid, signal.SIGKILL)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                process.wait(timeout=10)
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    process.wait(timeout=10)
         for ns in self.hosts.values():
             subprocess.run(["ip", "netns", "del", ns], capture_output=True)
         subprocess.run(["ip", "link", "del", self.bridge], capture_output=True)
 
+    @staticmethod
+    def pids_in(ns: str) -> list[int]:
+        """The processes running in namespace ``ns``."""
+        out = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True).stdout
+        return [int(pid) for pid in out.split()]
+
     def leftovers(self) -> list[str]:
-        """Namespaces and links of this Lan still present (for the test's own check)."""
+        """Namespaces and links of this Lan still present, and processes it started that
+        still run (for the test's own check)."""
         names = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
         links = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True).stdout
-        return [
+        left = [
             name
             for name in (*self.hosts.values(), self.bridge)
             if name in names or f" {name}:" in links or f" {name}@" in links
         ]
+        return left + [f"pid {p.pid}" for p in self.processes if p.poll() is None]
