@@ -159,22 +159,37 @@ class TensorStreamReceiver:
         else:
             raise _invalid("empty stream message")
 
-    def _authenticate(self, header: pb.TensorStreamHeader) -> NodeInfo:
-        kind = header_kind(self._kind)
+    def _signed_by_sender(
+        self,
+        envelope: pb.Envelope,
+        header: pb.TensorStreamHeader,
+        *,
+        kind: str,
+        payload: bytes,
+        failures: tuple[str, str, str],
+    ) -> NodeInfo:
+        """The member that signed ``envelope``, when it is the header's sender and signed
+        ``payload`` exactly; ``failures``: the messages for a bad signature (a prefix),
+        another signer, other bytes."""
+        unsigned, other_signer, other_bytes = failures
         try:
             signer = verify_envelope(
-                header.auth,
+                envelope,
                 self._membership,
                 expected_kind=kind,
                 allowed_roles=SIGNER_ROLES[self._kind],
             )
         except AuthError as exc:
-            raise UpdateRejected(AUTH_CODES[exc.reason], f"stream header: {exc}") from exc
+            raise UpdateRejected(AUTH_CODES[exc.reason], f"{unsigned}{exc}") from exc
         if signer.node_id != header.sender_id:
             raise UpdateRejected(
-                grpc.StatusCode.PERMISSION_DENIED,
-                f"stream header names another sender than its signer {signer.node_id}",
+                grpc.StatusCode.PERMISSION_DENIED, other_signer.format(signer=signer.node_id)
             )
+        if envelope.payload != payload:
+            raise UpdateRejected(grpc.StatusCode.UNAUTHENTICATED, other_bytes)
+        return signer
+
+    def _authenticate(self, header: pb.TensorStreamHeader) -> NodeInfo:
         signed = header_bytes(
             round=header.round,
             sender_id=header.sender_id,
@@ -182,12 +197,17 @@ class TensorStreamReceiver:
             num_samples=header.num_samples,
             total_bytes=header.total_bytes,
         )
-        if header.auth.payload != signed:
-            raise UpdateRejected(
-                grpc.StatusCode.UNAUTHENTICATED,
+        return self._signed_by_sender(
+            header.auth,
+            header,
+            kind=header_kind(self._kind),
+            payload=signed,
+            failures=(
+                "stream header: ",
+                "stream header names another sender than its signer {signer}",
                 "the header's signature does not cover this header's fields",
-            )
-        return signer
+            ),
+        )
 
     def _add_header(self, header: pb.TensorStreamHeader) -> None:
         if self.header is not None:
@@ -244,7 +264,6 @@ class TensorStreamReceiver:
 
     def finish(self) -> ReceivedTensors:
         """Complete the checks (data, digest, claim, values); the decoded tensors."""
-        membership, kind = self._membership, self._kind
         header, trailer = self.header, self._trailer
         if header is None:
             raise _invalid("empty stream")
@@ -257,7 +276,7 @@ class TensorStreamReceiver:
         digest = self._hasher.digest()
         if trailer.digest != digest:
             raise _invalid("digest mismatch: the trailer's digest is not the data's")
-        sender = self._check_claim(header, trailer.claim, digest, membership, kind)
+        sender = self._check_claim(header, trailer.claim, digest)
         weights = OrderedDict(
             (name, self._decode(dtype, shape, offset)) for name, dtype, shape, offset, _ in layout
         )
@@ -289,24 +308,8 @@ class TensorStreamReceiver:
         return torch.from_numpy(array).reshape(shape)
 
     def _check_claim(
-        self,
-        header: pb.TensorStreamHeader,
-        claim: pb.Envelope,
-        digest: bytes,
-        membership: Membership,
-        kind: str,
+        self, header: pb.TensorStreamHeader, claim: pb.Envelope, digest: bytes
     ) -> NodeInfo:
-        try:
-            signer = verify_envelope(
-                claim, membership, expected_kind=kind, allowed_roles=SIGNER_ROLES[kind]
-            )
-        except AuthError as exc:
-            raise UpdateRejected(AUTH_CODES[exc.reason], str(exc)) from exc
-        if signer.node_id != header.sender_id:
-            raise UpdateRejected(
-                grpc.StatusCode.PERMISSION_DENIED,
-                f"stream from {header.sender_id!r} is signed by {signer.node_id}",
-            )
         expected = claim_bytes(
             round=header.round,
             sender_id=header.sender_id,
@@ -314,12 +317,17 @@ class TensorStreamReceiver:
             digest=digest,
             num_samples=header.num_samples,
         )
-        if claim.payload != expected:
-            raise UpdateRejected(
-                grpc.StatusCode.UNAUTHENTICATED,
+        return self._signed_by_sender(
+            claim,
+            header,
+            kind=self._kind,
+            payload=expected,
+            failures=(
+                "",
+                f"stream from {header.sender_id!r} is signed by {{signer}}",
                 "the signed claim does not match this stream (round, base, digest or samples)",
-            )
-        return signer
+            ),
+        )
 
 
 def receive_tensor_stream(

@@ -20,7 +20,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -205,3 +205,17 @@ class LiveNetwork:
         for f in self._files:
             f.close()
         self._files.clear()
+
+
+@contextlib.contextmanager
+def running(
+    run_dir: Path, *, mnist_root: Path, options: dict[str, Any], freeze: tuple[str, ...] = ()
+) -> Iterator[LiveNetwork]:
+    """A started :class:`LiveNetwork` (``freeze``: processes stopped from the start),
+    closed on exit whatever happened."""
+    net = LiveNetwork(run_dir, mnist_root=mnist_root, options=options)
+    try:
+        net.start(freeze=freeze)
+        yield net
+    finally:
+        net.close()

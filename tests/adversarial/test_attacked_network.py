@@ -82,7 +82,7 @@ from tests.adversarial.attacker import (
     tensors_of,
     update_parts,
 )
-from tests.adversarial.live import LiveNetwork, wait_until
+from tests.adversarial.live import LiveNetwork, running, wait_until
 
 Code = grpc.StatusCode
 OPTIONS: dict[str, Any] = {
@@ -111,23 +111,11 @@ INTERNAL_TEXT = ("Traceback", 'File "', ".py", "<class '", "Unexpected ", "Excep
 
 @pytest.fixture(scope="module")
 def network(tmp_path_factory: pytest.TempPathFactory, mnist_root: Path) -> Iterator[LiveNetwork]:
-    net = LiveNetwork(
-        tmp_path_factory.mktemp("attacked") / "run", mnist_root=mnist_root, options=OPTIONS
-    )
-    try:
-        net.start(freeze=(BYZANTINE_PROCESS,))
+    run_dir = tmp_path_factory.mktemp("attacked") / "run"
+    with running(
+        run_dir, mnist_root=mnist_root, options=OPTIONS, freeze=(BYZANTINE_PROCESS,)
+    ) as net:
         yield net
-    finally:
-        net.close()
-
-
-@pytest.fixture(scope="module")
-def attacker(network: LiveNetwork) -> Iterator[Attacker]:
-    attacker = Attacker(network.run_dir)
-    try:
-        yield attacker
-    finally:
-        attacker.close()
 
 
 @pytest.fixture(scope="module")

@@ -45,7 +45,7 @@ from tests.adversarial.attacker import (
     tensors_of,
     update_parts,
 )
-from tests.adversarial.live import LiveNetwork, wait_until
+from tests.adversarial.live import LiveNetwork, running, wait_until
 
 OPTIONS: dict[str, Any] = {
     "model": "mlp",
@@ -69,23 +69,9 @@ WAIT = 120.0  # bound of every wait on the network (seconds)
 
 @pytest.fixture(scope="module")
 def network(tmp_path_factory: pytest.TempPathFactory, mnist_root: Path) -> Iterator[LiveNetwork]:
-    net = LiveNetwork(
-        tmp_path_factory.mktemp("faulty") / "run", mnist_root=mnist_root, options=OPTIONS
-    )
-    try:
-        net.start(freeze=(HELD_PROCESS,))
+    run_dir = tmp_path_factory.mktemp("faulty") / "run"
+    with running(run_dir, mnist_root=mnist_root, options=OPTIONS, freeze=(HELD_PROCESS,)) as net:
         yield net
-    finally:
-        net.close()
-
-
-@pytest.fixture(scope="module")
-def attacker(network: LiveNetwork) -> Iterator[Attacker]:
-    attacker = Attacker(network.run_dir)
-    try:
-        yield attacker
-    finally:
-        attacker.close()
 
 
 def registered(attacker: Attacker, miner: str) -> set[str]:
