@@ -110,9 +110,13 @@ def plan_network(
     protocol: Mapping[str, int],
     selection_seed: str = "block",
 ) -> Genesis:
-    plan = node_ids(miners=miners, clients=config.clients)
-    ports = free_ports(len(plan))
-    hosts = {node_id: f"127.0.0.1:{port}" for (node_id, _), port in zip(plan, ports, strict=True)}
+    listening = [
+        node_id
+        for node_id, role in node_ids(miners=miners, clients=config.clients)
+        if role != "client"
+    ]  # clients dial out: they need no port
+    ports = free_ports(len(listening))
+    hosts = {node_id: f"127.0.0.1:{port}" for node_id, port in zip(listening, ports, strict=True)}
     params = ProtocolParams(**protocol, selection_seed=selection_seed, testbed=True)
     return init_network(run_dir, run=config, miners=miners, hosts=hosts, protocol=params)
 

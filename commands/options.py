@@ -132,12 +132,6 @@ PROTOCOL_TIMES: tuple[tuple[str, str, str], ...] = (
         "--view-timeout",
         "seconds a miner waits for a pending request to commit before it starts a PBFT view change",
     ),
-    (
-        "notify_timeout_ms",
-        "--notify-timeout",
-        "seconds the server keeps trying to give one selected client its start-round notice "
-        "(the round never waits for it)",
-    ),
 )
 
 

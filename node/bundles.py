@@ -38,7 +38,8 @@ def nodes_by_host(genesis: Genesis) -> dict[str, list[str]]:
     """Node ids per host, in genesis order."""
     hosts: dict[str, list[str]] = defaultdict(list)
     for node in genesis.nodes:
-        hosts[host_of(node.address)].append(node.node_id)
+        host = node.address if node.role == "client" else host_of(node.address)
+        hosts[host].append(node.node_id)
     return dict(hosts)
 
 
@@ -62,13 +63,18 @@ def run_script(genesis: Genesis, host: str, node_ids: list[str]) -> str:
 
 def readme(genesis: Genesis, host: str, node_ids: list[str]) -> str:
     members = genesis.membership
-    ports = [members[n].address.rpartition(":")[2] for n in node_ids]
+    ports = [members[n].address.rpartition(":")[2] for n in node_ids if members[n].role != "client"]
+    inbound = (
+        f"Open for incoming TCP (gRPC) on {host}: {', '.join(ports)}"
+        if ports
+        else "Opens no port: clients dial out (to the server's and the miners' ports)."
+    )
     return "\n".join(
         [
             f"LL-BCFL network {genesis.digest.hex()[:16]}: host {host}",
             "",
             f"Runs: {', '.join(node_ids)}",
-            f"Open for incoming TCP (gRPC) on {host}: {', '.join(ports)}",
+            inbound,
             "Needs: Python 3.10+, this project installed (`make venv`, then `llbcfl` on PATH",
             "from .venv/bin), and the MNIST files in $LLBCFL_DATA (every role reads them).",
             "Start: sh run.sh   (= llbcfl node --bundle .; state and logs under ./state,",

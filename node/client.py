@@ -1,8 +1,10 @@
 """The client daemon: one process hosting one or more client identities.
 
 Each identity keeps its private shard (``fl.rounds.Federation``: the same
-deterministic partition as the simulator) and listens on its own genesis
-address. Its privacy spend lives in the host's privacy ledger
+deterministic partition as the simulator). The process opens no port: it
+dials out, to the server for its round notices (``Server/Attend``, one
+stream for every identity it hosts: ``node.client_service``) and to the
+miners to register and upload. Its privacy spend lives in the host's privacy ledger
 (``node.privacy_ledger``), keyed by the digest of its records, so spending
 composes across runs on the same data and survives restarts.
 
@@ -34,6 +36,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -70,6 +73,14 @@ from proto import llbcfl_pb2_grpc as pb_grpc
 # How long a starting client waits for a miner to answer before it goes on
 # without the chain (a new network's chain is empty anyway).
 STARTUP_CHAIN_SECONDS = 30.0
+
+
+@dataclass(frozen=True)
+class RoundAnswer:
+    """What a client does with a start-round notice: train, or decline (and why)."""
+
+    accepted: bool
+    reason: str = ""
 
 
 class ClientHost:
@@ -196,7 +207,7 @@ class ClientHost:
         summary = self.follower.state.summaries.get(rnd - 1)
         return summary.model_digest if summary is not None else None
 
-    async def start_round(self, cid: str, notice: pb.RoundNotice) -> pb.StartRoundReply:
+    async def start_round(self, cid: str, notice: pb.RoundNotice) -> RoundAnswer:
         """Act on a start-round notice (signature checked), or refuse it (``node.errors``)."""
         rnd = notice.round
         self.disk.check()  # taking part starts with a write to the ledger
@@ -216,7 +227,7 @@ class ClientHost:
                 f"the model announced for round {rnd} is not the one the chain commits to"
             )
         if not self.budget.fits([*self.ledger.entries(data), self.entry(rnd)]):
-            return pb.StartRoundReply(accepted=False, reason="privacy budget exhausted")
+            return RoundAnswer(accepted=False, reason="privacy budget exhausted")
         if rnd in self.in_flight[cid]:  # a concurrent notice got here first
             raise Duplicate(f"{cid} already took part in round {rnd}")
         self.in_flight[cid].add(rnd)
@@ -224,7 +235,7 @@ class ClientHost:
         task = asyncio.create_task(self._train_and_upload(cid, notice))
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
-        return pb.StartRoundReply(accepted=True)
+        return RoundAnswer(accepted=True)
 
     async def _download(self, cid: str, notice: pb.RoundNotice) -> Any:
         server = self.membership.server

@@ -1,11 +1,13 @@
-"""The client daemon: the ``Client`` service of every hosted identity, and the host's start.
+"""The client daemon: its dial-out connection to the server, and the host's start.
 
-:class:`ClientServicer` decodes and calls :func:`start_round`, which checks
-that the notice is the server's (signature, kind, role) and well formed and
-hands it to ``ClientHost.start_round`` (the chain and the ledger decide);
-refusals are those of ``node.errors``. :func:`run_clients` serves one
-endpoint per identity with ``node.serving.serve``, then reads the chain,
-reconciles the privacy ledger and registers every identity.
+A client process listens on no port. :func:`attend` keeps one
+``Server/Attend`` stream open to the server for every identity the process
+hosts (reconnecting with backoff, with one log line when the server is lost
+and one when it is back); each ``RoundCall`` on it goes to :func:`start_round`,
+which checks that the notice is the server's (signature, kind, role) and
+well formed and hands it to ``ClientHost.start_round`` (the chain and the
+ledger decide). :func:`run_clients` reads the chain, reconciles the privacy
+ledger, registers every identity, and attends until the run is over.
 """
 
 from __future__ import annotations
@@ -13,26 +15,31 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from pathlib import Path
-from typing import Any
 
+import grpc
 import torch
 
 from chain.state import Phase
 from fl.privacy import BudgetExhausted
 from fl.rounds import Federation
-from node.client import ClientHost
+from node.client import ClientHost, RoundAnswer
 from node.daemon import NodeLog, load_node_splits
-from node.errors import InvalidRequest, decode
+from node.errors import InvalidRequest, Refused, decode
 from node.full_disk import PROBE_SECONDS
 from node.genesis import Genesis
-from node.identity import Identity, verify_envelope
+from node.identity import AuthError, Identity, verify_envelope
+from node.offchain import wall_clock_ms
 from node.privacy_ledger import PrivacyLedger
-from node.serving import Endpoint, StatusInfo, listen_address, serve
+from node.server import ATTEND_KIND
+from node.serving import channel, serve
 from proto import llbcfl_pb2 as pb
 from proto import llbcfl_pb2_grpc as pb_grpc
 
+# Reconnecting to the server: the first wait, doubled after each failure up to the last.
+RECONNECT_SECONDS = (0.2, 5.0)
 
-async def start_round(host: ClientHost, cid: str, envelope: pb.Envelope) -> pb.StartRoundReply:
+
+async def start_round(host: ClientHost, cid: str, envelope: pb.Envelope) -> RoundAnswer:
     """The server's signed start-round notice for ``cid``, checked and handed to the host."""
     verify_envelope(
         envelope, host.membership, expected_kind="start-round", allowed_roles=("server",)
@@ -43,15 +50,68 @@ async def start_round(host: ClientHost, cid: str, envelope: pb.Envelope) -> pb.S
     return await host.start_round(cid, notice)
 
 
-class ClientServicer(pb_grpc.ClientServicer):
-    """The gRPC face of one hosted identity: calls :func:`start_round`."""
+def attend_request(host: ClientHost, now_ms: int) -> pb.AttendRequest:
+    """Every hosted identity's signed attendance, as of ``now_ms``."""
+    return pb.AttendRequest(
+        clients=[
+            ident.sign(
+                ATTEND_KIND,
+                pb.Attendance(
+                    client_id=cid, genesis_digest=host.network, time_ms=now_ms
+                ).SerializeToString(),
+            )
+            for cid, ident in host.identities.items()
+        ]
+    )
 
-    def __init__(self, host: ClientHost, cid: str) -> None:
-        self.host = host
-        self.cid = cid
 
-    async def StartRound(self, request: pb.Envelope, context: Any) -> pb.StartRoundReply:
-        return await start_round(self.host, self.cid, request)
+async def answer(host: ClientHost, call: pb.RoundCall, log: NodeLog) -> None:
+    """Act on one notice of the stream; what cannot be acted on is logged, not raised."""
+    cid = call.client_id
+    if cid not in host.identities:
+        log.warning(f"the server sent a notice for {cid!r}, which this process does not host")
+        return
+    try:
+        reply = await start_round(host, cid, call.notice)
+    except (Refused, AuthError) as exc:
+        host.logs[cid].info(f"notice not taken: {exc}")
+        return
+    if not reply.accepted:
+        host.logs[cid].info(f"declines the round: {reply.reason}")
+
+
+async def attend(host: ClientHost, stop: asyncio.Event, log: NodeLog) -> None:
+    """Keep the ``Server/Attend`` stream open until ``stop``, acting on every notice."""
+    address = host.membership.server.address
+    wait, longest = RECONNECT_SECONDS
+    lost = False
+    tasks: set[asyncio.Task] = set()
+    while not stop.is_set():
+        try:
+            async with channel(address) as ch:
+                calls = pb_grpc.ServerStub(ch).Attend(attend_request(host, wall_clock_ms()))
+                async for call in calls:
+                    if lost:
+                        log.info(f"server {address} reachable again")
+                        lost = False
+                    wait = RECONNECT_SECONDS[0]
+                    task = asyncio.create_task(answer(host, call, log))
+                    tasks.add(task)
+                    task.add_done_callback(tasks.discard)
+            # The server ended the stream (it stops, or a newer stream replaced this one).
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
+                raise ValueError(f"the server refuses this client: {exc.details()}") from exc
+            if not lost:
+                log.warning(
+                    f"lost the server {address} ({exc.code().name}); reconnecting with backoff"
+                )
+                lost = True
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(stop.wait(), wait)
+        wait = min(2 * wait, longest)
+    for task in tasks:
+        task.cancel()
 
 
 # How often an idle client process reads the chain to learn that the run is over.
@@ -114,19 +174,6 @@ async def run_clients(
         log=log,
     )
     del splits  # the hosted shards are copies; the rest of MNIST can go
-    endpoints = [
-        Endpoint(
-            node_id=cid,
-            role="client",
-            address=listen_address(genesis.membership[cid].address, bind_host),
-            genesis_digest=genesis.digest,
-            status=lambda cid=cid: StatusInfo(
-                host.last_round[cid], host.follower.state.height, read_only=host.disk.read_only
-            ),
-            services={"Client": ClientServicer(host, cid)},
-        )
-        for cid in host.identities
-    ]
 
     async def drive() -> None:
         log.info(f"hosting {len(host.identities)} client(s): {', '.join(host.identities)}")
@@ -141,13 +188,26 @@ async def run_clients(
                     "by earlier runs"
                 ) from exc
             await host.register_all(stop)
-            await follow_to_the_end(host, stop, stay=stay, log=log)
+            jobs = [
+                asyncio.create_task(attend(host, stop, log)),
+                asyncio.create_task(follow_to_the_end(host, stop, stay=stay, log=log)),
+            ]
+            try:
+                done, _ = await asyncio.wait(jobs, return_when=asyncio.FIRST_COMPLETED)
+                for job in done:
+                    job.result()  # a refusal by the server ends the process with its message
+            finally:
+                for job in jobs:
+                    job.cancel()
+                await asyncio.gather(*jobs, return_exceptions=True)
         finally:
             for task in list(host.tasks):
                 task.cancel()
 
     try:
-        await serve(endpoints, stop=stop, run=drive, log=log, metrics_port=metrics_port)
+        await serve(
+            [], stop=stop, run=drive, log=log, metrics_port=metrics_port, metrics_host=bind_host
+        )
     finally:
         with contextlib.suppress(Exception):
             await asyncio.gather(*host.tasks, return_exceptions=True)

@@ -12,12 +12,14 @@ Layout::
 
     version = 1
     [protocol]   f, miners (n = 3f+1), tick_ms, view_timeout_ms,
-                 round_deadline_ms, notify_timeout_ms, chunk_bytes, max_stream_bytes,
+                 round_deadline_ms, chunk_bytes, max_stream_bytes,
                  selection_seed ("block" or "run"), testbed (bool: reproducible
-                 DP noise allowed)
+                 DP noise allowed), tls_ca_sha256 (the network CA's digest;
+                 empty: plaintext gRPC)
     [selection]  w1, w2, w3 (self-assessment), w4, w5 (self vs reputation)
     [run]        RunConfig fields (unset optional fields are omitted)
-    [[nodes]]    id, role, address "host:port", public_key (hex),
+    [[nodes]]    id, role, address ("host:port" it listens on; a client, which
+                 dials out: its host only), public_key (hex),
                  replica (miners: 0..n-1), client_index (clients: 0..K-1)
 """
 
@@ -26,9 +28,10 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 import sys
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from functools import cached_property
 from pathlib import Path
 from typing import Any, Final
@@ -42,6 +45,7 @@ from node.membership import (
     GenesisError,
     Membership,
     NodeInfo,
+    check_client_host,
     check_keys,
     node_from_dict,
     node_problems,
@@ -58,6 +62,7 @@ GENESIS_FILE: Final = "genesis.toml"
 KEYS_DIR: Final = "keys"
 MAX_CHUNK_BYTES: Final = 1 << 20
 DEFAULT_BASE_PORT: Final = 50051
+_SHA256_HEX: Final = re.compile(r"[0-9a-f]{64}")
 
 
 @dataclass(frozen=True)
@@ -69,10 +74,6 @@ class ProtocolParams:
     tick_ms: int = 50
     view_timeout_ms: int = 1000
     round_deadline_ms: int = 120_000
-    # How long the server keeps trying to hand one selected client its
-    # start-round notice (node.server.Server.notify); the round never waits
-    # for it: it ends at its deadline whatever a client does.
-    notify_timeout_ms: int = 10_000
     chunk_bytes: int = MAX_CHUNK_BYTES
     max_stream_bytes: int = 64 << 20
     # Where the selection draw's seed comes from (chain.records.ChainState):
@@ -85,6 +86,10 @@ class ProtocolParams:
     # tests), where the run may ask for reproducible (public) DP noise; a
     # deployment (`network init` without --testbed) never allows it.
     testbed: bool = False
+    # SHA-256 (hex) of the network CA's certificate (node.tls): every node
+    # serves and dials with mutual TLS under that CA. Empty: plaintext gRPC
+    # (`--insecure`, for experiments only).
+    tls_ca_sha256: str = ""
 
     def problems(self) -> Iterator[str]:
         if self.f < 1:
@@ -94,7 +99,7 @@ class ProtocolParams:
                 f"protocol.miners must be 3f+1 = {3 * self.f + 1} for f = {self.f}, "
                 f"got {self.miners}"
             )
-        for name in ("tick_ms", "view_timeout_ms", "round_deadline_ms", "notify_timeout_ms"):
+        for name in ("tick_ms", "view_timeout_ms", "round_deadline_ms"):
             if getattr(self, name) < 1:
                 yield f"protocol.{name} must be >= 1, got {getattr(self, name)}"
         if self.view_timeout_ms < self.tick_ms:
@@ -103,6 +108,8 @@ class ProtocolParams:
             yield f"protocol.chunk_bytes must be in [1, {MAX_CHUNK_BYTES}], got {self.chunk_bytes}"
         if self.max_stream_bytes < self.chunk_bytes:
             yield "protocol.max_stream_bytes must be at least chunk_bytes"
+        if self.tls_ca_sha256 and not _SHA256_HEX.fullmatch(self.tls_ca_sha256):
+            yield "protocol.tls_ca_sha256 must be 64 lowercase hex digits, or empty (no TLS)"
         if self.selection_seed not in SELECTION_SEEDS:
             yield (
                 f"protocol.selection_seed must be {' or '.join(map(repr, SELECTION_SEEDS))}, "
@@ -310,7 +317,8 @@ def plan_addresses(
 ) -> dict[str, str]:
     """Address per node id: its host from ``hosts`` (by id, then a ``first..last`` range
     of ids, then role, then ``default``, else 127.0.0.1) and, unless the entry gives a
-    port, the next port from ``base_port``."""
+    port, the next port from ``base_port``. A client gets its host only: it dials
+    out and listens on no port."""
     ids = [node_id for node_id, _ in nodes]
     by_range: dict[str, str] = {}
     for key, host in hosts.items():
@@ -332,6 +340,12 @@ def plan_addresses(
             or hosts.get("default")
             or "127.0.0.1"
         )
+        if role == "client":  # listens on nothing: its host only
+            try:
+                addresses[node_id] = check_client_host(host)
+            except ValueError as exc:
+                raise GenesisError(f"host map, {node_id}: {exc}") from None
+            continue
         try:
             split_address(host)
             addresses[node_id] = host  # the entry gives its own port
@@ -355,8 +369,10 @@ def init_network(
     hosts: Mapping[str, str] | None = None,
     protocol: ProtocolParams | None = None,
     force: bool = False,
+    tls: bool = True,
 ) -> Genesis:
-    """Write ``out_dir/genesis.toml`` and ``out_dir/keys/<id>.key`` (0600) for a new network.
+    """Write ``out_dir/genesis.toml`` and ``out_dir/keys/<id>.key`` (0600) for a new network,
+    and with ``tls`` its CA and every node's certificate under ``out_dir/tls`` (``node.tls``).
 
     Keys come from ``os.urandom``. Nothing is written unless the whole
     genesis validates; the genesis is written last, so its presence means
@@ -388,7 +404,9 @@ def init_network(
         for ident in identities
     )
     base = protocol or ProtocolParams()
-    params = ProtocolParams(**{**asdict(base), "f": (miners - 1) // 3, "miners": miners})
+    params = ProtocolParams(
+        **{**asdict(base), "f": (miners - 1) // 3, "miners": miners, "tls_ca_sha256": ""}
+    )
     genesis = Genesis(protocol=params, selection=SelectionWeights(), run=run, nodes=nodes)
 
     keys_dir = out_dir / KEYS_DIR
@@ -400,6 +418,11 @@ def init_network(
             stale.unlink()
     for ident in identities:
         save_identity(ident, key_path(out_dir, ident.node_id))
+    if tls:
+        from node.tls import write_network_tls
+
+        digest = write_network_tls(out_dir, [i.node_id for i in identities], label=out_dir.name)
+        genesis = replace(genesis, protocol=replace(params, tls_ca_sha256=digest))
     write_genesis(genesis, genesis_path)
     return genesis
 

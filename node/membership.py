@@ -3,7 +3,9 @@
 :class:`Membership` looks nodes up by id, public key, replica or client
 index; :func:`node_from_dict` reads one ``[[nodes]]`` entry and
 :func:`node_problems` checks a node list (unique ids, keys and addresses,
-roles, ``host:port`` addresses, replica and client indices). Loading a genesis
+roles, addresses, replica and client indices). A server's or miner's
+address is the ``host:port`` it listens on; a client's is only the host it
+runs on (clients dial out and listen on nothing; bundles group by host). Loading a genesis
 (``node.genesis``) uses both.
 """
 
@@ -30,7 +32,7 @@ class NodeInfo:
 
     node_id: str
     role: str
-    address: str
+    address: str  # server, miners: "host:port" they listen on; clients: their host
     public_key: bytes
     replica: int | None = None
     client_index: int | None = None
@@ -144,22 +146,39 @@ def split_address(address: str) -> tuple[str, int]:
     return host, int(port)
 
 
+_HOST = re.compile(r"[A-Za-z0-9._-]{1,253}|\[?[0-9A-Fa-f:.]{2,45}\]?")
+
+
+def check_client_host(host: str) -> str:
+    """A client's host (a name or an IP, no port: clients listen on nothing), else ValueError."""
+    try:
+        split_address(host)
+    except ValueError:
+        pass
+    else:
+        if not host.count(":") > 1 or host.startswith("["):
+            raise ValueError(f"a client listens on no port: give a host without one, got {host!r}")
+    if not _HOST.fullmatch(host):
+        raise ValueError(f"a client's address must be a host name or IP, got {host!r}")
+    return host.strip("[]")
+
+
 def node_problems(nodes: Iterable[NodeInfo], *, miners: int, clients: int) -> Iterator[str]:
     """What is wrong with a network's node list (ids, roles, addresses, indices)."""
     nodes = tuple(nodes)
     for label, key in (
         ("id", lambda n: n.node_id),
         ("public key", lambda n: n.public_key),
-        ("address", lambda n: n.address),
     ):
         yield from _duplicates(label, [key(n) for n in nodes])
+    yield from _duplicates("address", [n.address for n in nodes if n.role != "client"])
     for n in nodes:
         if not _NODE_ID.fullmatch(n.node_id):
             yield f"node id {n.node_id!r} must be 1-64 letters, digits, '.', '_' or '-'"
         if n.role not in ROLES:
             yield f"{n.node_id}: role must be one of {', '.join(ROLES)}, got {n.role!r}"
         try:
-            split_address(n.address)
+            (check_client_host if n.role == "client" else split_address)(n.address)
         except ValueError as exc:
             yield f"{n.node_id}: {exc}"
         if n.replica is not None and n.role != "miner":

@@ -5,12 +5,12 @@ Round r (docs/NETWORK.md, "One round"): once the block holding round r-1's summa
 the chain state (:meth:`chain.records.ChainState.expected_selection`, the
 simulator's ``select_round`` call, seeded by that block's digest or, with
 ``selection_seed = "run"``, by the run seed) and submit it to the miners;
-once the selection is committed, send each selected client a signed
-``start-round`` notice (the client downloads the model with
-``Server.DownloadModel``), every client at once and each for at most
-``protocol.notify_timeout_ms``, while waiting for the committed verdict
-record of r (the miners close the round at its deadline, so no client can
-hold it longer: notices still unanswered then are abandoned);
+once the selection is committed, put a signed ``start-round`` notice on
+the ``Server/Attend`` stream of each selected client (clients dial out and
+keep that stream open; one that connects later in the round gets it then;
+the client downloads the model with ``Server.DownloadModel``), while
+waiting for the committed verdict record of r (the miners close the round
+at its deadline, so no client can hold it longer);
 fetch the accepted updates by digest and client from the miners, with a
 signed ``fetch-update`` request (only miners and the server may read
 updates; the receiver re-checks each client's signed claim and the
@@ -76,18 +76,11 @@ from proto import llbcfl_pb2 as pb
 from proto import llbcfl_pb2_grpc as pb_grpc
 
 POLL_SECONDS = 0.05
+# Envelope kind of a client's attendance (``Server/Attend``, node.client_service).
+ATTEND_KIND = "attend"
 # A record not on the chain this long after it was submitted is submitted again
 # (the same signed bytes: a miner that holds it answers ALREADY_EXISTS).
 RESUBMIT_SECONDS = 10.0
-# A client's answers to a start-round notice that retrying cannot change.
-FINAL_NOTICE_CODES = frozenset(
-    {
-        grpc.StatusCode.ALREADY_EXISTS,
-        grpc.StatusCode.PERMISSION_DENIED,
-        grpc.StatusCode.INVALID_ARGUMENT,
-        grpc.StatusCode.UNAUTHENTICATED,
-    }
-)
 
 
 class Stopped(Exception):
@@ -121,6 +114,9 @@ class Server:
         self.scratch = model_for(self.config, generator=torch_generator(0, "scratch"))
         self.current: tuple[int, Any, bytes] | None = None  # round, weights, digest
         self.progress: dict[str, Any] | None = None  # as last written to progress.json
+        # Client id -> the queue of its Attend stream; the open round's notice.
+        self.attending: dict[str, asyncio.Queue[pb.RoundCall | None]] = {}
+        self.open_call: tuple[int, frozenset[str], pb.Envelope] | None = None
 
     async def wait_for(self, condition: Callable[[], bool], stop: asyncio.Event) -> None:
         while not condition():
@@ -204,60 +200,66 @@ class Server:
                 f"fewer than a quorum of {quorum}: it commits only if they forward it"
             )
 
-    async def notify(self, rnd: int, selected: tuple[str, ...], digest: bytes) -> None:
-        """Hand every selected client its start-round notice, all at once.
+    # Client connections --------------------------------------------------------
 
-        Each client gets at most ``protocol.notify_timeout_ms`` in all
-        (retries included): one that does not answer in time is given up on
-        (the miners count it silent if it sends nothing by the deadline).
+    def attach(self, cids: list[str], queue: asyncio.Queue) -> None:
+        """``queue`` (an Attend stream) now gets the notices of ``cids``; a stream that
+        they replace and that carries no other identity is ended. The notice
+        of the open round goes out at once to those it selects."""
+        for cid in cids:
+            old = self.attending.get(cid)
+            self.attending[cid] = queue
+            if old is not None and old is not queue and old not in self.attending.values():
+                old.put_nowait(None)
+        if self.open_call is not None:
+            _rnd, selected, envelope = self.open_call
+            for cid in cids:
+                if cid in selected:
+                    queue.put_nowait(pb.RoundCall(client_id=cid, notice=envelope))
+
+    def detach(self, cids: list[str], queue: asyncio.Queue) -> None:
+        for cid in cids:
+            if self.attending.get(cid) is queue:
+                del self.attending[cid]
+
+    def notify(self, rnd: int, selected: tuple[str, ...], digest: bytes) -> None:
+        """Put round ``rnd``'s signed start-round notice on each selected client's stream.
+
+        Clients dial out (``Server/Attend``): the notice goes to those
+        attending now, and to any selected client that connects before the
+        round's verdicts commit (:meth:`attach`). The round never waits for a
+        client: the miners close it at its deadline.
         """
         deadline = self.genesis.protocol.round_deadline_ms
-        budget = self.genesis.protocol.notify_timeout_ms / 1e3
         notice = pb.RoundNotice(round=rnd, model_digest=digest, deadline_ms=deadline)
         envelope = self.identity.sign("start-round", notice.SerializeToString())
-
-        async def one(cid: str) -> None:
-            while True:
-                try:
-                    async with channel(self.membership[cid].address) as ch:
-                        stub = pb_grpc.ClientStub(ch)
-                        reply = await stub.StartRound(envelope, timeout=budget)
-                    if not reply.accepted:
-                        self.log.info(f"{cid} declines round {rnd}: {reply.reason}")
-                    return
-                except grpc.aio.AioRpcError as exc:
-                    if exc.code() in FINAL_NOTICE_CODES:
-                        # The client already has the round (a repeated notice)
-                        # or refuses it for good: asking again changes nothing.
-                        self.log.info(f"{cid} round {rnd}: {exc.code().name} {exc.details()}")
-                        return
-                    # Client still starting, or its view of the chain is behind.
-                    await asyncio.sleep(0.2)
-
-        async def bounded(cid: str) -> None:
-            try:
-                await asyncio.wait_for(one(cid), budget)
-            except asyncio.TimeoutError:
-                self.log.warning(f"{cid} did not take round {rnd}'s notice within {budget:g} s")
-
-        await asyncio.gather(*(bounded(cid) for cid in selected))
+        self.open_call = (rnd, frozenset(selected), envelope)
+        absent = []
+        for cid in selected:
+            queue = self.attending.get(cid)
+            if queue is None:
+                absent.append(cid)
+            else:
+                queue.put_nowait(pb.RoundCall(client_id=cid, notice=envelope))
+        if absent:
+            self.log.warning(
+                f"not connected: {', '.join(absent)}; each gets round {rnd}'s notice "
+                "if it connects before the round closes"
+            )
 
     async def notify_until_verdicts(
         self, rnd: int, selected: tuple[str, ...], digest: bytes, stop: asyncio.Event
     ) -> None:
-        """Notify the selected clients while waiting for round ``rnd``'s verdicts to commit.
+        """Notify the selected clients and wait for round ``rnd``'s verdicts to commit.
 
-        The wait never depends on a client: once the verdicts commit (at the
-        latest at the round's deadline), notices still in flight are dropped.
+        The wait never depends on a client: the verdicts commit at the latest
+        at the round's deadline; then the notice is withdrawn.
         """
-        notices = asyncio.create_task(self.notify(rnd, selected, digest))
+        self.notify(rnd, selected, digest)
         try:
             await self.wait_for(lambda: rnd in self.state.verdicts, stop)
         finally:
-            if not notices.done():
-                notices.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await notices
+            self.open_call = None
 
     async def fetch_updates(self, keys: list[BlobKey]) -> None:
         """Fetch the updates ``keys`` (digest, client) from the miners, the client's

@@ -2,9 +2,11 @@
 
 :class:`ServerServicer` decodes and streams; :func:`model_for` holds the
 rules of a download (a ``model-request`` envelope signed by a client, naming
-itself, for the open round, while it is selected) and raises the refusals of
-``node.errors``. :func:`run_server` serves it with ``node.serving.serve``
-and runs ``Server.drive`` until the last round (or a signal).
+itself, for the open round, while it is selected) and :func:`attendees`
+those of an ``Attend`` stream (each hosted client's signed, fresh
+attendance for this network); both raise the refusals of ``node.errors``.
+:func:`run_server` serves it with ``node.serving.serve`` and runs
+``Server.drive`` until the last round (or a signal).
 """
 
 from __future__ import annotations
@@ -18,11 +20,12 @@ import torch
 
 from fl.weights import Weights
 from node.daemon import NodeLog, load_node_splits
-from node.errors import NotPermitted, WrongState, decode
+from node.errors import InvalidRequest, NotPermitted, WrongState, decode
 from node.genesis import Genesis
 from node.identity import Identity, verify_envelope
 from node.metrics import STREAM_BYTES
-from node.server import Server, Stopped
+from node.offchain import wall_clock_ms
+from node.server import ATTEND_KIND, Server, Stopped
 from node.serving import Endpoint, StatusInfo, listen_address, serve
 from node.tensors import MODEL_KIND, MODEL_REQUEST_KIND, tensor_stream
 from proto import llbcfl_pb2 as pb
@@ -46,6 +49,35 @@ def model_for(server: Server, envelope: pb.Envelope) -> tuple[int, Weights]:
     return rnd, weights
 
 
+# An attendance signed longer ago (or later) than this is refused: a copy
+# seen on the wire cannot open a stream for long.
+ATTEND_FRESH_MS = 5 * 60_000
+
+
+def attendees(server: Server, request: pb.AttendRequest, *, now_ms: int) -> list[str]:
+    """The client ids of an Attend request, each entry signed by that client,
+    naming this network, fresh; else the refusals of ``node.errors``."""
+    members = server.membership
+    if not 0 < len(request.clients) <= len(members.clients):
+        raise InvalidRequest(f"an Attend request names 1 to {len(members.clients)} clients")
+    cids: list[str] = []
+    for envelope in request.clients:
+        signer = verify_envelope(
+            envelope, members, expected_kind=ATTEND_KIND, allowed_roles=("client",)
+        )
+        entry = decode(pb.Attendance, envelope.payload, "attendance")
+        if entry.client_id != signer.node_id:
+            raise NotPermitted(f"{signer.node_id} attends as {entry.client_id!r}")
+        if entry.genesis_digest != server.genesis.digest:
+            raise InvalidRequest(f"{signer.node_id}'s attendance names another network")
+        if abs(now_ms - entry.time_ms) > ATTEND_FRESH_MS:
+            raise InvalidRequest(f"{signer.node_id}'s attendance is stale (check its clock)")
+        if signer.node_id in cids:
+            raise InvalidRequest(f"{signer.node_id} attends twice in one request")
+        cids.append(signer.node_id)
+    return cids
+
+
 class ServerServicer(pb_grpc.ServerServicer):
     """The gRPC face: calls :func:`model_for`, streams the model signed by the server."""
 
@@ -64,6 +96,17 @@ class ServerServicer(pb_grpc.ServerServicer):
             if part.HasField("chunk"):
                 STREAM_BYTES.labels(self.s.identity.node_id, "out").inc(len(part.chunk.data))
             yield part
+
+    async def Attend(self, request: pb.AttendRequest, context: Any) -> Any:
+        cids = attendees(self.s, request, now_ms=wall_clock_ms())
+        queue: asyncio.Queue[pb.RoundCall | None] = asyncio.Queue()
+        self.s.attach(cids, queue)
+        self.s.log.info(f"attending: {', '.join(cids)}")
+        try:
+            while (call := await queue.get()) is not None:
+                yield call
+        finally:
+            self.s.detach(cids, queue)
 
 
 async def run_server(

@@ -29,14 +29,17 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any, Final, NoReturn
 
 import grpc
 from grpc_health.v1 import health, health_pb2
 
 from node.daemon import NodeLog
-from node.errors import INTERNAL_DETAIL, Busy, NotReady, TooSlow, decode, status_of
+from node.errors import INTERNAL_DETAIL, Busy, NotPermitted, NotReady, TooSlow, decode, status_of
+from node.membership import Membership
 from node.metrics import REFUSED
+from node.tls import NodeTls
 from proto import llbcfl_pb2 as pb
 
 ROLE_ENUM: Final = {"client": pb.ROLE_CLIENT, "miner": pb.ROLE_MINER, "server": pb.ROLE_SERVER}
@@ -158,8 +161,101 @@ def listen_address(advertised: str, bind_host: str | None) -> str:
     return f"{host}:{port}"
 
 
+# Which roles may call each method once mutual TLS has named the caller
+# (node.tls); a method not listed is open to every member.
+EVERY_ROLE: Final = frozenset({"client", "miner", "server"})
+METHOD_ROLES: Final[Mapping[str, frozenset[str]]] = {
+    "Miner/Deliver": frozenset({"miner"}),
+    "Miner/Submit": EVERY_ROLE,
+    "Miner/SubmitUpdate": frozenset({"client"}),
+    "Miner/FetchUpdate": frozenset({"miner", "server"}),
+    "Miner/FetchBlocks": EVERY_ROLE,
+    "Server/DownloadModel": frozenset({"client"}),
+    "Server/Attend": frozenset({"client"}),
+    "Node/Status": EVERY_ROLE,
+    "Health/Check": EVERY_ROLE,
+    "Health/List": EVERY_ROLE,
+    "Health/Watch": EVERY_ROLE,
+}
+
+
+@dataclass(frozen=True)
+class Transport:
+    """Mutual TLS for this process: its certificate, and who is at which genesis address."""
+
+    tls: NodeTls
+    membership: Membership
+
+    @cached_property
+    def names(self) -> dict[str, str]:
+        """Listening address -> the node id whose certificate must answer there."""
+        return {n.address: n.node_id for n in self.membership.nodes if n.role != "client"}
+
+    def server_credentials(self) -> grpc.ServerCredentials:
+        return grpc.ssl_server_credentials(
+            [(self.tls.key, self.tls.cert)],
+            root_certificates=self.tls.ca,
+            require_client_auth=True,
+        )
+
+    def channel_credentials(self) -> grpc.ChannelCredentials:
+        return grpc.ssl_channel_credentials(
+            root_certificates=self.tls.ca,
+            private_key=self.tls.key,
+            certificate_chain=self.tls.cert,
+        )
+
+    def channel_options(self, address: str) -> list[tuple[str, Any]]:
+        node_id = self.names.get(address)
+        if node_id is None:
+            raise ValueError(f"{address} is no listening node's address in the genesis")
+        # The peer's certificate must carry the node id the genesis lists here.
+        return [*CHANNEL_OPTIONS, ("grpc.ssl_target_name_override", node_id)]
+
+    def admit(self, where: str, context: Any) -> None:
+        """Refuse a caller whose certificate names no member whose role ``where`` admits."""
+        names = context.auth_context().get("x509_common_name") or []
+        if len(names) != 1:
+            raise NotPermitted("no client certificate of this network")
+        node_id = names[0].decode("utf-8", "replace")
+        member = self.membership.get(node_id)
+        if member is None:
+            raise NotPermitted(f"{node_id!r} is not a member of this network")
+        allowed = METHOD_ROLES.get(where, EVERY_ROLE)
+        if member.role not in allowed:
+            raise NotPermitted(f"{where} is not open to {member.role}s ({node_id})")
+
+
+# This process's transport: None is plaintext gRPC (--insecure networks, and tests).
+_transport: Transport | None = None
+
+
+def use_transport(transport: Transport | None) -> None:
+    """Serve and dial with ``transport`` (mutual TLS) from now on; None: plaintext."""
+    global _transport
+    _transport = transport
+
+
+def current_transport() -> Transport | None:
+    return _transport
+
+
 def channel(address: str) -> grpc.aio.Channel:
-    return grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+    """A channel to a genesis address: mutual TLS when the process uses it."""
+    if _transport is None:
+        return grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+    return grpc.aio.secure_channel(
+        address, _transport.channel_credentials(), options=_transport.channel_options(address)
+    )
+
+
+def sync_channel(address: str) -> grpc.Channel:
+    """:func:`channel` for synchronous callers (the launcher, benches)."""
+    if _transport is None:
+        return grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+    return grpc.secure_channel(
+        address, _transport.channel_credentials(), options=_transport.channel_options(address)
+    )
 
 
 class SenderRate:
@@ -323,6 +419,10 @@ def _method_handler(
     what = f"{method.input_type.name} protobuf"
     where = f"{method.containing_service.name}/{method.name}"
 
+    def admit(context: Any) -> None:
+        if _transport is not None:
+            _transport.admit(where, context)
+
     def parse(raw: bytes) -> Any:
         if calls is not None:
             calls.track()
@@ -350,6 +450,7 @@ def _method_handler(
 
             async def stream_stream(raw_iterator: Any, context: Any) -> Any:
                 try:
+                    admit(context)
                     async for item in impl(requests(raw_iterator), context):
                         yield item
                     return
@@ -364,6 +465,7 @@ def _method_handler(
 
         async def stream_unary(raw_iterator: Any, context: Any) -> Any:
             try:
+                admit(context)
                 return await impl(requests(raw_iterator), context)
             except Exception as exc:
                 if (status := failed(exc)) is None:
@@ -375,6 +477,7 @@ def _method_handler(
 
         async def unary_stream(raw: bytes, context: Any) -> Any:
             try:
+                admit(context)
                 async for item in impl(parse(raw), context):
                     yield item
                 return
@@ -387,6 +490,7 @@ def _method_handler(
 
     async def unary_unary(raw: bytes, context: Any) -> Any:
         try:
+            admit(context)
             return await impl(parse(raw), context)
         except Exception as exc:
             if (status := failed(exc)) is None:
@@ -494,7 +598,10 @@ async def _start(endpoint: Endpoint, log: NodeLog | None) -> _Running:
     )
     add_servicer(server, "Node", status, log=log, calls=calls)
     health_servicer = add_health(server, log=log)
-    port = server.add_insecure_port(endpoint.address)
+    if _transport is None:
+        port = server.add_insecure_port(endpoint.address)
+    else:
+        port = server.add_secure_port(endpoint.address, _transport.server_credentials())
     await server.start()
     return _Running(server, health_servicer, calls, port)
 
@@ -508,11 +615,13 @@ async def serve(
     grace: float = GRACE_SECONDS,
     listening: Callable[[list[int]], None] | None = None,
     metrics_port: int | None = None,
+    metrics_host: str | None = None,
 ) -> None:
     """Serve ``endpoints`` while ``run()`` runs (without one: until ``stop`` is set).
 
     With ``metrics_port``, Prometheus metrics (``node.metrics``) are served on
-    that port, on the host the first endpoint listens on.
+    that port, on ``metrics_host`` (default: the host the first endpoint
+    listens on, else 127.0.0.1).
 
     ``listening`` gets the bound ports once every server has started (port
     0 in an address picks a free one). On return or failure ``stop`` is set
@@ -525,7 +634,9 @@ async def serve(
         if metrics_port is not None:
             from node.metrics import start_metrics_server
 
-            host = endpoints[0].address.rpartition(":")[0].strip("[]") if endpoints else ""
+            host = metrics_host or (
+                endpoints[0].address.rpartition(":")[0].strip("[]") if endpoints else ""
+            )
             stop_metrics = start_metrics_server(
                 metrics_port,
                 host=host or "127.0.0.1",

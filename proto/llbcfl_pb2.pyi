@@ -184,6 +184,22 @@ class ModelRequest(_message.Message):
     client_id: str
     def __init__(self, round: _Optional[int] = ..., client_id: _Optional[str] = ...) -> None: ...
 
+class Attendance(_message.Message):
+    __slots__ = ("client_id", "genesis_digest", "time_ms")
+    CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
+    GENESIS_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    TIME_MS_FIELD_NUMBER: _ClassVar[int]
+    client_id: str
+    genesis_digest: bytes
+    time_ms: int
+    def __init__(self, client_id: _Optional[str] = ..., genesis_digest: _Optional[bytes] = ..., time_ms: _Optional[int] = ...) -> None: ...
+
+class AttendRequest(_message.Message):
+    __slots__ = ("clients",)
+    CLIENTS_FIELD_NUMBER: _ClassVar[int]
+    clients: _containers.RepeatedCompositeFieldContainer[Envelope]
+    def __init__(self, clients: _Optional[_Iterable[_Union[Envelope, _Mapping]]] = ...) -> None: ...
+
 class RoundNotice(_message.Message):
     __slots__ = ("round", "model_digest", "deadline_ms")
     ROUND_FIELD_NUMBER: _ClassVar[int]
@@ -194,10 +210,10 @@ class RoundNotice(_message.Message):
     deadline_ms: int
     def __init__(self, round: _Optional[int] = ..., model_digest: _Optional[bytes] = ..., deadline_ms: _Optional[int] = ...) -> None: ...
 
-class StartRoundReply(_message.Message):
-    __slots__ = ("accepted", "reason")
-    ACCEPTED_FIELD_NUMBER: _ClassVar[int]
-    REASON_FIELD_NUMBER: _ClassVar[int]
-    accepted: bool
-    reason: str
-    def __init__(self, accepted: _Optional[bool] = ..., reason: _Optional[str] = ...) -> None: ...
+class RoundCall(_message.Message):
+    __slots__ = ("client_id", "notice")
+    CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
+    NOTICE_FIELD_NUMBER: _ClassVar[int]
+    client_id: str
+    notice: Envelope
+    def __init__(self, client_id: _Optional[str] = ..., notice: _Optional[_Union[Envelope, _Mapping]] = ...) -> None: ...

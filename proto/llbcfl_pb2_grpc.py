@@ -369,6 +369,11 @@ class ServerStub:
                 request_serializer=proto_dot_llbcfl__pb2.Envelope.SerializeToString,
                 response_deserializer=proto_dot_llbcfl__pb2.TensorStreamPart.FromString,
                 _registered_method=True)
+        self.Attend = channel.unary_stream(
+                '/llbcfl.v1.Server/Attend',
+                request_serializer=proto_dot_llbcfl__pb2.AttendRequest.SerializeToString,
+                response_deserializer=proto_dot_llbcfl__pb2.RoundCall.FromString,
+                _registered_method=True)
 
 
 class ServerServicer:
@@ -383,6 +388,14 @@ class ServerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Attend(self, request, context):
+        """A client process's notices: the start-round notice of each round that
+        selects one of its identities, for as long as the stream stays open.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ServerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -390,6 +403,11 @@ def add_ServerServicer_to_server(servicer, server):
                     servicer.DownloadModel,
                     request_deserializer=proto_dot_llbcfl__pb2.Envelope.FromString,
                     response_serializer=proto_dot_llbcfl__pb2.TensorStreamPart.SerializeToString,
+            ),
+            'Attend': grpc.unary_stream_rpc_method_handler(
+                    servicer.Attend,
+                    request_deserializer=proto_dot_llbcfl__pb2.AttendRequest.FromString,
+                    response_serializer=proto_dot_llbcfl__pb2.RoundCall.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -430,57 +448,8 @@ class Server:
             metadata,
             _registered_method=True)
 
-
-class ClientStub:
-    """Served by each client.
-    """
-
-    def __init__(self, channel):
-        """Constructor.
-
-        Args:
-            channel: A grpc.Channel.
-        """
-        self.StartRound = channel.unary_unary(
-                '/llbcfl.v1.Client/StartRound',
-                request_serializer=proto_dot_llbcfl__pb2.Envelope.SerializeToString,
-                response_deserializer=proto_dot_llbcfl__pb2.StartRoundReply.FromString,
-                _registered_method=True)
-
-
-class ClientServicer:
-    """Served by each client.
-    """
-
-    def StartRound(self, request, context):
-        """The server tells a selected client to train (kind "start-round").
-        """
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
-
-def add_ClientServicer_to_server(servicer, server):
-    rpc_method_handlers = {
-            'StartRound': grpc.unary_unary_rpc_method_handler(
-                    servicer.StartRound,
-                    request_deserializer=proto_dot_llbcfl__pb2.Envelope.FromString,
-                    response_serializer=proto_dot_llbcfl__pb2.StartRoundReply.SerializeToString,
-            ),
-    }
-    generic_handler = grpc.method_handlers_generic_handler(
-            'llbcfl.v1.Client', rpc_method_handlers)
-    server.add_generic_rpc_handlers((generic_handler,))
-    server.add_registered_method_handlers('llbcfl.v1.Client', rpc_method_handlers)
-
-
- # This class is part of an EXPERIMENTAL API.
-class Client:
-    """Served by each client.
-    """
-
     @staticmethod
-    def StartRound(request,
+    def Attend(request,
             target,
             options=(),
             channel_credentials=None,
@@ -490,12 +459,12 @@ class Client:
             wait_for_ready=None,
             timeout=None,
             metadata=None):
-        return grpc.experimental.unary_unary(
+        return grpc.experimental.unary_stream(
             request,
             target,
-            '/llbcfl.v1.Client/StartRound',
-            proto_dot_llbcfl__pb2.Envelope.SerializeToString,
-            proto_dot_llbcfl__pb2.StartRoundReply.FromString,
+            '/llbcfl.v1.Server/Attend',
+            proto_dot_llbcfl__pb2.AttendRequest.SerializeToString,
+            proto_dot_llbcfl__pb2.RoundCall.FromString,
             options,
             channel_credentials,
             insecure,

@@ -399,10 +399,27 @@ class Attacker:
         payload = pb.ModelRequest(round=round, client_id=name).SerializeToString()
         return key.sign("model-request", payload)
 
-    def start_round(self, client: str, envelope: pb.Envelope) -> Outcome:
-        """``Client/StartRound`` at ``client``'s address (reply: StartRoundReply)."""
-        request = envelope.SerializeToString()
-        return self.unary(client, method("Client", "StartRound"), request, pb.StartRoundReply)
+    def attend(self, entries: Sequence[pb.Envelope]) -> Outcome:
+        """``Server/Attend`` with these (signed or forged) attendances: a refusal, or
+        the notices the stream carried until the call's deadline."""
+        request = pb.AttendRequest(clients=list(entries)).SerializeToString()
+        return self.server_stream(self.server, method("Server", "Attend"), request, pb.RoundCall)
+
+    def attendance(
+        self,
+        key: Key,
+        *,
+        client_id: str | None = None,
+        time_ms: int | None = None,
+        network: bytes | None = None,
+    ) -> pb.Envelope:
+        """An ``attend`` envelope signed by ``key`` (its own id, now, this network by default)."""
+        payload = pb.Attendance(
+            client_id=key.node_id if client_id is None else client_id,
+            genesis_digest=self.genesis.digest if network is None else network,
+            time_ms=int(time.time() * 1000) if time_ms is None else time_ms,
+        )
+        return key.sign("attend", payload.SerializeToString())
 
     def status(self, node_id: str) -> pb.NodeStatus | None:
         """``Node/Status`` (None while the node does not answer)."""

@@ -682,11 +682,13 @@ RPCS: dict[str, tuple[str, str, str, bytes]] = {
         "server stream",
         pb.Envelope(kind="model-request", payload=b"x" * 40).SerializeToString(),
     ),
-    "Client/StartRound": (
-        "client-000",
-        method("Client", "StartRound"),
-        "unary",
-        pb.Envelope(kind="start-round", payload=b"x" * 40).SerializeToString(),
+    "Server/Attend": (
+        "server",
+        method("Server", "Attend"),
+        "server stream",
+        pb.AttendRequest(
+            clients=[pb.Envelope(kind="attend", payload=b"x" * 40)]
+        ).SerializeToString(),
     ),
     "Health/Check": (
         "miner-1",
@@ -704,7 +706,7 @@ EMPTY_ANSWERS = {
     "Miner/FetchBlocks": Code.OK,
     "Miner/Deliver": Code.UNAUTHENTICATED,  # no link signature
     "Server/DownloadModel": Code.UNAUTHENTICATED,  # not a model request
-    "Client/StartRound": Code.UNAUTHENTICATED,  # not a start-round notice
+    "Server/Attend": Code.INVALID_ARGUMENT,  # names no client
     "Health/Check": Code.OK,
 }
 
@@ -892,35 +894,30 @@ def test_the_model_goes_to_no_one_but_a_selected_client_asking_for_itself(
         assert_refused([attacker.download_model(e) for e in envelopes], code)
 
 
-def notice(key: Key, rnd: int, digest: bytes) -> pb.Envelope:
-    payload = pb.RoundNotice(round=rnd, model_digest=digest, deadline_ms=1000)
-    return key.sign("start-round", payload.SerializeToString())
-
-
-def test_start_round_notices_not_from_the_server_or_not_on_the_chain_are_refused(
+def test_attendances_not_signed_fresh_by_each_client_are_refused(
     round_one: RoundOne, attacker: Attacker
 ) -> None:
-    # Prepare: notices to the two honest clients; the Byzantine "server" signs with
-    # the server's real key
-    r1, server = round_one, attacker.key(attacker.server)
-    notices = {
+    # Prepare: clients dial out, so the only way to reach one with a notice is
+    # the server's Attend stream; an attacker tries to take a client's place on it
+    r1 = round_one
+    byzantine = attacker.key(BYZANTINE)
+    stale = int(time.time() * 1000) - 10 * 60_000
+    attempts = {
         Code.PERMISSION_DENIED: [
-            (r1.unselected, notice(attacker.key(BYZANTINE), 1, r1.digest)),  # a client's
-            (r1.unselected, notice(server, 1, r1.digest)),  # not selected in round 1
+            [attacker.attendance(byzantine, client_id=r1.honest)],  # another client's place
+            [attacker.attendance(attacker.key(attacker.miners[0]))],  # not a client
         ],
-        Code.UNAUTHENTICATED: [(r1.honest, notice(outsider("mallory"), 1, r1.digest))],
-        Code.ALREADY_EXISTS: [(r1.honest, notice(server, 1, r1.digest))],  # taken part
-        Code.FAILED_PRECONDITION: [(r1.unselected, notice(server, 2, r1.digest))],  # no selection
+        Code.UNAUTHENTICATED: [[attacker.attendance(outsider("mallory"), client_id=r1.honest)]],
         Code.INVALID_ARGUMENT: [
-            (r1.unselected, notice(server, 3, r1.digest)),  # past the run's last round
-            (r1.unselected, notice(server, 0, r1.digest)),
-            (r1.unselected, notice(server, 1, b"\x01" * 5)),
-            (r1.unselected, server.sign("start-round", b"\xff" * 12)),
+            [],
+            [attacker.attendance(byzantine, time_ms=stale)],  # a replayed, old attendance
+            [attacker.attendance(byzantine, network=b"\x07" * 32)],  # another network's
+            [byzantine.sign("attend", b"\xff" * 12)],
         ],
     }
     # Execute / Assert
-    for code, sent in notices.items():
-        assert_refused([attacker.start_round(c, e) for c, e in sent], code)
+    for code, requests in attempts.items():
+        assert_refused([attacker.attend(entries) for entries in requests], code)
 
 
 def test_records_from_the_wrong_role_or_out_of_turn_are_refused(

@@ -46,7 +46,7 @@ def network_genesis(run: RunConfig) -> Genesis:
             NodeInfo(
                 node_id=node_id,
                 role=role,
-                address=f"127.0.0.1:{port}",
+                address="127.0.0.1" if role == "client" else f"127.0.0.1:{port}",
                 public_key=fixed_identity(node_id, role).public_key,
                 replica=number if role == "miner" else None,
                 client_index=number if role == "client" else None,

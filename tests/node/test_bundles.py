@@ -50,7 +50,8 @@ def test_each_host_gets_the_genesis_its_own_keys_and_a_run_script(tmp_path: Path
         script = (host / "run.sh").read_text()
         subprocess.run(["sh", "-n", "/dev/stdin"], input=script, text=True, check=True)
         assert 'exec llbcfl node --bundle "$here"' in script
-    assert "50058" in (bundles / "198.18.0.20" / "README.txt").read_text()
+    assert "50052, 50053, 50054, 50055" in (bundles / "198.18.0.10" / "README.txt").read_text()
+    assert "Opens no port" in (bundles / "198.18.0.20" / "README.txt").read_text()
 
 
 def test_a_bundle_runs_one_process_per_miner_and_one_for_its_clients(tmp_path: Path) -> None:

@@ -1,9 +1,10 @@
 """How a client host takes start-round notices: the chain decides, the ledger remembers.
 
-Notices arrive through the real ``Client.StartRound`` servicer on a grpc.aio
-server on 127.0.0.1; the host reads a prepared chain (rounds 1..10 selected
-``client-000`` and ``client-001``) and trains for real; only the model
-download and the upload are in-memory (``tests.node.client_host_harness``).
+Notices go through the client's real check (``node.client_service.start_round``,
+what the ``Server/Attend`` stream hands each notice to); the host reads a
+prepared chain (rounds 1..10 selected ``client-000`` and ``client-001``) and
+trains for real; only the model download and the upload are in-memory
+(``tests.node.client_host_harness``).
 """
 
 from __future__ import annotations
@@ -22,10 +23,10 @@ import pytest
 
 from chain.records import RoundVerdicts, UpdateRecord
 from fl.privacy import BUDGET_RTOL
-from node.client_service import ClientServicer
-from node.serving import add_servicer
+from node.client import RoundAnswer
+from node.client_service import start_round
+from node.errors import status_of
 from proto import llbcfl_pb2 as pb
-from proto import llbcfl_pb2_grpc as pb_grpc
 from tests.node.client_host_harness import CONFIG, make_host, notice
 from tests.node.conftest import fixed_identity
 
@@ -34,27 +35,22 @@ SERVER = fixed_identity("server", "server")
 
 
 async def send(host: Any, cid: str, *notices: pb.RoundNotice) -> list[Any]:
-    """Each notice, signed by the server, through the host's servicer: reply or status code."""
-    server = grpc.aio.server()
-    add_servicer(server, "Client", ClientServicer(host, cid))
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
-            stub = pb_grpc.ClientStub(ch)
+    """Each notice, signed by the server, through the client's check (as the Attend
+    stream hands it over), all at once: the answer, or the refusal's status code."""
 
-            async def one(n: pb.RoundNotice) -> Any:
-                envelope = SERVER.sign("start-round", n.SerializeToString())
-                try:
-                    return await stub.StartRound(envelope, timeout=30)
-                except grpc.aio.AioRpcError as exc:
-                    return exc.code()
+    async def one(n: pb.RoundNotice) -> Any:
+        envelope = SERVER.sign("start-round", n.SerializeToString())
+        try:
+            return await start_round(host, cid, envelope)
+        except Exception as exc:
+            refusal = status_of(exc)
+            if refusal is None:
+                raise
+            return refusal[0]
 
-            replies = await asyncio.gather(*(one(n) for n in notices))
-        await asyncio.gather(*list(host.tasks))  # let every accepted round finish
-        return replies
-    finally:
-        await server.stop(None)
+    replies = await asyncio.gather(*(one(n) for n in notices))
+    await asyncio.gather(*list(host.tasks))  # let every accepted round finish
+    return replies
 
 
 def test_a_burst_of_notices_never_spends_past_the_budget(tmp_path: Path) -> None:
@@ -71,7 +67,7 @@ def test_a_burst_of_notices_never_spends_past_the_budget(tmp_path: Path) -> None
     assert len(host.uploads) == 2
     assert len(host.ledger.rounds(data, host.network)) == 2
     assert host.spent("client-000") <= CONFIG.epsilon * (1 + BUDGET_RTOL)
-    declined = [r for r in replies if isinstance(r, pb.StartRoundReply) and not r.accepted]
+    declined = [r for r in replies if isinstance(r, RoundAnswer) and not r.accepted]
     assert all(r.reason == "privacy budget exhausted" for r in declined)
 
 
@@ -85,7 +81,7 @@ def test_repeated_notices_for_one_round_train_it_once(tmp_path: Path) -> None:
     host, replies = asyncio.run(run())
 
     # Assert
-    accepted = [r for r in replies if isinstance(r, pb.StartRoundReply) and r.accepted]
+    accepted = [r for r in replies if isinstance(r, RoundAnswer) and r.accepted]
     assert len(accepted) == 1
     assert replies.count(grpc.StatusCode.ALREADY_EXISTS) == 4
     assert host.uploads == [("client-000", 1)]

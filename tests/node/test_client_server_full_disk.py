@@ -20,11 +20,11 @@ import node.durable
 import node.server
 from fl.data import Split
 from fl.rounds import ClientState
+from node.client import RoundAnswer
 from node.daemon import NodeLog
 from node.genesis import Genesis
 from node.identity import Identity
 from node.server import Server, Stopped
-from proto import llbcfl_pb2 as pb
 from tests.node.client_host_harness import make_host, notice
 from tests.node.test_client_host import send
 
@@ -70,12 +70,12 @@ def test_a_client_that_cannot_reserve_trains_nothing_and_refuses_rounds_until_th
 
     host, before, after, first, read_only, refused, probed, again = asyncio.run(run())
     # Assert: nothing reserved, nothing trained or sent; the ledger as it was
-    assert isinstance(first[0], pb.StartRoundReply) and first[0].accepted
+    assert isinstance(first[0], RoundAnswer) and first[0].accepted
     assert read_only and after == before
     assert refused == [grpc.StatusCode.RESOURCE_EXHAUSTED]
     # Assert: writable again, and the next round reserved, trained and sent
     assert probed and not host.disk.read_only
-    assert isinstance(again[0], pb.StartRoundReply) and again[0].accepted
+    assert isinstance(again[0], RoundAnswer) and again[0].accepted
     assert trained == [2] and host.uploads == [("client-000", 2)]
     assert host.ledger.rounds(host.data["client-000"], host.network) == {2}
 

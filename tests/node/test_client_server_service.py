@@ -1,4 +1,5 @@
-"""Client.StartRound and Server.DownloadModel on real grpc.aio servers: refusals."""
+"""Server.Attend and Server.DownloadModel on real grpc.aio servers, and the client's
+check of a start-round notice: who gets notices, and the refusals."""
 
 from __future__ import annotations
 
@@ -17,13 +18,15 @@ from fl.config import RunConfig
 from fl.data import Split
 from fl.rounds import Federation
 from node.client import ClientHost
-from node.client_service import ClientServicer
+from node.client_service import attend_request, start_round
 from node.daemon import NodeLog
+from node.errors import status_of
 from node.genesis import Genesis
 from node.identity import Identity
+from node.offchain import wall_clock_ms as wall_clock
 from node.privacy_ledger import PrivacyLedger
 from node.server import Server
-from node.server_service import ServerServicer
+from node.server_service import ATTEND_FRESH_MS, ServerServicer
 from node.serving import add_servicer
 from node.tensors import MODEL_REQUEST_KIND
 from proto import llbcfl_pb2 as pb
@@ -92,13 +95,16 @@ def test_start_round_not_from_the_server_is_refused(
     if forge:
         envelope.signature = bytes(64)
 
-    async def body(ch: Any) -> None:
-        with pytest.raises(grpc.aio.AioRpcError) as info:
-            await pb_grpc.ClientStub(ch).StartRound(envelope)
-        assert info.value.code() == code
+    async def check() -> Any:
+        try:
+            await start_round(host, "client-000", envelope)
+        except Exception as exc:  # the refusal, as the node would report it
+            return status_of(exc)
+        return None
 
     # Execute
-    serve(lambda s: add_servicer(s, "Client", ClientServicer(host, "client-000")), body)
+    refusal = asyncio.run(check())
+    assert refusal is not None and refusal[0] == code
     # Assert: nothing started, nothing entered in the ledger
     assert host.in_flight["client-000"] == set()
     assert not (host.ledger.path).exists()
@@ -207,115 +213,196 @@ def test_daemons_serve_the_grpc_health_service() -> None:
     assert replies[0].status == health_pb2.HealthCheckResponse.SERVING
 
 
-# The server's start-round notices --------------------------------------------
+# The server's start-round notices: clients attend (dial out) -------------------
 
 
-class StubClient(pb_grpc.ClientServicer):
-    """A client that takes the notice at once, or (``hang``) never answers it."""
+def attending(server: Server, request: pb.AttendRequest, body: Callable[[Any], Awaitable[None]]):
+    """Run ``body(calls)`` against a real Attend stream of ``server``."""
 
-    def __init__(self, *, hang: bool) -> None:
-        self.hang = hang
-        self.calls = 0
-        self.arrived = asyncio.Event()
-        self.abandoned = asyncio.Event()
-        self.release = asyncio.Event()
+    async def main(ch: Any) -> None:
+        await body(pb_grpc.ServerStub(ch).Attend(request))
 
-    async def StartRound(self, request: pb.Envelope, context: Any) -> pb.StartRoundReply:
-        self.calls += 1
-        self.arrived.set()
-        if self.hang:
-            try:
-                await self.release.wait()
-            except asyncio.CancelledError:
-                self.abandoned.set()  # the server cancelled the call
-                raise
-        return pb.StartRoundReply(accepted=True)
+    serve(lambda s: add_servicer(s, "Server", ServerServicer(server)), main)
 
 
-async def server_with_clients(
-    genesis: Genesis, identities: dict[str, Identity], tmp_path: Path, *, notify_timeout_ms: int
-) -> tuple[Server, dict[str, StubClient], list[Any]]:
-    """A server whose round-1 selection names two stub clients: one silent, one answering."""
-    stubs = {"client-000": StubClient(hang=True), "client-001": StubClient(hang=False)}
-    servers, addresses = [], {}
-    for cid, stub in stubs.items():
-        grpc_server = grpc.aio.server()
-        add_servicer(grpc_server, "Client", stub)
-        addresses[cid] = f"127.0.0.1:{grpc_server.add_insecure_port('127.0.0.1:0')}"
-        await grpc_server.start()
-        servers.append(grpc_server)
-    nodes = tuple(replace(n, address=addresses.get(n.node_id, n.address)) for n in genesis.nodes)
-    protocol = replace(genesis.protocol, notify_timeout_ms=notify_timeout_ms)
-    network = Genesis(protocol=protocol, selection=genesis.selection, run=CONFIG, nodes=nodes)
-    test = Split(x=torch.zeros(10, 1, 28, 28), y=torch.zeros(10, dtype=torch.int64))
-    server = Server(network, identities["server"], run_dir=tmp_path, test=test, log=NodeLog("s"))
-    return server, stubs, servers
+def attendance(identity: Identity, server: Server, *, time_ms: int, **fields: Any) -> pb.Envelope:
+    entry = pb.Attendance(
+        client_id=identity.node_id, genesis_digest=server.genesis.digest, time_ms=time_ms
+    )
+    for name, value in fields.items():
+        setattr(entry, name, value)
+    return identity.sign("attend", entry.SerializeToString())
 
 
-async def stop_all(stubs: dict[str, StubClient], servers: list[Any]) -> None:
-    for stub in stubs.values():
-        stub.release.set()
-    for grpc_server in servers:
-        await grpc_server.stop(None)
+class FakeHost:
+    """What ``attend_request`` reads of a ClientHost."""
+
+    def __init__(self, network: bytes, identities: list[Identity]) -> None:
+        self.network = network
+        self.identities = {i.node_id: i for i in identities}
 
 
-def test_a_client_that_never_answers_holds_the_notices_only_up_to_the_timeout(
-    small_genesis: Genesis, identities: dict[str, Identity], tmp_path: Path
+def test_an_attending_client_gets_the_notices_of_the_rounds_that_select_it(
+    fl_server: Server, identities: dict[str, Identity]
 ) -> None:
-    outcome = {}
+    # Prepare: one process hosting all three clients, one stream
+    selected = fl_server.state.selections[1].selected
+    host = FakeHost(fl_server.genesis.digest, [identities[c] for c in CLIENT_IDS])
+    got: list[pb.RoundCall] = []
 
-    async def main() -> None:
-        # Prepare: client-000 never answers its notice, client-001 does
-        server, stubs, servers = await server_with_clients(
-            small_genesis, identities, tmp_path, notify_timeout_ms=300
-        )
+    async def body(calls: Any) -> None:
+        # Execute: the notice of round 1 goes out once the stream is attached
+        async def notify_when_attached() -> None:
+            while len(fl_server.attending) < len(CLIENT_IDS):
+                await asyncio.sleep(0.01)  # polling the server's state, not a race
+            fl_server.notify(1, selected, b"\x01" * 32)
+
+        notifier = asyncio.create_task(notify_when_attached())
+        async for call in calls:
+            got.append(call)
+            if len(got) == len(selected):
+                break
+        await notifier
+
+    attending(fl_server, attend_request(host, wall_clock()), body)
+
+    # Assert: one call per selected client, each the server's signed notice of round 1
+    assert sorted(c.client_id for c in got) == sorted(selected)
+    for call in got:
+        assert call.notice.kind == "start-round"
+        assert call.notice.signer == identities["server"].public_key
+        assert pb.RoundNotice.FromString(call.notice.payload).round == 1
+    # The stream is gone: nobody is left attending
+    assert fl_server.attending == {}
+
+
+def test_a_client_that_connects_during_the_round_gets_its_notice_then(
+    fl_server: Server, identities: dict[str, Identity]
+) -> None:
+    # Prepare: the notice went out while nobody was connected
+    selected = fl_server.state.selections[1].selected
+    fl_server.notify(1, selected, b"\x01" * 32)
+    host = FakeHost(fl_server.genesis.digest, [identities[selected[0]]])
+    got: list[pb.RoundCall] = []
+
+    async def body(calls: Any) -> None:
+        async for call in calls:
+            got.append(call)
+            break
+
+    # Execute
+    attending(fl_server, attend_request(host, wall_clock()), body)
+
+    # Assert
+    assert [c.client_id for c in got] == [selected[0]]
+
+
+def test_a_newer_stream_replaces_an_older_one(
+    fl_server: Server, identities: dict[str, Identity]
+) -> None:
+    # Prepare: a client process attends, then (restarted) attends again
+    selected = fl_server.state.selections[1].selected
+    host = FakeHost(fl_server.genesis.digest, [identities[selected[0]]])
+    ended: list[int] = []
+
+    async def body(ch: Any) -> None:
+        stub = pb_grpc.ServerStub(ch)
+        first = stub.Attend(attend_request(host, wall_clock()))
+        while selected[0] not in fl_server.attending:
+            await asyncio.sleep(0.01)  # polling the server's state, not a race
+        old_queue = fl_server.attending[selected[0]]
+        second = stub.Attend(attend_request(host, wall_clock()))
+        # Execute: the notice goes out after the second stream is attached
+        while fl_server.attending.get(selected[0]) is old_queue:
+            await asyncio.sleep(0.01)
+        fl_server.notify(1, selected, b"\x01" * 32)
+        # Assert: the first stream ends with nothing; the second gets the notice
+        ended.append(len([c async for c in first]))
+        async for call in second:
+            ended.append(pb.RoundNotice.FromString(call.notice.payload).round)
+            break
+
+    serve(lambda s: add_servicer(s, "Server", ServerServicer(fl_server)), body)
+    assert ended == [0, 1]
+
+
+@pytest.mark.parametrize(
+    ("case", "code"),
+    [
+        ("empty", grpc.StatusCode.INVALID_ARGUMENT),
+        ("impostor", grpc.StatusCode.PERMISSION_DENIED),
+        ("forged", grpc.StatusCode.UNAUTHENTICATED),
+        ("miner", grpc.StatusCode.PERMISSION_DENIED),
+        ("stale", grpc.StatusCode.INVALID_ARGUMENT),
+        ("other-network", grpc.StatusCode.INVALID_ARGUMENT),
+        ("twice", grpc.StatusCode.INVALID_ARGUMENT),
+        ("garbage", grpc.StatusCode.INVALID_ARGUMENT),
+    ],
+)
+def test_an_attend_request_not_signed_fresh_by_each_client_is_refused(
+    fl_server: Server, identities: dict[str, Identity], case: str, code: Any
+) -> None:
+    # Prepare
+    now = wall_clock()
+    me = identities["client-000"]
+    entries = {
+        "empty": [],
+        "impostor": [
+            attendance(identities["client-001"], fl_server, time_ms=now, client_id=me.node_id)
+        ],
+        "forged": [attendance(me, fl_server, time_ms=now)],
+        "miner": [attendance(identities["miner-0"], fl_server, time_ms=now)],
+        "stale": [attendance(me, fl_server, time_ms=now - ATTEND_FRESH_MS - 60_000)],
+        "other-network": [attendance(me, fl_server, time_ms=now, genesis_digest=b"\x07" * 32)],
+        "twice": [attendance(me, fl_server, time_ms=now)] * 2,
+        "garbage": [me.sign("attend", b"\xff\xff\xff")],
+    }[case]
+    if case == "forged":
+        entries[0].signature = bytes(64)
+    codes: list[Any] = []
+
+    async def body(calls: Any) -> None:
         try:
-            # Execute
-            await server.notify(1, ("client-000", "client-001"), b"\x01" * 32)
-            # Assert (below): notify returned although client-000 is still holding its call
-            outcome.update(
-                answered=stubs["client-001"].calls,
-                silent_called=stubs["client-000"].arrived.is_set(),
-                silent_released=stubs["client-000"].release.is_set(),
-            )
-        finally:
-            await stop_all(stubs, servers)
+            async for _ in calls:
+                pass
+        except grpc.aio.AioRpcError as exc:
+            codes.append(exc.code())
 
-    asyncio.run(main())
-    assert outcome == {"answered": 1, "silent_called": True, "silent_released": False}
+    # Execute
+    attending(fl_server, pb.AttendRequest(clients=entries), body)
+
+    # Assert: refused, and nobody attached
+    assert codes == [code]
+    assert fl_server.attending == {}
 
 
 def test_the_round_driver_moves_on_when_the_verdicts_commit(
     small_genesis: Genesis, identities: dict[str, Identity], tmp_path: Path
 ) -> None:
-    outcome = {}
+    # Prepare: a round whose selected clients are not connected at all
+    test = Split(x=torch.zeros(10, 1, 28, 28), y=torch.zeros(10, dtype=torch.int64))
+    server = Server(
+        small_genesis, identities["server"], run_dir=tmp_path, test=test, log=NodeLog("s")
+    )
+    state = server.state
+    commit(state, [(c, Registration(c, (50, 50) + (0,) * 9)) for c in CLIENT_IDS])
+    selection = replace(state.expected_selection(1), selected=("client-000", "client-001"))
+    state.apply_record("server", selection)
+    open_calls = []
 
     async def main() -> None:
-        # Prepare: a notice timeout far beyond the test; client-000 never answers
-        server, stubs, servers = await server_with_clients(
-            small_genesis, identities, tmp_path, notify_timeout_ms=600_000
+        driver = asyncio.create_task(
+            server.notify_until_verdicts(1, selection.selected, b"\x01" * 32, asyncio.Event())
         )
-        state = server.state
-        commit(state, [(c, Registration(c, (50, 50) + (0,) * 9)) for c in CLIENT_IDS])
-        selection = replace(state.expected_selection(1), selected=("client-000", "client-001"))
-        state.apply_record("server", selection)
-        try:
-            # Execute: notify and wait; the miners' verdicts commit while client-000 hangs
-            driver = asyncio.create_task(
-                server.notify_until_verdicts(1, selection.selected, b"\x01" * 32, asyncio.Event())
-            )
-            await stubs["client-000"].arrived.wait()
-            verdicts = RoundVerdicts(1, (), selection.selected, (), ())
-            state.apply_record("miner-0", verdicts)
-            await driver
-            # Assert (below): the driver returned and dropped the unanswered notice
-            await asyncio.wait_for(stubs["client-000"].abandoned.wait(), 30)
-            outcome.update(
-                answered=stubs["client-001"].calls,
-                released=stubs["client-000"].release.is_set(),
-            )
-        finally:
-            await stop_all(stubs, servers)
+        while server.open_call is None:
+            await asyncio.sleep(0.01)  # polling the server's state, not a race
+        open_calls.append(server.open_call[0])
+        # Execute: the miners' verdicts commit with no update in
+        state.apply_record("miner-0", RoundVerdicts(1, (), selection.selected, (), ()))
+        await asyncio.wait_for(driver, 30)
 
     asyncio.run(main())
-    assert outcome == {"answered": 1, "released": False}
+
+    # Assert: the notice was open for round 1, and is withdrawn
+    assert open_calls == [1]
+    assert server.open_call is None

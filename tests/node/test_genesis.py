@@ -178,6 +178,8 @@ CASES = [
     ("client index gap", _node(5, client_index=9), "client_index values must be exactly"),
     ("bad address", _node(1, address="localhost"), "host:port"),
     ("bad port", _node(1, address="localhost:70000"), "host:port"),
+    ("client with a port", _node(5, address="127.0.0.1:50056"), "listens on no port"),
+    ("client host", _node(5, address="a host"), "host name or IP"),
     ("bad node id", _node(1, id="../etc"), "letters, digits"),
     ("chunk too big", _set(("protocol", "chunk_bytes"), 2 << 20), "chunk_bytes must be in"),
     (
@@ -266,7 +268,7 @@ def test_plan_addresses_uses_ids_then_roles_then_default(tmp_path):
         "server": "[::1]:6000",
         "miner-0": "10.0.0.2:6001",
         "miner-1": "10.0.0.3:7000",
-        "c": "10.0.0.9:6002",
+        "c": "10.0.0.9",  # a client listens on nothing: its host only
     }
 
 
@@ -276,21 +278,23 @@ def test_a_range_of_client_ids_shares_a_host_and_an_id_entry_overrides_it():
     hosts = {
         "client-000..client-003": "198.18.0.20",
         "client-004..client-007": "198.18.0.21",
-        "client-005": "198.18.0.22:7000",
+        "client-005": "198.18.0.22",
     }
     # Execute
     addresses = plan_addresses(nodes, hosts=hosts, base_port=6000)
-    # Assert
+    # Assert: hosts only (clients dial out)
     assert [addresses[f"client-{i:03d}"] for i in range(8)] == [
-        "198.18.0.20:6001",
-        "198.18.0.20:6002",
-        "198.18.0.20:6003",
-        "198.18.0.20:6004",
-        "198.18.0.21:6005",
-        "198.18.0.22:7000",
-        "198.18.0.21:6006",
-        "198.18.0.21:6007",
+        *(["198.18.0.20"] * 4),
+        "198.18.0.21",
+        "198.18.0.22",
+        "198.18.0.21",
+        "198.18.0.21",
     ]
+
+
+def test_a_host_map_giving_a_client_a_port_is_a_plain_error():
+    with pytest.raises(GenesisError, match="client-000: a client listens on no port"):
+        plan_addresses([("client-000", "client")], hosts={"client": "10.0.0.2:7000"}, base_port=1)
 
 
 @pytest.mark.parametrize(

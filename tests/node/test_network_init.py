@@ -101,7 +101,7 @@ def test_force_replaces_genesis_and_removes_stale_keys(tmp_path):
 def test_host_map_places_nodes(tmp_path):
     # Prepare
     hosts = tmp_path / "hosts.toml"
-    hosts.write_text('miner = "10.0.0.2"\n"client-001" = "10.0.0.9:9000"\n')
+    hosts.write_text('miner = "10.0.0.2"\n"client-001" = "10.0.0.9"\n"server" = "10.0.0.1:9000"\n')
     out = tmp_path / "net"
     # Execute
     result = init(
@@ -110,9 +110,11 @@ def test_host_map_places_nodes(tmp_path):
     # Assert
     assert result.exit_code == 0, result.output
     members = read_genesis(out / "genesis.toml").membership
-    assert [m.address for m in members.miners] == [f"10.0.0.2:{p}" for p in range(6001, 6005)]
-    assert members["client-000"].address == "127.0.0.1:6005"
-    assert members["client-001"].address == "10.0.0.9:9000"
+    assert members.server.address == "10.0.0.1:9000"
+    assert [m.address for m in members.miners] == [f"10.0.0.2:{p}" for p in range(6000, 6004)]
+    # Clients dial out: their host only, no port
+    assert members["client-000"].address == "127.0.0.1"
+    assert members["client-001"].address == "10.0.0.9"
 
 
 @pytest.mark.parametrize(

@@ -40,6 +40,6 @@ def test_generated_modules_import_from_the_package():
 
     # Assert: the grpc module found its messages through `from proto import ...`
     assert llbcfl_pb2.DESCRIPTOR.package == "llbcfl.v1"
-    for service in ("Node", "Miner", "Server", "Client"):
+    for service in ("Node", "Miner", "Server"):
         assert hasattr(llbcfl_pb2_grpc, f"{service}Stub")
         assert hasattr(llbcfl_pb2_grpc, f"add_{service}Servicer_to_server")
