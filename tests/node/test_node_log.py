@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-import node.daemon
+import node.logs
 from node.daemon import MAX_LOG_LINE, NodeLog, clean_log_text
 
 
@@ -27,7 +27,7 @@ def test_a_long_line_is_cut_and_says_how_much_was_cut():
 
 def test_the_log_file_rotates_and_keeps_a_bounded_number_of_old_files(tmp_path, monkeypatch):
     # Prepare: small files, so that a flood of long lines rotates several times
-    monkeypatch.setattr(node.daemon, "MAX_LOG_BYTES", 20_000)
+    monkeypatch.setattr(node.logs, "MAX_LOG_BYTES", 20_000)
     log_file = tmp_path / "log"
     log = NodeLog("rotation-test-node", log_file)
     try:
@@ -46,13 +46,13 @@ def test_the_log_file_rotates_and_keeps_a_bounded_number_of_old_files(tmp_path, 
 def test_refusals_of_outsiders_cost_one_line_per_period(tmp_path, monkeypatch):
     # Prepare: a clock the test moves
     now = [1000.0]
-    monkeypatch.setattr(node.daemon.time, "monotonic", lambda: now[0])
+    monkeypatch.setattr(node.logs.time, "monotonic", lambda: now[0])
     log_file = tmp_path / "log"
     log = NodeLog("outsider-test-node", log_file)
     # Execute: 100 refusals at once, then one more a period later
     for _ in range(100):
         log.refused_outsider("refused an unsigned stream")
-    now[0] += node.daemon.OUTSIDER_LOG_SECONDS
+    now[0] += node.logs.OUTSIDER_LOG_SECONDS
     log.refused_outsider("refused an unsigned stream")
     # Assert: two lines; the second counts the 99 not logged
     lines = log_file.read_text().splitlines()
