@@ -14,9 +14,13 @@ from typing import Any
 
 import grpc
 import torch
+from click.testing import CliRunner
 
 import node.peers
 from chain.records import Registration, encode_operation, timestamp_of
+from cli import main
+from commands.bundle import bundle_processes
+from commands.launcher import node_commands
 from consensus.ledger import (
     COMMIT_TAG,
     GENESIS_HASH,
@@ -282,3 +286,25 @@ def test_a_record_short_of_a_quorum_of_miners_logs_no_quorum(
     assert lines[-1]["event"] == "no-quorum" and lines[-1]["level"] == "warning"
     assert lines[-1]["msg"].startswith(f"chain-register reached 0 of {len(miners)} miners")
     assert sum(line["msg"].startswith("submit to") for line in lines) == len(miners)
+
+
+# Passing --log-format on ---------------------------------------------------------------
+
+
+def test_network_up_and_a_bundle_start_every_node_with_the_log_format(
+    genesis: Genesis, tmp_path: Path
+) -> None:
+    # Prepare: a network with host bundles
+    out = tmp_path / "net"
+    init = ["network", "init", "--out", str(out), "--clients", "3", "--bundles"]
+    assert CliRunner().invoke(main, init).exit_code == 0
+    (bundle,) = (out / "hosts").iterdir()
+    # Execute
+    launched = node_commands(genesis, tmp_path, client_procs=2, data_dir=None, log_format="json")
+    bundled = bundle_processes(bundle, state_dir=tmp_path / "state", log_format="json")
+    plain = bundle_processes(bundle, state_dir=tmp_path / "state")
+    # Assert: every node process is told; text, the default, is not spelled out
+    for proc in [*launched, *bundled]:
+        assert proc.command[proc.command.index("--log-format") + 1] == "json"
+    assert len(launched) == 1 + 4 + 2 and len(bundled) == 1 + 4 + 1
+    assert not any("--log-format" in proc.command for proc in plain)
