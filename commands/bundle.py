@@ -26,7 +26,12 @@ POLL_SECONDS = 0.5
 
 
 def bundle_processes(
-    bundle: Path, *, state_dir: Path, data_dir: str | None = None, bind_host: str | None = None
+    bundle: Path,
+    *,
+    state_dir: Path,
+    data_dir: str | None = None,
+    bind_host: str | None = None,
+    log_format: str = "text",
 ) -> list[NodeProcess]:
     """The node processes of ``bundle`` (not started). ValueError on a bad bundle."""
     genesis_path = bundle / GENESIS_FILE
@@ -40,6 +45,8 @@ def bundle_processes(
         base += ["--data-dir", data_dir]
     if bind_host:
         base += ["--bind-host", bind_host]
+    if log_format != "text":
+        base += ["--log-format", log_format]
     procs, clients = [], []
     for path in keys:
         identity = load_identity(path)

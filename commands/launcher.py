@@ -122,11 +122,18 @@ def plan_network(
 
 
 def node_commands(
-    genesis: Genesis, run_dir: Path, *, client_procs: int, data_dir: str | None
+    genesis: Genesis,
+    run_dir: Path,
+    *,
+    client_procs: int,
+    data_dir: str | None,
+    log_format: str = "text",
 ) -> list[NodeProcess]:
     base = [sys.executable, str(CLI), "node", "--genesis", str(run_dir / "genesis.toml")]
     if data_dir:
         base += ["--data-dir", data_dir]
+    if log_format != "text":
+        base += ["--log-format", log_format]
     members = genesis.membership
     procs = []
     server = members.server.node_id
@@ -227,6 +234,7 @@ def network_up(
     selection_seed: str = "block",
     timeout: float | None = None,
     on_started: Callable[[list[NodeProcess]], None] | None = None,
+    log_format: str = "text",
 ) -> dict[str, Any]:
     """Run the network to the end; return the metrics document (also in run_dir/metrics.json)."""
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -237,7 +245,13 @@ def network_up(
         protocol=protocol,
         selection_seed=selection_seed,
     )
-    procs = node_commands(genesis, run_dir, client_procs=client_procs, data_dir=config.data_dir)
+    procs = node_commands(
+        genesis,
+        run_dir,
+        client_procs=client_procs,
+        data_dir=config.data_dir,
+        log_format=log_format,
+    )
     metrics_path = run_dir / "server" / "metrics.json"
     progress_path = run_dir / "server" / "progress.json"
     try:

@@ -165,6 +165,13 @@ def network_init(
     help="no progress on stderr, only the final line [default: a bar on a terminal, "
     "else a line per round]",
 )
+@click.option(
+    "--log-format",
+    type=click.Choice(["text", "json"]),
+    default="text",
+    show_default=True,
+    help="the nodes' logs (RUN_DIR/<node>/log): text or JSON lines (node --log-format)",
+)
 @protocol_options
 @selection_seed_option
 def network_up_command(
@@ -176,6 +183,7 @@ def network_up_command(
     plot: str | None,
     selection_seed: str,
     quiet: bool,
+    log_format: str,
     **kwargs: Any,
 ) -> None:
     """Start a whole network on 127.0.0.1 (one OS process per node), run it, stop it.
@@ -219,6 +227,7 @@ def network_up_command(
             selection_seed=selection_seed,
             view=progress_view(quiet=quiet, stream=sys.stderr, rounds=config.rounds),
             timeout=timeout,
+            log_format=log_format,
         )
     except (GenesisError, RuntimeError, OSError) as exc:
         raise click.ClickException(str(exc)) from exc

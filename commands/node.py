@@ -82,6 +82,14 @@ import click
     help="serve Prometheus metrics on http://HOST:PORT/metrics (HOST: --bind-host, else "
     "the genesis address's host) [default: off]",
 )
+@click.option(
+    "--log-format",
+    type=click.Choice(["text", "json"]),
+    default="text",
+    show_default=True,
+    help="log lines on stderr: text ([node rROUND vVIEW hHEIGHT] message) or JSON lines "
+    "(ts, level, node, role, round, view, height, msg, event); docs/NETWORK.md, 'Logs'",
+)
 def node_command(
     role: str | None,
     genesis_path: str | None,
@@ -96,6 +104,7 @@ def node_command(
     stay: bool,
     bind_host: str | None,
     metrics_port: int | None,
+    log_format: str,
 ) -> None:
     """Run one node daemon (or, for clients, several client identities).
 
@@ -104,7 +113,13 @@ def node_command(
     exit 0 once the chain holds that round's summary (unless --stay).
     """
     if bundle is not None:
-        run_host_bundle(Path(bundle), state_dir=run_dir, data_dir=data_dir, bind_host=bind_host)
+        run_host_bundle(
+            Path(bundle),
+            state_dir=run_dir,
+            data_dir=data_dir,
+            bind_host=bind_host,
+            log_format=log_format,
+        )
         return
     if role is None or genesis_path is None:
         raise click.UsageError("give --role and --genesis (or --bundle DIR)")
@@ -124,13 +139,19 @@ def node_command(
             stay=stay,
             bind_host=bind_host,
             metrics_port=metrics_port,
+            log_format=log_format,
         )
     except ValueError as exc:
         raise click.ClickException(str(exc)) from exc
 
 
 def run_host_bundle(
-    bundle: Path, *, state_dir: str | None, data_dir: str | None, bind_host: str | None
+    bundle: Path,
+    *,
+    state_dir: str | None,
+    data_dir: str | None,
+    bind_host: str | None,
+    log_format: str = "text",
 ) -> None:
     from commands.bundle import bundle_processes, run_bundle
     from node.genesis import GenesisError
@@ -138,7 +159,9 @@ def run_host_bundle(
 
     state = Path(state_dir) if state_dir else bundle / "state"
     try:
-        procs = bundle_processes(bundle, state_dir=state, data_dir=data_dir, bind_host=bind_host)
+        procs = bundle_processes(
+            bundle, state_dir=state, data_dir=data_dir, bind_host=bind_host, log_format=log_format
+        )
     except (GenesisError, KeyFileError, ValueError, OSError) as exc:
         raise click.ClickException(str(exc)) from exc
     sys.exit(run_bundle(procs, say=lambda line: click.echo(line, err=True)))

@@ -123,7 +123,7 @@ class ClientHost:
         self.in_flight: dict[str, set[int]] = {cid: set() for cid in self.identities}
         self.last_round: dict[str, int] = dict.fromkeys(self.identities, 0)
         self.tasks: set[asyncio.Task] = set()
-        self.logs = {cid: NodeLog(cid) for cid in self.identities}
+        self.logs = {cid: log.child(cid) for cid in self.identities}
 
     def entry(self, rnd: int) -> LedgerEntry:
         """The ledger entry of this network's round ``rnd`` (0: the registration)."""

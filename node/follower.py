@@ -73,6 +73,9 @@ class ChainFollower:
             return False
         self.state.apply_block(block)
         self.blocks.append(block)
+        self.log.height = block.height
+        if block.certificate is not None:  # the view it committed in
+            self.log.view = block.certificate.view
         return True
 
     async def _read_from(self, address: str) -> None:
@@ -133,11 +136,15 @@ class ChainFollower:
                     cut_off = True
                     self.log.warning(
                         f"cannot reach any of the {len(self.miners)} miners "
-                        f"(chain height {self.state.height}); retrying"
+                        f"(chain height {self.state.height}); retrying",
+                        event="miners-unreachable",
                     )
                 elif answered and cut_off:
                     cut_off = False
-                    self.log.info(f"miners reachable again (chain height {self.state.height})")
+                    self.log.info(
+                        f"miners reachable again (chain height {self.state.height})",
+                        event="miners-reachable",
+                    )
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(stop.wait(), POLL_SECONDS if answered else 0.2)
         finally:

@@ -121,7 +121,8 @@ class DiskGuard:
         self.log.error(
             f"disk full while {what} ({type(exc).__name__}: {exc}): read-only until space "
             f"is freed in {where}; writes are refused (RESOURCE_EXHAUSTED), reads served, "
-            f"space probed every {PROBE_SECONDS:g} s"
+            f"space probed every {PROBE_SECONDS:g} s",
+            event="read-only",
         )
 
     def _leave(self) -> None:
@@ -130,5 +131,6 @@ class DiskGuard:
         self.failed = None
         self.log.info(
             f"disk has room again after {time.monotonic() - self._since:.0f} s: "
-            "leaving read-only mode"
+            "leaving read-only mode",
+            event="writable",
         )

@@ -129,12 +129,13 @@ class Miner:
         self.sign_pbft = pbft_signer(identity)
         self.replica = self._replica_from_store(restored_view=self.store.load_view())
         self.peers = {
-            m.replica: PeerLink(m.address, identity, log)
+            m.replica: PeerLink(m.address, identity, log, name=m.node_id)
             for m in members.miners
             if m.replica != self.index
         }
         self.peer_ids = {m.replica: m.node_id for m in members.miners}
         self._logged_view = self.replica.view
+        log.view, log.height = self.replica.view, self.state.height
         self.submitted: set[int] = set()
         # Correctly signed updates refused for their values (NaN): never
         # stored, but recorded on chain as rejected ("malformed"), as the
@@ -180,6 +181,7 @@ class Miner:
         self.replica = self._replica_from_store(restored_view=self.store.load_view() or 0)
         self.submitted &= set(self.state.verdicts)
         self._logged_view = self.replica.view
+        self.log.view, self.log.height = self.replica.view, self.state.height
 
     # Consensus driving --------------------------------------------------------
 
@@ -209,22 +211,26 @@ class Miner:
             for committed in ready.committed:
                 self._apply(committed.block)
             self.replica.advance()
+        self.log.view = self.replica.view
         rnd = self.state.current_round
         if rnd and rnd not in self.opened_at:
             self.opened_at[rnd] = asyncio.get_running_loop().time()
             self.log.round = rnd
             self.log.info(
                 f"round {rnd} open at height {self.state.height}: "
-                f"selected {list(self.state.selections[rnd].selected)}"
+                f"selected {list(self.state.selections[rnd].selected)}",
+                event="round-start",
             )
 
     def _persist(self, ready: Ready) -> None:
         if ready.view is not None:
             self.store.save_view(ready.view)
             if ready.view != self._logged_view:
+                self.log.view = ready.view
                 self.log.warning(
                     f"view change: view {self._logged_view} -> {ready.view} "
-                    f"(primary {self.peer_ids[ready.view % self.n]})"
+                    f"(primary {self.peer_ids[ready.view % self.n]})",
+                    event="view-change",
                 )
                 self._logged_view = ready.view
         for block in ready.blocks:
@@ -233,6 +239,7 @@ class Miner:
     def _apply(self, block: Block) -> None:
         if block.height == self.state.height + 1:
             self.state.apply_block(block)
+            self.log.height = block.height
             BLOCKS.labels(self.identity.node_id).inc()
 
     def _catch_up(self) -> None:

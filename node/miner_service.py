@@ -172,9 +172,11 @@ class MinerHandler:
                 return
             await self._prepare_next_model()
         if isinstance(message, Blocks):
+            moved = m.replica.height != before
             m.log.info(
                 f"state transfer: {len(message.blocks)} block(s) from replica "
-                f"{message.sender}, height {before} -> {m.replica.height}"
+                f"{message.sender}, height {before} -> {m.replica.height}",
+                event="state-transfer" if moved else None,
             )
 
     async def submit(self, envelope: pb.Envelope) -> pb.SubmitReceipt:

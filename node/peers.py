@@ -50,14 +50,26 @@ class PeerLink:
     """Outgoing PBFT messages to one peer over a long-lived ``Deliver`` stream.
 
     Every item is signed (:func:`link_item`); the first, sent on connecting,
-    is empty: it binds the stream to this miner at the peer.
+    is empty: it binds the stream to this miner at the peer. The link is up
+    once that item is written on a connected channel, and down when the
+    stream fails; each change is logged once (``peer-up`` the first time,
+    then ``peer-lost`` and ``peer-recovered``), never each reconnection attempt.
     """
 
-    def __init__(self, address: str, identity: Identity, log: NodeLog | None = None) -> None:
+    def __init__(
+        self,
+        address: str,
+        identity: Identity,
+        log: NodeLog | None = None,
+        *,
+        name: str | None = None,
+    ) -> None:
         self.address = address
+        self.name = f"{name} ({address})" if name else address
         self.identity = identity
         self.log = log
-        self.connected = True
+        self.connected = True  # what Status says until the first attempt tells
+        self.up: bool | None = None  # None: not tried yet
         self.queue: asyncio.Queue[bytes] = asyncio.Queue(PEER_QUEUE)
         self._task: asyncio.Task | None = None
 
@@ -74,14 +86,25 @@ class PeerLink:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
 
+    def went(self, up: bool, why: str = "") -> None:
+        """The link is now up (or down, for ``why``): one log line if that is a change."""
+        before, self.up, self.connected = self.up, up, up
+        if before == up or self.log is None:
+            return
+        if not up:
+            self.log.info(f"link to {self.name} down: {why}", event="peer-lost")
+        elif before is None:
+            self.log.info(f"link to {self.name} up", event="peer-up")
+        else:
+            self.log.info(f"link to {self.name} up again", event="peer-recovered")
+
     async def _messages(self) -> AsyncIterator[pb.PbftMessage]:
         yield link_item(self.identity, b"")
+        # Asked for the next item: the binding item was written.
+        self.went(up=True)
         while True:
             data = await self.queue.get()
             yield link_item(self.identity, data)
-            if not self.connected and self.log is not None:
-                self.log.info(f"link to {self.address} up")
-            self.connected = True
 
     async def _run(self) -> None:
         while True:
@@ -95,14 +118,21 @@ class PeerLink:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # any failure: reconnect; PBFT retransmits
-                if self.log is not None and self.connected:
-                    self.log.info(f"link to {self.address} down: {type(exc).__name__}")
-                self.connected = False
+                self.went(up=False, why=failure(exc))
                 # What queued for a peer that is down is stale by the time it is
                 # back (it catches up by state transfer): do not replay it.
                 while not self.queue.empty():
                     self.queue.get_nowait()
             await asyncio.sleep(0.2)  # reconnect backoff (not a test race)
+
+
+def failure(exc: BaseException) -> str:
+    """A failed link's reason, short: the exception's type, and a gRPC call's code."""
+    if isinstance(exc, grpc.aio.AioRpcError):
+        return f"{exc.code().name} {exc.details() or ''}".strip()
+    if isinstance(exc, TimeoutError):
+        return "not connected within 1 s"
+    return type(exc).__name__
 
 
 class BlobFetcher:
@@ -208,7 +238,8 @@ async def catch_up_from_peers(miner: Miner) -> None:
         if status.chain_height > miner.replica.height:
             miner.log.info(
                 f"behind: height {miner.replica.height}, {status.node_id} has "
-                f"{status.chain_height}; fetching"
+                f"{status.chain_height}; fetching",
+                event="catch-up",
             )
             fetch = Fetch(from_height=miner.replica.height + 1, sender=miner.index)
             fetch.signature = miner.sign_pbft(fetch.signed)

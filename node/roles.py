@@ -27,6 +27,7 @@ def run_node(
     stay: bool = False,
     bind_host: str | None = None,
     metrics_port: int | None = None,
+    log_format: str = "text",
 ) -> None:
     """Raise ValueError with a plain message on any configuration problem.
 
@@ -57,7 +58,7 @@ def run_node(
     run_dir = run_dir or default_state_dir(genesis.digest, name)
     if role != "client":  # a client's only state is its privacy ledger
         run_dir.mkdir(parents=True, exist_ok=True)
-    log = NodeLog(name)
+    log = NodeLog(name, role=role, log_format=log_format)
 
     async def main(stop: asyncio.Event) -> None:
         if role == "miner":

@@ -197,7 +197,8 @@ class Server:
         if reached < quorum:
             self.log.warning(
                 f"{record_kind_name(record)} reached {reached} of {len(miners)} miners, "
-                f"fewer than a quorum of {quorum}: it commits only if they forward it"
+                f"fewer than a quorum of {quorum}: it commits only if they forward it",
+                event="no-quorum",
             )
 
     # Client connections --------------------------------------------------------
@@ -348,7 +349,7 @@ class Server:
         if rnd not in state.selections:
             await self.wait_for(lambda: state.last_summarised == rnd - 1, stop)
             selection = state.expected_selection(rnd)
-            self.log.info(f"selecting {list(selection.selected)}")
+            self.log.info(f"selecting {list(selection.selected)}", event="round-start")
             await self.submit_until(selection, lambda: rnd in state.selections, stop)
         selection = state.selections[rnd]
         # After a restart the blobs of the rounds since the checkpoint it resumed

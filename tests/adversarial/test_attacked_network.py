@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import re
 import statistics
 import time
 from collections.abc import Iterator
@@ -369,9 +370,12 @@ def round_one(
     assert BYZANTINE in selection.selected, selection  # the cap's claim tops Algorithm 1
     (honest,) = [c for c in selection.selected if c != BYZANTINE]
     (unselected,) = [c for c in attacker.clients if c not in selection.selected]
-    sent = f"[{honest} r1] update sent to {len(attacker.miners)} of {len(attacker.miners)} miners"
+    sent = re.compile(
+        rf"\[{honest} r1 v\d+ h\d+\] update sent to {len(attacker.miners)} of "
+        rf"{len(attacker.miners)} miners"
+    )
     wait_until(
-        lambda: sent in network.log(process_of(honest)),
+        lambda: sent.search(network.log(process_of(honest))) is not None,
         timeout=WAIT,
         what=f"{honest}'s round-1 update on every miner",
     )
