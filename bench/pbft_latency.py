@@ -33,18 +33,19 @@ from pathlib import Path
 import grpc
 
 from chain.records import Registration
-from commands.launcher import NodeProcess, free_ports, node_commands
+from commands.launcher import NodeProcess, free_ports, node_commands, operator_transport
 from fl.config import RunConfig
 from node.daemon import signed_record
 from node.genesis import ProtocolParams, init_network, key_path, node_ids
 from node.identity import load_identity
+from node.serving import sync_channel, use_transport
 from proto import llbcfl_pb2 as pb
 from proto import llbcfl_pb2_grpc as pb_grpc
 
 
 def wait_ready(address: str, timeout: float) -> None:
     deadline = time.monotonic() + timeout
-    with grpc.insecure_channel(address) as ch:
+    with sync_channel(address) as ch:
         stub = pb_grpc.NodeStub(ch)
         while True:
             try:
@@ -77,10 +78,11 @@ def main() -> None:
     )
     with tempfile.TemporaryDirectory() as tmp:
         run_dir = Path(tmp)
-        plan = node_ids(miners=4, clients=config.clients)
-        hosts = {n: f"127.0.0.1:{p}" for (n, _), p in zip(plan, free_ports(len(plan)), strict=True)}
+        plan = [n for n, role in node_ids(miners=4, clients=config.clients) if role != "client"]
+        hosts = {n: f"127.0.0.1:{p}" for n, p in zip(plan, free_ports(len(plan)), strict=True)}
         protocol = ProtocolParams(tick_ms=args.tick_ms)
         genesis = init_network(run_dir, run=config, miners=4, hosts=hosts, protocol=protocol)
+        use_transport(operator_transport(run_dir, genesis))  # mutual TLS, as the server
         miners: list[NodeProcess] = [
             p
             for p in node_commands(genesis, run_dir, client_procs=1, data_dir=args.data_dir)
@@ -101,7 +103,7 @@ def main() -> None:
                 for c in genesis.membership.clients
             ]
             deadline = time.monotonic() + args.timeout
-            with grpc.insecure_channel(target.address) as ch:
+            with sync_channel(target.address) as ch:
                 submit, status = pb_grpc.MinerStub(ch).Submit, pb_grpc.NodeStub(ch).Status
                 height = status(pb.StatusRequest(), timeout=5).chain_height
                 start = time.perf_counter()

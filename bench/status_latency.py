@@ -67,6 +67,9 @@ from typing import Any
 
 import grpc
 
+from commands.launcher import operator_transport
+from node.genesis import read_genesis
+from node.serving import channel, use_transport
 from proto import llbcfl_pb2 as pb
 from proto import llbcfl_pb2_grpc as pb_grpc
 
@@ -154,7 +157,7 @@ async def poll_miner(
 ) -> None:
     """Status to one miner every ``interval`` s until ``stop``, from its first answer on."""
     request = pb.StatusRequest()
-    async with grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS) as ch:
+    async with channel(address) as ch:
         status = pb_grpc.NodeStub(ch).Status
         while not stop.is_set():  # the miner is still starting (torch, data)
             try:
@@ -200,6 +203,8 @@ async def measure(
 ) -> tuple[list[Call], list[str]]:
     await wait_for_file(run_dir / "genesis.toml", launcher, 120)
     miners = miner_addresses(run_dir / "genesis.toml")
+    genesis = read_genesis(run_dir / "genesis.toml")
+    use_transport(operator_transport(run_dir, genesis))  # mutual TLS, as the server
     if args.poll != "all":
         wanted = [f"miner-{i.strip()}" for i in args.poll.split(",")]
         miners = {m: miners[m] for m in wanted}

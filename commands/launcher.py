@@ -30,6 +30,8 @@ from commands.progress import ProgressView, RunProgress
 from fl.config import RunConfig
 from node.durable import write_json_durably
 from node.genesis import Genesis, ProtocolParams, init_network, key_path, node_ids
+from node.serving import Transport, sync_channel, use_transport
+from node.tls import TLS_DIR
 from proto import llbcfl_pb2 as pb
 from proto import llbcfl_pb2_grpc as pb_grpc
 
@@ -109,6 +111,7 @@ def plan_network(
     miners: int,
     protocol: Mapping[str, int],
     selection_seed: str = "block",
+    tls: bool = True,
 ) -> Genesis:
     listening = [
         node_id
@@ -118,7 +121,7 @@ def plan_network(
     ports = free_ports(len(listening))
     hosts = {node_id: f"127.0.0.1:{port}" for node_id, port in zip(listening, ports, strict=True)}
     params = ProtocolParams(**protocol, selection_seed=selection_seed, testbed=True)
-    return init_network(run_dir, run=config, miners=miners, hosts=hosts, protocol=params)
+    return init_network(run_dir, run=config, miners=miners, hosts=hosts, protocol=params, tls=tls)
 
 
 def node_commands(
@@ -185,12 +188,20 @@ def node_commands(
     return procs
 
 
+def operator_transport(network_dir: Path, genesis: Genesis) -> Transport | None:
+    """Mutual TLS as the network's server, from ``network_dir/tls`` (None without TLS):
+    how the testbed's launcher and the benches read the nodes' status."""
+    from node.roles import transport_for
+
+    return transport_for(genesis, genesis.membership.server.node_id, Path(network_dir) / TLS_DIR)
+
+
 def miner_heads(genesis: Genesis) -> dict[str, tuple[int, str]]:
     """(height, head hash hex) per reachable miner."""
     heads = {}
     for miner in genesis.membership.miners:
         try:
-            with grpc.insecure_channel(miner.address) as ch:
+            with sync_channel(miner.address) as ch:
                 status = pb_grpc.NodeStub(ch).Status(pb.StatusRequest(), timeout=2)
             heads[miner.node_id] = (status.chain_height, status.head_hash.hex())
         except grpc.RpcError:
@@ -232,6 +243,7 @@ def network_up(
     protocol: Mapping[str, int],
     view: ProgressView,
     selection_seed: str = "block",
+    tls: bool = True,
     timeout: float | None = None,
     on_started: Callable[[list[NodeProcess]], None] | None = None,
     log_format: str = "text",
@@ -244,7 +256,10 @@ def network_up(
         miners=miners,
         protocol=protocol,
         selection_seed=selection_seed,
+        tls=tls,
     )
+    # The launcher reads the miners' heads as the server (the testbed's operator).
+    use_transport(operator_transport(run_dir, genesis))
     procs = node_commands(
         genesis,
         run_dir,

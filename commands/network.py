@@ -66,6 +66,12 @@ def network() -> None:
     help="mark the network as a testbed for experiments on public data: only a testbed "
     "may use --reproducible-noise",
 )
+@click.option(
+    "--insecure",
+    is_flag=True,
+    help="no TLS: plaintext gRPC that any host can call (experiments only; every node "
+    "warns) [default: a network CA and mutual TLS on every channel]",
+)
 @protocol_options
 @selection_seed_option
 def network_init(
@@ -77,9 +83,11 @@ def network_init(
     bundles: bool,
     testbed: bool,
     selection_seed: str,
+    insecure: bool,
     **kwargs: Any,
 ) -> None:
-    """Write OUT/genesis.toml and a key file per node (OUT/keys/<id>.key, mode 0600).
+    """Write OUT/genesis.toml, a key file per node (OUT/keys/<id>.key, mode 0600) and,
+    unless --insecure, the network CA and each node's TLS certificate and key (OUT/tls/).
 
     The run options define the federated run every node will follow; the
     genesis also holds the protocol settings (round deadline, view timeout,
@@ -100,6 +108,7 @@ def network_init(
             hosts=hosts,
             protocol=ProtocolParams(**protocol, selection_seed=selection_seed, testbed=testbed),
             force=force,
+            tls=not insecure,
         )
     except (GenesisError, OSError) as exc:
         raise click.ClickException(str(exc)) from exc
@@ -109,6 +118,13 @@ def network_init(
         f"{len(members.miners)} miners (f = {genesis.protocol.f}), {len(members.clients)} clients"
     )
     click.echo(f"keys in {out / 'keys'}/ (mode 0600): give each node only its own key")
+    if insecure:
+        click.echo("WARNING: --insecure: no TLS; any host can call the nodes", err=True)
+    else:
+        click.echo(
+            f"TLS in {out / 'tls'}/: the network CA (keep ca.key off the nodes' hosts) and "
+            "each node's certificate and key"
+        )
     for label, nodes in (
         ("server", members.servers),
         ("miners", members.miners),
@@ -127,6 +143,40 @@ def network_init(
             raise click.ClickException(f"cannot write the host bundles: {exc}") from exc
         for host, folder in written.items():
             click.echo(f"host {host}: {folder}/ (copy it there, then: sh run.sh)")
+
+
+@network.command("certify")
+@click.option(
+    "--network-dir",
+    type=click.Path(file_okay=False, exists=True),
+    required=True,
+    help="the folder network init wrote (genesis.toml, tls/ with the CA's key)",
+)
+@click.argument("node_id")
+def network_certify(network_dir: str, node_id: str) -> None:
+    """Issue NODE_ID a new TLS key and certificate (rotation), signed by the network CA.
+
+    Writes NETWORK_DIR/tls/NODE_ID.pem and .key (0600), replacing the old
+    ones. Copy both to the node's host (its bundle's tls/ folder), then
+    restart that node; the other nodes need nothing: they trust the CA.
+    """
+    from node.genesis import GenesisError, read_genesis
+    from node.tls import TlsError, reissue
+
+    folder = Path(network_dir)
+    try:
+        genesis = read_genesis(folder / "genesis.toml")
+    except GenesisError as exc:
+        raise click.ClickException(str(exc)) from exc
+    if not genesis.protocol.tls_ca_sha256:
+        raise click.ClickException("this network runs without TLS (network init --insecure)")
+    if genesis.membership.get(node_id) is None:
+        raise click.ClickException(f"{node_id!r} is not a node of this network")
+    try:
+        cert = reissue(folder, node_id)
+    except (TlsError, OSError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(f"wrote {cert} and {cert.with_suffix('.key')} (0600): copy both to {node_id}'s host")
 
 
 @network.command("up")
@@ -172,6 +222,12 @@ def network_init(
     show_default=True,
     help="the nodes' logs (RUN_DIR/<node>/log): text or JSON lines (node --log-format)",
 )
+@click.option(
+    "--insecure",
+    is_flag=True,
+    help="no TLS: plaintext gRPC that any host can call (experiments only; every node "
+    "warns) [default: a network CA and mutual TLS on every channel]",
+)
 @protocol_options
 @selection_seed_option
 def network_up_command(
@@ -184,6 +240,7 @@ def network_up_command(
     selection_seed: str,
     quiet: bool,
     log_format: str,
+    insecure: bool,
     **kwargs: Any,
 ) -> None:
     """Start a whole network on 127.0.0.1 (one OS process per node), run it, stop it.
@@ -225,6 +282,7 @@ def network_up_command(
             client_procs=client_procs,
             protocol=protocol,
             selection_seed=selection_seed,
+            tls=not insecure,
             view=progress_view(quiet=quiet, stream=sys.stderr, rounds=config.rounds),
             timeout=timeout,
             log_format=log_format,

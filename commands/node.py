@@ -83,6 +83,13 @@ import click
     "the genesis address's host) [default: off]",
 )
 @click.option(
+    "--tls-dir",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="the node's TLS files (ca.pem, <node id>.pem and .key from network init) "
+    "[default: tls/ beside the keys/ folder of its first --key]",
+)
+@click.option(
     "--log-format",
     type=click.Choice(["text", "json"]),
     default="text",
@@ -105,6 +112,7 @@ def node_command(
     bind_host: str | None,
     metrics_port: int | None,
     log_format: str,
+    tls_dir: str | None,
 ) -> None:
     """Run one node daemon (or, for clients, several client identities).
 
@@ -140,6 +148,7 @@ def node_command(
             bind_host=bind_host,
             metrics_port=metrics_port,
             log_format=log_format,
+            tls_dir=Path(tls_dir) if tls_dir else None,
         )
     except ValueError as exc:
         raise click.ClickException(str(exc)) from exc

@@ -6,6 +6,8 @@
 * ``genesis.toml``, the network's (the same file everywhere);
 * ``keys/<id>.key`` for the nodes that host runs, and no other (mode 0600,
   folder 0700);
+* ``tls/``: the network CA's certificate and, for those nodes only, their
+  TLS certificates and keys (0600); never the CA's key (``node.tls``);
 * ``run.sh``: ``llbcfl node --bundle`` on the folder (``commands.bundle``:
   one process per server or miner key and one for all the client keys,
   started together and waited for); each node keeps its state under
@@ -25,6 +27,7 @@ from pathlib import Path
 
 from node.durable import write_durably
 from node.genesis import GENESIS_FILE, Genesis, key_path
+from node.tls import CA_CERT, TLS_DIR, node_files
 
 HOSTS_DIR = "hosts"
 
@@ -80,10 +83,24 @@ def readme(genesis: Genesis, host: str, node_ids: list[str]) -> str:
             "Start: sh run.sh   (= llbcfl node --bundle .; state and logs under ./state,",
             "or $LLBCFL_STATE;",
             "listen on another interface with LLBCFL_BIND_HOST=0.0.0.0).",
-            "Keys in keys/ are this host's only: keep them private (mode 0600).",
+            "Keys in keys/ (and TLS keys in tls/) are this host's only: keep them private",
+            "(mode 0600).",
             "",
         ]
     )
+
+
+def copy_tls(network_dir: Path, folder: Path, node_ids: list[str]) -> None:
+    """The CA certificate and these nodes' certificates and keys (0600) into ``folder/tls``;
+    never the CA's key."""
+    source, tls = Path(network_dir) / TLS_DIR, folder / TLS_DIR
+    tls.mkdir(parents=True, exist_ok=True)
+    tls.chmod(0o700)
+    write_durably(tls / CA_CERT, (source / CA_CERT).read_bytes(), mode=0o644)
+    for node_id in node_ids:
+        cert, key = node_files(source, node_id)
+        write_durably(tls / cert.name, cert.read_bytes(), mode=0o644)
+        write_durably(tls / key.name, key.read_bytes(), mode=0o600)
 
 
 def write_host_bundles(network_dir: Path, genesis: Genesis) -> dict[str, Path]:
@@ -100,6 +117,8 @@ def write_host_bundles(network_dir: Path, genesis: Genesis) -> dict[str, Path]:
         for node_id in node_ids:
             key = key_path(network_dir, node_id).read_bytes()
             write_durably(keys / f"{node_id}.key", key, mode=0o600)
+        if genesis.protocol.tls_ca_sha256:
+            copy_tls(network_dir, folder, node_ids)
         write_durably(folder / "run.sh", run_script(genesis, host, node_ids).encode(), mode=0o755)
         write_durably(folder / "README.txt", readme(genesis, host, node_ids).encode(), mode=0o644)
         written[host] = folder

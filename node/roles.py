@@ -8,9 +8,11 @@ from pathlib import Path
 
 from fl.data import DataError
 from node.daemon import NodeLog, run_until_signal
-from node.genesis import GenesisError, read_genesis
+from node.genesis import Genesis, GenesisError, read_genesis
 from node.identity import KeyFileError, load_identity
 from node.privacy_ledger import LedgerCorruptError
+from node.serving import Transport, current_transport, use_transport
+from node.tls import TLS_DIR, TlsError, load_node_tls
 
 
 def run_node(
@@ -28,6 +30,7 @@ def run_node(
     bind_host: str | None = None,
     metrics_port: int | None = None,
     log_format: str = "text",
+    tls_dir: Path | None = None,
 ) -> None:
     """Raise ValueError with a plain message on any configuration problem.
 
@@ -59,6 +62,13 @@ def run_node(
     if role != "client":  # a client's only state is its privacy ledger
         run_dir.mkdir(parents=True, exist_ok=True)
     log = NodeLog(name, role=role, log_format=log_format)
+    use_transport(transport_for(genesis, identities[0].node_id, tls_dir or default_tls_dir(paths)))
+    if current_transport() is None:
+        log.warning(
+            "INSECURE: this network's genesis names no CA, so its traffic is plaintext gRPC "
+            "and any host that reaches a node can call it (network init --insecure: "
+            "experiments only)"
+        )
 
     async def main(stop: asyncio.Event) -> None:
         if role == "miner":
@@ -108,6 +118,24 @@ def run_node(
     try:
         asyncio.run(run_until_signal(main, log=log))
     except (DataError, LedgerCorruptError) as exc:
+        raise ValueError(str(exc)) from exc
+
+
+def default_tls_dir(key_paths: list[Path]) -> Path:
+    """``tls/`` beside the ``keys/`` folder of the first key (network init's layout,
+    and a host bundle's)."""
+    return key_paths[0].resolve().parent.parent / TLS_DIR
+
+
+def transport_for(genesis: Genesis, node_id: str, tls_dir: Path) -> Transport | None:
+    """Mutual TLS as ``node_id`` when the genesis names a CA, else None (plaintext);
+    ValueError when the files are missing, loose or not this network's."""
+    expected = genesis.protocol.tls_ca_sha256
+    if not expected:
+        return None
+    try:
+        return Transport(load_node_tls(tls_dir, node_id, expected_ca=expected), genesis.membership)
+    except TlsError as exc:
         raise ValueError(str(exc)) from exc
 
 

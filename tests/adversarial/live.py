@@ -77,7 +77,10 @@ class LiveNetwork:
         """Start ``network up``; freeze the node processes named in ``freeze`` as soon as
         they exist (before they import anything, so before they talk to any node)."""
         env = {**os.environ, "LLBCFL_DATA": str(self.mnist_root)}
-        command = [*CLI, "network", "up", *option_args(self.options)]
+        # Plaintext: this suite attacks the application layer, which must hold by
+        # itself (a member's valid certificate gets past TLS); tests/node/test_tls.py
+        # covers what mutual TLS refuses.
+        command = [*CLI, "network", "up", "--insecure", *option_args(self.options)]
         command += ["--run-dir", str(self.run_dir), "--quiet"]
         self._files.append(open(self.output_path, "wb"))  # noqa: SIM115 - closed in close()
         self.process = subprocess.Popen(

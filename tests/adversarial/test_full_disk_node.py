@@ -88,6 +88,7 @@ def test_a_miner_process_on_a_full_disk_stays_up_read_only_and_recovers(
         run=RUN,
         base_port=free_port(),
         hosts={"default": "127.0.0.1", "miner-1": address},
+        tls=False,
     )
     clients = [load_identity(key_path(tmp_path / "net", f"client-00{i}")) for i in (0, 1)]
     envelopes = [signed_record(c, Registration(c.node_id, HISTOGRAM)) for c in clients]
