@@ -81,6 +81,11 @@ ATTEND_KIND = "attend"
 # A record not on the chain this long after it was submitted is submitted again
 # (the same signed bytes: a miner that holds it answers ALREADY_EXISTS).
 RESUBMIT_SECONDS = 10.0
+# A miner that refuses a record as out of turn (FAILED_PRECONDITION) is most
+# likely a block behind the one the server follows: asked again this often, so
+# many times, before the record waits for the next resubmission.
+BEHIND_WAIT_SECONDS = 0.2
+BEHIND_RETRIES = 15
 
 
 class Stopped(Exception):
@@ -134,13 +139,20 @@ class Server:
         so a copy that arrives twice is executed once."""
         loop = asyncio.get_running_loop()
         while not committed():
-            await self.submit(record)
-            deadline = loop.time() + RESUBMIT_SECONDS
-            while not committed() and loop.time() < deadline:
-                if stop.is_set():
-                    raise Stopped
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(stop.wait(), POLL_SECONDS)
+            # In the background: a miner that lags must not hold the round once
+            # the others have committed the record.
+            sending = asyncio.create_task(self.submit(record))
+            try:
+                deadline = loop.time() + RESUBMIT_SECONDS
+                while not committed() and loop.time() < deadline:
+                    if stop.is_set():
+                        raise Stopped
+                    with contextlib.suppress(asyncio.TimeoutError):
+                        await asyncio.wait_for(stop.wait(), POLL_SECONDS)
+            finally:
+                sending.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await sending
 
     def write_progress(self) -> None:
         """Write run_dir/progress.json (``network up`` shows it) if the chain moved it on.
@@ -178,18 +190,27 @@ class Server:
         envelope = signed_record(self.identity, record)
 
         async def one(address: str) -> bool:
-            try:
-                async with channel(address) as ch:
-                    await pb_grpc.MinerStub(ch).Submit(envelope, timeout=10)
-                return True
-            except grpc.aio.AioRpcError as exc:
-                if exc.code() == grpc.StatusCode.ALREADY_EXISTS:
-                    # On the chain already (a restart), or forwarded to this
-                    # miner by another one before this copy arrived.
-                    self.log.info(f"submit to {address}: {exc.details()}")
+            for attempt in range(BEHIND_RETRIES + 1):
+                try:
+                    async with channel(address) as ch:
+                        await pb_grpc.MinerStub(ch).Submit(envelope, timeout=10)
                     return True
-                self.log.warning(f"submit to {address}: {exc.code().name} {exc.details()}")
-                return False
+                except grpc.aio.AioRpcError as exc:
+                    if exc.code() == grpc.StatusCode.ALREADY_EXISTS:
+                        # On the chain already (a restart), or forwarded to this
+                        # miner by another one before this copy arrived.
+                        self.log.info(f"submit to {address}: {exc.details()}")
+                        return True
+                    if exc.code() == grpc.StatusCode.FAILED_PRECONDITION and (
+                        attempt < BEHIND_RETRIES
+                    ):
+                        # The miner has not applied the block this record follows
+                        # yet (the server read it from a faster one): ask again soon.
+                        await asyncio.sleep(BEHIND_WAIT_SECONDS)
+                        continue
+                    self.log.warning(f"submit to {address}: {exc.code().name} {exc.details()}")
+                    return False
+            return False
 
         miners = self.membership.miners
         reached = sum(await asyncio.gather(*(one(m.address) for m in miners)))
