@@ -67,3 +67,59 @@ def test_the_server_submits_a_record_again_until_it_is_on_the_chain(monkeypatch)
     asyncio.run(Server.submit_until(Cut(), "selection of round 2", committed, asyncio.Event()))
     # Assert: submitted again while not committed, and not once more after
     assert sent == ["selection of round 2"] * 3
+
+
+def test_a_miner_a_block_behind_is_asked_again_soon(
+    genesis: Genesis, identities: dict, tmp_path: Path
+) -> None:
+    # Prepare: every miner refuses a record twice as out of turn (a block behind),
+    # then takes it; the server's resubmission would come only after 10 s
+    import grpc
+
+    from chain.records import RoundSummary
+    from node.server import BEHIND_WAIT_SECONDS, Server
+    from node.serving import add_servicer
+    from proto import llbcfl_pb2 as pb
+    from proto import llbcfl_pb2_grpc as pb_grpc
+
+    calls: list[int] = []
+
+    class Behind(pb_grpc.MinerServicer):
+        async def Submit(self, request: pb.Envelope, context: object) -> pb.SubmitReceipt:
+            calls.append(1)
+            if len(calls) <= 2:
+                await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "round 1 not open")
+            return pb.SubmitReceipt()
+
+    async def main() -> float:
+        server = grpc.aio.server()
+        add_servicer(server, "Miner", Behind())
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        try:
+            nodes = [
+                replace(n, address=f"127.0.0.1:{port}")
+                if n.node_id == "miner-0"
+                else replace(n, address=f"127.0.0.1:{closed_port()}")
+                if n.role == "miner"
+                else n
+                for n in genesis.nodes
+            ]
+            net = Genesis(
+                protocol=genesis.protocol, selection=genesis.selection, run=genesis.run, nodes=nodes
+            )
+            fl = type("S", (), {})()
+            fl.identity, fl.membership = identities["server"], net.membership
+            fl.log = NodeLog("server", tmp_path / "log")
+            loop = asyncio.get_running_loop()
+            start = loop.time()
+            await Server.submit(fl, RoundSummary(1, b"\x01" * 32, 0.5, 0.5))
+            return loop.time() - start
+        finally:
+            await server.stop(None)
+
+    # Execute
+    took = asyncio.run(main())
+    # Assert: three calls to miner-0, the last one taken, well before a resubmission
+    assert len(calls) == 3
+    assert took < 10 * BEHIND_WAIT_SECONDS + 5
