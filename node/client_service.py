@@ -37,6 +37,8 @@ from proto import llbcfl_pb2_grpc as pb_grpc
 
 # Reconnecting to the server: the first wait, doubled after each failure up to the last.
 RECONNECT_SECONDS = (0.2, 5.0)
+# The server's answers to an Attend call that trying again cannot change.
+REFUSED_FOR_GOOD = (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED)
 
 
 async def start_round(host: ClientHost, cid: str, envelope: pb.Envelope) -> RoundAnswer:
@@ -86,32 +88,50 @@ async def attend(host: ClientHost, stop: asyncio.Event, log: NodeLog) -> None:
     wait, longest = RECONNECT_SECONDS
     lost = False
     tasks: set[asyncio.Task] = set()
-    while not stop.is_set():
-        try:
-            async with channel(address) as ch:
-                calls = pb_grpc.ServerStub(ch).Attend(attend_request(host, wall_clock_ms()))
-                async for call in calls:
-                    if lost:
-                        log.info(f"server {address} reachable again")
-                        lost = False
-                    wait = RECONNECT_SECONDS[0]
-                    task = asyncio.create_task(answer(host, call, log))
-                    tasks.add(task)
-                    task.add_done_callback(tasks.discard)
-            # The server ended the stream (it stops, or a newer stream replaced this one).
-        except grpc.aio.AioRpcError as exc:
-            if exc.code() in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
-                raise ValueError(f"the server refuses this client: {exc.details()}") from exc
-            if not lost:
-                log.warning(
-                    f"lost the server {address} ({exc.code().name}); reconnecting with backoff"
-                )
-                lost = True
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(stop.wait(), wait)
-        wait = min(2 * wait, longest)
-    for task in tasks:
-        task.cancel()
+
+    async def stream() -> None:
+        nonlocal lost, wait
+        async with channel(address) as ch:
+            calls = pb_grpc.ServerStub(ch).Attend(attend_request(host, wall_clock_ms()))
+            await calls.initial_metadata()  # sent once the server attached the stream
+            if not calls.done():  # (a failed call has empty metadata, and is done)
+                if lost:
+                    log.info(f"server {address} reachable again")
+                    lost = False
+                wait = RECONNECT_SECONDS[0]
+            async for call in calls:
+                task = asyncio.create_task(answer(host, call, log))
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+        # The server ended the stream (it stops, or a newer stream replaced this one).
+
+    stopping = asyncio.create_task(stop.wait())
+    try:
+        while not stop.is_set():
+            open_stream = asyncio.create_task(stream())
+            await asyncio.wait({open_stream, stopping}, return_when=asyncio.FIRST_COMPLETED)
+            if not open_stream.done():
+                open_stream.cancel()
+                await asyncio.gather(open_stream, return_exceptions=True)
+                break
+            try:
+                open_stream.result()
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() in REFUSED_FOR_GOOD:
+                    raise ValueError(f"the server refuses this client: {exc.details()}") from exc
+                if not lost:
+                    log.warning(
+                        f"cannot reach the server {address} ({exc.code().name}); "
+                        "trying again with backoff"
+                    )
+                    lost = True
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(stop.wait(), wait)
+            wait = min(2 * wait, longest)
+    finally:
+        stopping.cancel()
+        for task in tasks:
+            task.cancel()
 
 
 # How often an idle client process reads the chain to learn that the run is over.

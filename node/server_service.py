@@ -102,6 +102,7 @@ class ServerServicer(pb_grpc.ServerServicer):
         queue: asyncio.Queue[pb.RoundCall | None] = asyncio.Queue()
         self.s.attach(cids, queue)
         self.s.log.info(f"attending: {', '.join(cids)}")
+        await context.send_initial_metadata(())  # tells the client it is attached
         try:
             while (call := await queue.get()) is not None:
                 yield call

@@ -462,8 +462,8 @@ def test_nodes_started_by_hand_and_a_restarted_server_match_simulate(
 
     options = {**OPTIONS, "clients": 4, "rounds": 3}
     run_options = [f"--{k.replace('_', '-')}={v}" for k, v in options.items()]
-    plan = node_ids(miners=4, clients=4)
-    hosts = {n: f"127.0.0.1:{p}" for (n, _), p in zip(plan, free_ports(len(plan)), strict=True)}
+    plan = [n for n, role in node_ids(miners=4, clients=4) if role != "client"]  # clients dial out
+    hosts = {n: f"127.0.0.1:{p}" for n, p in zip(plan, free_ports(len(plan)), strict=True)}
     (tmp_path / "hosts.json").write_text(json.dumps(hosts))
     net = tmp_path / "net"
     cli = [sys.executable, str(ROOT / "cli.py")]

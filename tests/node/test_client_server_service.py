@@ -17,7 +17,7 @@ from chain.records import Registration, RoundVerdicts
 from fl.config import RunConfig
 from fl.data import Split
 from fl.rounds import Federation
-from node.client import ClientHost
+from node.client import ClientHost, RoundAnswer
 from node.client_service import attend_request, start_round
 from node.daemon import NodeLog
 from node.errors import status_of
@@ -406,3 +406,61 @@ def test_the_round_driver_moves_on_when_the_verdicts_commit(
     # Assert: the notice was open for round 1, and is withdrawn
     assert open_calls == [1]
     assert server.open_call is None
+
+
+def test_a_client_process_reconnects_to_a_server_that_comes_up_and_takes_its_notice(
+    fl_server: Server, identities: dict[str, Identity], tmp_path: Path
+) -> None:
+    # Prepare: the server's address has nothing listening yet; the client attends it
+    from commands.launcher import free_ports
+    from node.client_service import attend
+
+    port = free_ports(1)[0]
+    address = f"127.0.0.1:{port}"
+    nodes = tuple(
+        replace(n, address=address) if n.role == "server" else n for n in fl_server.genesis.nodes
+    )
+    moved = Genesis(
+        protocol=fl_server.genesis.protocol,
+        selection=fl_server.genesis.selection,
+        run=fl_server.genesis.run,
+        nodes=nodes,
+    )
+    selected = fl_server.state.selections[1].selected
+    log = NodeLog(f"clients-{tmp_path.name}", tmp_path / "log")  # a logger of its own
+    taken: list[tuple[str, int]] = []
+
+    class Host(FakeHost):
+        membership = moved.membership
+
+        async def start_round(self, cid: str, notice: pb.RoundNotice) -> RoundAnswer:
+            taken.append((cid, notice.round))
+            stop.set()
+            return RoundAnswer(accepted=True)
+
+    host = Host(fl_server.genesis.digest, [identities[selected[0]]])
+    host.network = fl_server.genesis.digest
+    stop = asyncio.Event()
+
+    async def main() -> None:
+        client = asyncio.create_task(attend(host, stop, log))
+        while "cannot reach the server" not in (tmp_path / "log").read_text():
+            await asyncio.sleep(0.05)  # polling the client's log, not a race
+        # Execute: the server comes up with round 1 open
+        server = grpc.aio.server()
+        add_servicer(server, "Server", ServerServicer(fl_server))
+        server.add_insecure_port(address)
+        await server.start()
+        fl_server.notify(1, selected, b"\x01" * 32)
+        try:
+            await asyncio.wait_for(client, 60)
+        finally:
+            await server.stop(None)
+
+    asyncio.run(main())
+
+    # Assert: one line for the outage, one for the recovery, and the notice taken
+    text = (tmp_path / "log").read_text()
+    assert text.count("cannot reach the server") == 1
+    assert text.count("reachable again") == 1
+    assert taken == [(selected[0], 1)]
