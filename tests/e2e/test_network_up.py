@@ -507,6 +507,8 @@ def test_nodes_started_by_hand_and_a_restarted_server_match_simulate(
                 str(client_keys),
                 "--privacy-ledger",
                 ledger,
+                "--tls-dir",  # the keys were copied away from the network's tls/
+                str(net / "tls"),
                 name="clients",
             )
         )
