@@ -249,6 +249,27 @@ def channel(address: str) -> grpc.aio.Channel:
     )
 
 
+class ChannelPool:
+    """One channel per peer address, kept open and shared by every call to that peer
+    (a client process's identities, the server's submissions): one connection,
+    and one TLS handshake, per peer. ``async with pool.get(address) as ch`` does
+    not close it; :meth:`close` closes them all (the owner, at its end)."""
+
+    def __init__(self) -> None:
+        self._channels: dict[str, grpc.aio.Channel] = {}
+
+    def get(self, address: str) -> contextlib.AbstractAsyncContextManager[grpc.aio.Channel]:
+        ch = self._channels.get(address)
+        if ch is None:
+            ch = self._channels[address] = channel(address)
+        return contextlib.nullcontext(ch)  # type: ignore[return-value]
+
+    async def close(self) -> None:
+        channels, self._channels = list(self._channels.values()), {}
+        for ch in channels:
+            await ch.close()
+
+
 def sync_channel(address: str) -> grpc.Channel:
     """:func:`channel` for synchronous callers (the launcher, benches)."""
     if _transport is None:
