@@ -93,7 +93,8 @@ class Record:
 
 
 class Watch:
-    """Samples every miner's chain height (``chain.db``, read-only) every POLL_SECONDS."""
+    """Samples every miner's chain height (``chain.db``, read-only) every POLL_SECONDS;
+    each sample is stamped when its reads ended (a block in it was on disk by then)."""
 
     def __init__(self, net: Network) -> None:
         self.net = net
@@ -104,7 +105,8 @@ class Watch:
 
     def _run(self) -> None:
         while not self.done.is_set():
-            self.samples.append((time.time(), self.net.heights()))
+            heights = self.net.heights()
+            self.samples.append((time.time(), heights))
             self.done.wait(POLL_SECONDS)
 
     def stop(self) -> None:
@@ -120,6 +122,7 @@ class Network:
 
     def __init__(self, lan: Lan, root: Path, data_dir: Path, run: list[str] = RUN) -> None:
         self.lan, self.root = lan, root
+        root.mkdir(parents=True, exist_ok=True)
         (root / "hosts.toml").write_text(HOST_MAP)
         self.net = root / "net"
         init = [sys.executable, str(ROOT / "cli.py"), "network", "init", "--out", str(self.net)]
