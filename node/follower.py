@@ -4,7 +4,8 @@ A follower reads committed blocks from a miner's ``FetchBlocks`` and applies
 a block to its :class:`chain.records.ChainState` only with a valid commit
 certificate (2f+1 miner signatures, ``consensus.ledger.check_block``), so a
 single lying miner cannot make it act on a block that was not committed.
-When a miner fails to answer or serves a bad block, it moves on to the next.
+When a miner fails to answer (or stalls for STALL_SECONDS) or serves a bad
+block, it moves on to the next.
 """
 
 from __future__ import annotations
@@ -26,6 +27,11 @@ from proto import llbcfl_pb2 as pb
 from proto import llbcfl_pb2_grpc as pb_grpc
 
 POLL_SECONDS = 0.05
+# A miner whose block stream sends nothing (not even its end) for this long is
+# skipped for the next one: a hung or stopped miner (one of the f faulty ones)
+# must not hold a client's start of a round for the whole call's 10 s, longer
+# than the server's notice lasts (--notify-timeout, default 10 s).
+STALL_SECONDS = 3.0
 
 
 class ChainFollower:
@@ -83,11 +89,13 @@ class ChainFollower:
         if ch is None:
             ch = self._channels[address] = channel(address)
         request = pb.FetchBlocksRequest(from_height=self.state.height + 1)
+        call = pb_grpc.MinerStub(ch).FetchBlocks(request, timeout=10)
         try:
-            async for item in pb_grpc.MinerStub(ch).FetchBlocks(request, timeout=10):
+            while (item := await asyncio.wait_for(call.read(), STALL_SECONDS)) is not grpc.aio.EOF:
                 if not self.accept(item.block):
                     raise ValueError("bad block")
         except BaseException:
+            call.cancel()
             del self._channels[address]
             await ch.close()
             raise
@@ -110,7 +118,7 @@ class ChainFollower:
                     miner = self.miners[self._cursor % len(self.miners)]
                     try:
                         await self._read_from(miner.address)
-                    except (grpc.aio.AioRpcError, ValueError):
+                    except (grpc.aio.AioRpcError, ValueError, TimeoutError):
                         self._cursor += 1
                         continue
                     self.caught_up = True

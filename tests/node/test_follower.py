@@ -123,3 +123,58 @@ def test_a_miner_a_block_behind_is_asked_again_soon(
     # Assert: three calls to miner-0, the last one taken, well before a resubmission
     assert len(calls) == 3
     assert took < 10 * BEHIND_WAIT_SECONDS + 5
+
+
+def test_a_follower_skips_a_miner_that_hangs_for_the_next(
+    genesis: Genesis, tmp_path: Path, monkeypatch
+) -> None:
+    # Prepare: miner 0 accepts the call and never answers (a stopped process);
+    # miner 1 answers at once (nothing new)
+    import grpc
+
+    import node.follower
+    from proto import llbcfl_pb2_grpc as pb_grpc
+
+    monkeypatch.setattr(node.follower, "STALL_SECONDS", 0.5)
+
+    class Hung(pb_grpc.MinerServicer):
+        async def FetchBlocks(self, request, context):
+            await asyncio.sleep(60)
+            yield  # pragma: no cover - never reached
+
+    class Idle(pb_grpc.MinerServicer):
+        async def FetchBlocks(self, request, context):
+            return
+            yield  # pragma: no cover - an empty stream
+
+    async def main() -> tuple[bool, float, int]:
+        servers, addresses = [], []
+        for servicer in (Hung(), Idle()):
+            server = grpc.aio.server()
+            pb_grpc.add_MinerServicer_to_server(servicer, server)
+            addresses.append(f"127.0.0.1:{server.add_insecure_port('127.0.0.1:0')}")
+            await server.start()
+            servers.append(server)
+        miners = iter(addresses)
+        nodes = [
+            replace(n, address=next(miners, n.address)) if n.role == "miner" else n
+            for n in genesis.nodes
+        ]
+        net = Genesis(
+            protocol=genesis.protocol, selection=genesis.selection, run=genesis.run, nodes=nodes
+        )
+        follower = ChainFollower(net, NodeLog("follower-test", tmp_path / "log"))
+        try:
+            # Execute
+            started = asyncio.get_running_loop().time()
+            answered = await follower.catch_up()
+            return answered, asyncio.get_running_loop().time() - started, follower._cursor
+        finally:
+            await follower.close()
+            for server in servers:
+                await server.stop(None)
+
+    answered, took, cursor = asyncio.run(main())
+    # Assert: miner 1 answered, well before the call's own 10 s deadline
+    assert answered and cursor == 1
+    assert took < 5, took
