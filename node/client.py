@@ -64,7 +64,7 @@ from node.privacy_ledger import (
     PrivacyLedger,
     entry_for,
 )
-from node.serving import channel
+from node.serving import ChannelPool
 from node.tensor_receiver import UpdateRejected, receive_tensor_stream
 from node.tensors import MODEL_KIND, MODEL_REQUEST_KIND, UPDATE_KIND, tensor_stream
 from proto import llbcfl_pb2 as pb
@@ -123,6 +123,8 @@ class ClientHost:
         self.in_flight: dict[str, set[int]] = {cid: set() for cid in self.identities}
         self.last_round: dict[str, int] = dict.fromkeys(self.identities, 0)
         self.tasks: set[asyncio.Task] = set()
+        # One connection per peer (the server, each miner) for every identity hosted.
+        self.channels = ChannelPool()
         self.logs = {cid: log.child(cid) for cid in self.identities}
 
     def entry(self, rnd: int) -> LedgerEntry:
@@ -183,7 +185,7 @@ class ClientHost:
                 if stop.is_set():
                     return
                 try:
-                    async with channel(address) as ch:
+                    async with self.channels.get(address) as ch:
                         await pb_grpc.MinerStub(ch).Submit(envelope, timeout=10)
                     return
                 except grpc.aio.AioRpcError as exc:
@@ -239,7 +241,7 @@ class ClientHost:
 
     async def _download(self, cid: str, notice: pb.RoundNotice) -> Any:
         server = self.membership.server
-        async with channel(server.address) as ch:
+        async with self.channels.get(server.address) as ch:
             request = pb.ModelRequest(round=notice.round, client_id=cid)
             envelope = self.identities[cid].sign(MODEL_REQUEST_KIND, request.SerializeToString())
             parts = [p async for p in pb_grpc.ServerStub(ch).DownloadModel(envelope, timeout=60)]
@@ -313,7 +315,7 @@ class ClientHost:
                 chunk_bytes=self.genesis.protocol.chunk_bytes,
             )
             try:
-                async with channel(address) as ch:
+                async with self.channels.get(address) as ch:
                     await pb_grpc.MinerStub(ch).SubmitUpdate(iter(parts), timeout=60)
                 size = sum(t.numel() * t.element_size() for t in update.delta.values())
                 STREAM_BYTES.labels(cid, "out").inc(size)

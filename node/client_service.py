@@ -31,7 +31,7 @@ from node.identity import AuthError, Identity, verify_envelope
 from node.offchain import wall_clock_ms
 from node.privacy_ledger import PrivacyLedger
 from node.server import ATTEND_KIND
-from node.serving import channel, serve
+from node.serving import serve
 from proto import llbcfl_pb2 as pb
 from proto import llbcfl_pb2_grpc as pb_grpc
 
@@ -91,7 +91,7 @@ async def attend(host: ClientHost, stop: asyncio.Event, log: NodeLog) -> None:
 
     async def stream() -> None:
         nonlocal lost, wait
-        async with channel(address) as ch:
+        async with host.channels.get(address) as ch:
             calls = pb_grpc.ServerStub(ch).Attend(attend_request(host, wall_clock_ms()))
             await calls.initial_metadata()  # sent once the server attached the stream
             if not calls.done():  # (a failed call has empty metadata, and is done)
@@ -232,3 +232,4 @@ async def run_clients(
         with contextlib.suppress(Exception):
             await asyncio.gather(*host.tasks, return_exceptions=True)
         await host.follower.close()
+        await host.channels.close()

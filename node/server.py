@@ -69,7 +69,7 @@ from node.genesis import Genesis
 from node.identity import Identity, signing_tag, verify_signature
 from node.metrics import ROUNDS
 from node.offchain import BlobKey, BlobStore, fetch_update, wall_clock_ms
-from node.serving import channel
+from node.serving import ChannelPool
 from node.tensor_receiver import UpdateRejected
 from node.tensors import UPDATE_KIND
 from proto import llbcfl_pb2 as pb
@@ -120,6 +120,7 @@ class Server:
         self.current: tuple[int, Any, bytes] | None = None  # round, weights, digest
         self.progress: dict[str, Any] | None = None  # as last written to progress.json
         # Client id -> the queue of its Attend stream; the open round's notice.
+        self.channels = ChannelPool()  # one connection per miner
         self.attending: dict[str, asyncio.Queue[pb.RoundCall | None]] = {}
         self.open_call: tuple[int, frozenset[str], pb.Envelope] | None = None
 
@@ -192,7 +193,7 @@ class Server:
         async def one(address: str) -> bool:
             for attempt in range(BEHIND_RETRIES + 1):
                 try:
-                    async with channel(address) as ch:
+                    async with self.channels.get(address) as ch:
                         await pb_grpc.MinerStub(ch).Submit(envelope, timeout=10)
                     return True
                 except grpc.aio.AioRpcError as exc:

@@ -159,6 +159,7 @@ async def run_server(
             stop.set()
             with contextlib.suppress(asyncio.CancelledError):
                 await follower
+            await server.channels.close()
 
     await serve(
         [endpoint],
