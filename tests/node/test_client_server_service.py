@@ -27,7 +27,7 @@ from node.offchain import wall_clock_ms as wall_clock
 from node.privacy_ledger import PrivacyLedger
 from node.server import Server
 from node.server_service import ATTEND_FRESH_MS, ServerServicer
-from node.serving import add_servicer
+from node.serving import ChannelPool, add_servicer
 from node.tensors import MODEL_REQUEST_KIND
 from proto import llbcfl_pb2 as pb
 from proto import llbcfl_pb2_grpc as pb_grpc
@@ -439,13 +439,17 @@ def test_a_client_process_reconnects_to_a_server_that_comes_up_and_takes_its_not
             return RoundAnswer(accepted=True)
 
     host = Host(fl_server.genesis.digest, [identities[selected[0]]])
+    host.channels = ChannelPool()
     host.network = fl_server.genesis.digest
     stop = asyncio.Event()
 
     async def main() -> None:
         client = asyncio.create_task(attend(host, stop, log))
-        while "cannot reach the server" not in (tmp_path / "log").read_text():
+        for _ in range(600):  # at most 30 s
+            if client.done() or "cannot reach the server" in (tmp_path / "log").read_text():
+                break
             await asyncio.sleep(0.05)  # polling the client's log, not a race
+        assert not client.done(), client.result()
         # Execute: the server comes up with round 1 open
         server = grpc.aio.server()
         add_servicer(server, "Server", ServerServicer(fl_server))
