@@ -235,6 +235,8 @@ def test_fetch_rejects_a_download_with_the_wrong_md5(tmp_path, monkeypatch):
 
 
 def test_protocol_settings_are_options_of_network_init_with_one_default(tmp_path):
+    from dataclasses import replace
+
     from node.genesis import ProtocolParams, read_genesis
 
     # Execute
@@ -251,7 +253,9 @@ def test_protocol_settings_are_options_of_network_init_with_one_default(tmp_path
     assert chosen.exit_code == 0 and default.exit_code == 0, chosen.output + default.output
     protocol = read_genesis(tmp_path / "a" / "genesis.toml").protocol
     assert (protocol.round_deadline_ms, protocol.view_timeout_ms) == (30_000, 2_500)
-    assert read_genesis(tmp_path / "b" / "genesis.toml").protocol == ProtocolParams()
+    default_protocol = read_genesis(tmp_path / "b" / "genesis.toml").protocol
+    assert len(default_protocol.tls_ca_sha256) == 64  # mutual TLS unless --insecure
+    assert replace(default_protocol, tls_ca_sha256="") == ProtocolParams()
     assert bad.exit_code == 2 and "--round-deadline must be a positive number" in bad.output
     assert not (tmp_path / "c").exists()
     up = _command(("network", "up"))

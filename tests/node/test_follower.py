@@ -78,7 +78,7 @@ def test_a_miner_a_block_behind_is_asked_again_soon(
 
     from chain.records import RoundSummary
     from node.server import BEHIND_WAIT_SECONDS, Server
-    from node.serving import add_servicer
+    from node.serving import ChannelPool, add_servicer
     from proto import llbcfl_pb2 as pb
     from proto import llbcfl_pb2_grpc as pb_grpc
 
@@ -111,6 +111,7 @@ def test_a_miner_a_block_behind_is_asked_again_soon(
             fl = type("S", (), {})()
             fl.identity, fl.membership = identities["server"], net.membership
             fl.log = NodeLog("server", tmp_path / "log")
+            fl.channels = ChannelPool()
             loop = asyncio.get_running_loop()
             start = loop.time()
             await Server.submit(fl, RoundSummary(1, b"\x01" * 32, 0.5, 0.5))

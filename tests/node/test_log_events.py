@@ -39,6 +39,7 @@ from node.identity import Identity, pbft_signer
 from node.miner import Miner
 from node.peers import PeerLink
 from node.server import Server
+from node.serving import ChannelPool
 from proto import llbcfl_pb2 as pb
 from proto import llbcfl_pb2_grpc as pb_grpc
 
@@ -276,7 +277,10 @@ def test_a_record_short_of_a_quorum_of_miners_logs_no_quorum(
     members = genesis.membership
     miners = [SimpleNamespace(address=f"127.0.0.1:{free_port()}") for _ in members.miners]
     server = SimpleNamespace(
-        identity=identities["server"], membership=SimpleNamespace(miners=miners), log=log
+        identity=identities["server"],
+        membership=SimpleNamespace(miners=miners),
+        log=log,
+        channels=ChannelPool(),
     )
     # Execute
     asyncio.run(Server.submit(server, Registration("client-000", HONEST)))  # type: ignore[arg-type]
