@@ -28,6 +28,7 @@ test process:
 from __future__ import annotations
 
 import random
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -78,6 +79,15 @@ def registered(attacker: Attacker, miner: str) -> set[str]:
     return {e.record.client for e in attacker.chain(miner) if isinstance(e.record, Registration)}
 
 
+def attends(network: LiveNetwork, client: str) -> bool:
+    """The server logged ``client``'s Attend stream (its process is up and connected)."""
+    try:
+        text = network.log("server")
+    except OSError:
+        return False
+    return re.search(rf"attending: .*\b{client}\b", text) is not None
+
+
 def head(attacker: Attacker, miner: str) -> tuple[int, bytes] | None:
     status = attacker.status(miner)
     return None if status is None else (status.chain_height, bytes(status.head_hash))
@@ -86,14 +96,16 @@ def head(attacker: Attacker, miner: str) -> tuple[int, bytes] | None:
 @pytest.fixture(scope="module")
 def held(network: LiveNetwork, attacker: Attacker) -> tuple[int, bytes]:
     """The hold: every client but client-003 registered on every miner, client-000
-    frozen while it listens; the chain's (height, head) during the hold."""
+    frozen once it attends the server; the chain's (height, head) during the hold."""
     others = set(attacker.clients) - {"client-003"}
     wait_until(
         lambda: all(registered(attacker, m) == others for m in attacker.miners),
         timeout=WAIT,
         what="the registrations of every client but client-003",
     )
-    wait_until(lambda: attacker.status(SILENT), timeout=WAIT, what=f"{SILENT} to answer")
+    wait_until(
+        lambda: attends(network, SILENT), timeout=WAIT, what=f"{SILENT} to attend the server"
+    )
     network.freeze(SILENT_PROCESS)
     heads = {head(attacker, m) for m in attacker.miners}
     assert len(heads) == 1 and None not in heads, heads

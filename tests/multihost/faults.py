@@ -442,7 +442,7 @@ def kill_server(net: Network) -> Record:
 
 def _reserved(net: Network, host: str, rnd: int) -> list[str]:
     """The clients of ``host`` that logged their reservation of round ``rnd``."""
-    pattern = re.compile(rf"\[(client-\d+) r\d+\] reserved round {rnd}:")
+    pattern = re.compile(rf"\[(client-\d+) r\d+(?: v\d+ h\d+)?\] reserved round {rnd}:")
     return [m.group(1) for line in net.log(host) if (m := pattern.search(line))]
 
 
