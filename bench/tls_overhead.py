@@ -106,7 +106,14 @@ def main() -> None:
                     "tls": round(statistics.median(tls_rounds), 3),
                     "plaintext": round(statistics.median(plain_rounds), 3),
                 },
+                "round_seconds": {
+                    "tls": [round(x, 2) for x in tls_rounds],
+                    "plaintext": [round(x, 2) for x in plain_rounds],
+                },
                 "tls_to_plaintext_round_time_ratio": round(tls_mean / plain_mean, 3),
+                "tls_to_plaintext_median_ratio": round(
+                    statistics.median(tls_rounds) / statistics.median(plain_rounds), 3
+                ),
                 "target_ratio": 1.05,
                 "wall_seconds": {k: [round(x, 1) for x in v] for k, v in walls.items()},
             }
