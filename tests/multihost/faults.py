@@ -301,6 +301,10 @@ class Network:
         self.check_running()
         self.wait_for(lambda: all(self.over(i) for i in range(N)), "every miner at the run's end")
         if not linger:
+            # A miner that was down or paused may still be fetching the last blocks
+            # (miners serve them for 30 s after the run's end): stop them once the
+            # chains are all at one height.
+            self.wait_for(lambda: len(set(self.heights())) == 1, "every miner at the same height")
             for host in MINERS:
                 self.signal_nodes(host, signal.SIGTERM)
         for host in MINERS:
