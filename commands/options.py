@@ -132,12 +132,37 @@ PROTOCOL_TIMES: tuple[tuple[str, str, str], ...] = (
         "--view-timeout",
         "seconds a miner waits for a pending request to commit before it starts a PBFT view change",
     ),
+    (
+        "tick_ms",
+        "--tick",
+        "seconds per consensus tick (the miners' timers advance by ticks; the view timeout "
+        "is rounded up to whole ticks)",
+    ),
+)
+# ... and in bytes, on the command line as in the genesis.
+PROTOCOL_SIZES: tuple[tuple[str, str, str], ...] = (
+    ("chunk_bytes", "--chunk-bytes", "bytes per tensor-stream message (at most 1 MiB)"),
+    (
+        "max_stream_bytes",
+        "--max-stream-bytes",
+        "the largest tensor stream (an update or the model) a node accepts, in bytes",
+    ),
 )
 
 
 def protocol_options(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """The protocol settings of :data:`PROTOCOL_TIMES` as options (seconds)."""
+    """The protocol settings of :data:`PROTOCOL_TIMES` (seconds) and
+    :data:`PROTOCOL_SIZES` (bytes) as options."""
     defaults = ProtocolParams()
+    for name, option_flag, text in reversed(PROTOCOL_SIZES):
+        fn = click.option(
+            option_flag,
+            name,
+            type=click.IntRange(min=1),
+            default=getattr(defaults, name),
+            show_default=True,
+            help=text,
+        )(fn)
     for name, option_flag, text in reversed(PROTOCOL_TIMES):
         fn = click.option(
             option_flag,
@@ -158,4 +183,6 @@ def protocol_settings(kwargs: dict[str, Any]) -> dict[str, int]:
         if not (seconds > 0 and math.isfinite(seconds)):
             raise click.UsageError(f"{option_flag} must be a positive number of seconds")
         out[name] = max(1, round(seconds * 1000))
+    for name, _, _ in PROTOCOL_SIZES:
+        out[name] = kwargs.pop(name)
     return out

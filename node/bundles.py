@@ -96,10 +96,10 @@ def copy_tls(network_dir: Path, folder: Path, node_ids: list[str]) -> None:
     source, tls = Path(network_dir) / TLS_DIR, folder / TLS_DIR
     tls.mkdir(parents=True, exist_ok=True)
     tls.chmod(0o700)
-    write_durably(tls / CA_CERT, (source / CA_CERT).read_bytes(), mode=0o644)
+    write_durably(tls / CA_CERT, (source / CA_CERT).read_bytes(), mode=0o600)
     for node_id in node_ids:
         cert, key = node_files(source, node_id)
-        write_durably(tls / cert.name, cert.read_bytes(), mode=0o644)
+        write_durably(tls / cert.name, cert.read_bytes(), mode=0o600)
         write_durably(tls / key.name, key.read_bytes(), mode=0o600)
 
 

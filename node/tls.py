@@ -148,7 +148,7 @@ def write_node(tls_dir: Path, node_id: str, ca_key_pem: bytes, ca_cert_pem: byte
     key, cert = issue(ca_key_pem, ca_cert_pem, node_id)
     cert_path, key_path = node_files(tls_dir, node_id)
     write_durably(key_path, key, mode=0o600)
-    write_durably(cert_path, cert, mode=0o644)
+    write_durably(cert_path, cert, mode=0o600)
 
 
 def write_network_tls(network_dir: Path, node_ids: Iterable[str], *, label: str) -> str:
@@ -160,7 +160,7 @@ def write_network_tls(network_dir: Path, node_ids: Iterable[str], *, label: str)
         stale.unlink()
     ca_key, ca_cert = make_ca(label)
     write_durably(tls_dir / CA_KEY, ca_key, mode=0o600)
-    write_durably(tls_dir / CA_CERT, ca_cert, mode=0o644)
+    write_durably(tls_dir / CA_CERT, ca_cert, mode=0o600)
     for node_id in node_ids:
         write_node(tls_dir, node_id, ca_key, ca_cert)
     return ca_digest(ca_cert)

@@ -243,7 +243,11 @@ def test_protocol_settings_are_options_of_network_init_with_one_default(tmp_path
     base = ["network", "init", "--clients", "4"]
     chosen = CliRunner().invoke(
         cli.main,
-        [*base, "--out", str(tmp_path / "a"), "--round-deadline", "30", "--view-timeout", "2.5"],
+        [
+            *base,
+            *("--out", str(tmp_path / "a"), "--round-deadline", "30", "--view-timeout", "2.5"),
+            *("--tick", "0.02", "--chunk-bytes", "65536", "--max-stream-bytes", "9000000"),
+        ],
     )
     default = CliRunner().invoke(cli.main, [*base, "--out", str(tmp_path / "b")])
     bad = CliRunner().invoke(
@@ -253,6 +257,11 @@ def test_protocol_settings_are_options_of_network_init_with_one_default(tmp_path
     assert chosen.exit_code == 0 and default.exit_code == 0, chosen.output + default.output
     protocol = read_genesis(tmp_path / "a" / "genesis.toml").protocol
     assert (protocol.round_deadline_ms, protocol.view_timeout_ms) == (30_000, 2_500)
+    assert (protocol.tick_ms, protocol.chunk_bytes, protocol.max_stream_bytes) == (
+        20,
+        65536,
+        9_000_000,
+    )
     default_protocol = read_genesis(tmp_path / "b" / "genesis.toml").protocol
     assert len(default_protocol.tls_ca_sha256) == 64  # mutual TLS unless --insecure
     assert replace(default_protocol, tls_ca_sha256="") == ProtocolParams()

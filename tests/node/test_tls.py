@@ -52,7 +52,7 @@ def tls_of(folder: Path, genesis: Genesis, node_id: str) -> Transport:
     return transport
 
 
-def test_network_init_writes_a_ca_and_a_private_key_per_node(tmp_path: Path) -> None:
+def test_network_init_writes_a_ca_and_a_key_and_certificate_per_node_all_0600(tmp_path: Path) -> None:
     # Execute
     genesis = network(tmp_path, 50100)
     # Assert: the genesis names the CA; every node has its files, keys 0600
@@ -60,9 +60,11 @@ def test_network_init_writes_a_ca_and_a_private_key_per_node(tmp_path: Path) -> 
     assert len(genesis.protocol.tls_ca_sha256) == 64
     assert tls.stat().st_mode & 0o777 == 0o700
     assert (tls / CA_KEY).stat().st_mode & 0o777 == 0o600
+    assert (tls / "ca.pem").stat().st_mode & 0o777 == 0o600
     for node in genesis.nodes:
         cert, key = node_files(tls, node.node_id)
         assert key.stat().st_mode & 0o777 == 0o600
+        assert cert.stat().st_mode & 0o777 == 0o600
         loaded = load_node_tls(tls, node.node_id, expected_ca=genesis.protocol.tls_ca_sha256)
         assert loaded.cert == cert.read_bytes()
 
