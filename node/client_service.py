@@ -24,7 +24,7 @@ from fl.privacy import BudgetExhausted
 from fl.rounds import Federation
 from node.client import ClientHost, RoundAnswer
 from node.daemon import NodeLog, load_node_splits
-from node.errors import InvalidRequest, Refused, decode
+from node.errors import InvalidRequest, Refused, WrongState, decode
 from node.full_disk import PROBE_SECONDS
 from node.genesis import Genesis
 from node.identity import AuthError, Identity, verify_envelope
@@ -38,6 +38,10 @@ from proto import llbcfl_pb2_grpc as pb_grpc
 # Reconnecting to the server: the first wait, doubled after each failure up to the last.
 RECONNECT_SECONDS = (0.2, 5.0)
 # The server's answers to an Attend call that trying again cannot change.
+# A notice for a round whose selection this host's chain does not show yet is
+# tried again this often, for this long (its miner may be a block behind).
+BEHIND_WAIT_SECONDS = 0.2
+BEHIND_SECONDS = 30.0
 REFUSED_FOR_GOOD = (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED)
 
 
@@ -67,17 +71,36 @@ def attend_request(host: ClientHost, now_ms: int) -> pb.AttendRequest:
     )
 
 
+def call_round(call: pb.RoundCall) -> int | str:
+    try:
+        return pb.RoundNotice.FromString(call.notice.payload).round
+    except Exception:  # the notice's own check says what is wrong with it
+        return "?"
+
+
 async def answer(host: ClientHost, call: pb.RoundCall, log: NodeLog) -> None:
     """Act on one notice of the stream; what cannot be acted on is logged, not raised."""
     cid = call.client_id
     if cid not in host.identities:
         log.warning(f"the server sent a notice for {cid!r}, which this process does not host")
         return
-    try:
-        reply = await start_round(host, cid, call.notice)
-    except (Refused, AuthError) as exc:
-        host.logs[cid].info(f"notice not taken: {exc}")
-        return
+    loop = asyncio.get_running_loop()
+    give_up = loop.time() + BEHIND_SECONDS
+    while True:
+        try:
+            reply = await start_round(host, cid, call.notice)
+            break
+        except WrongState:
+            # The notice can come before the miner this host reads the chain from
+            # has applied the block with the round's selection: read again soon.
+            if loop.time() < give_up:
+                await asyncio.sleep(BEHIND_WAIT_SECONDS)
+                continue
+            host.logs[cid].info(f"notice not taken: the chain shows no round {call_round(call)}")
+            return
+        except (Refused, AuthError) as exc:
+            host.logs[cid].info(f"notice not taken: {exc}")
+            return
     if not reply.accepted:
         host.logs[cid].info(f"declines the round: {reply.reason}")
 
