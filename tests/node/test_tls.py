@@ -52,7 +52,7 @@ def tls_of(folder: Path, genesis: Genesis, node_id: str) -> Transport:
     return transport
 
 
-def test_network_init_writes_a_ca_and_a_key_and_certificate_per_node_all_0600(tmp_path: Path) -> None:
+def test_network_init_writes_a_ca_a_key_and_a_certificate_per_node_0600(tmp_path: Path) -> None:
     # Execute
     genesis = network(tmp_path, 50100)
     # Assert: the genesis names the CA; every node has its files, keys 0600
