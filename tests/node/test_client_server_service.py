@@ -440,7 +440,6 @@ def test_a_client_process_reconnects_to_a_server_that_comes_up_and_takes_its_not
 
     host = Host(fl_server.genesis.digest, [identities[selected[0]]])
     host.channels = ChannelPool()
-    host.network = fl_server.genesis.digest
     stop = asyncio.Event()
 
     async def main() -> None:
